@@ -1,0 +1,1 @@
+//! twinvol.io/v1alpha1 API types. (to be written)

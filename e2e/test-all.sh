@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs every test of twinvol on this machine, from a fresh clone.
+#
+# Stages: Debian packages the tests need, the pinned upstream Kubernetes
+# components (built from their Go modules, cached outside the repo), format and
+# lint checks, then every Rust test (unit, property, and the integration tests
+# that start real processes: replicas, frontends, a real API server).
+# Ends with a timing summary. Needs root (namespaces, FUSE, loop devices).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/.." && pwd)
+cd "$top"
+
+export TWINVOL_CACHE=${TWINVOL_CACHE:-/var/cache/twinvol}
+# The Rust build cache lives outside the clone too, so that a second run on the
+# same machine (a fresh clone in CI) does not rebuild every dependency.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$TWINVOL_CACHE/cargo-target}
+export TWINVOL_UPSTREAM_BIN=${TWINVOL_UPSTREAM_BIN:-$TWINVOL_CACHE/upstream/bin}
+
+stages=()
+times=()
+peak=()
+run_stage() {
+  local name=$1; shift
+  echo "=== stage: $name"
+  local t0 rc=0
+  t0=$(date +%s.%N)
+  /usr/bin/time -f '%M' -o "$TWINVOL_CACHE/.stage-rss" "$@" || rc=$?
+  local t1
+  t1=$(date +%s.%N)
+  stages+=("$name")
+  times+=("$(printf '%.1f' "$(echo "$t1 - $t0" | bc)")")
+  peak+=("$(( $(cat "$TWINVOL_CACHE/.stage-rss" 2>/dev/null || echo 0) / 1024 ))")
+  if [ "$rc" -ne 0 ]; then
+    summary
+    echo "FAILED at stage: $name (exit $rc)"
+    exit "$rc"
+  fi
+}
+summary() {
+  echo
+  echo "=== timing summary"
+  printf '%-28s %10s %14s\n' stage seconds "peak RSS MiB"
+  local total=0 i
+  for i in "${!stages[@]}"; do
+    printf '%-28s %10s %14s\n' "${stages[$i]}" "${times[$i]}" "${peak[$i]}"
+    total=$(echo "$total + ${times[$i]}" | bc)
+  done
+  printf '%-28s %10s\n' total "$total"
+}
+
+mkdir -p "$TWINVOL_CACHE"
+# `time` and `bc` are needed by this script itself.
+if ! command -v bc >/dev/null || [ ! -x /usr/bin/time ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bc time >/dev/null
+fi
+
+run_stage "debian packages" bash "$here/tools/install-deps.sh"
+run_stage "upstream components" bash "$here/tools/build-upstream.sh"
+run_stage "cargo fmt --check" cargo fmt --all -- --check
+run_stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+run_stage "cargo build" cargo build --workspace --all-targets
+run_stage "cargo test" cargo test --workspace --no-fail-fast
+summary

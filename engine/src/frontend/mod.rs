@@ -1,0 +1,9 @@
+//! The frontend: the process on the pod's node that mirrors every write to
+//! both replicas and exports the volume to clients (NBD, FUSE file).
+
+pub mod backend;
+pub mod fuse;
+pub mod mirror;
+pub mod nbd;
+
+pub use backend::{BackendError, BlockBackend};

@@ -1,0 +1,1 @@
+//! Replication wire protocol. (to be written)

@@ -1,0 +1,1 @@
+//! Replica server. (to be written)

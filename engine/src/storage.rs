@@ -1,0 +1,1 @@
+//! Storage access trait. (to be written)
