@@ -1,0 +1,580 @@
+//! Encoding and decoding of protocol frames: the only place that knows the
+//! byte layout.
+//!
+//! A frame is `len: u32 LE | crc: u32 LE | body[len]` where `crc` is the
+//! CRC32C of `body` and `body[0]` is the message kind. All integers are
+//! little-endian. The length is checked against [`MAX_FRAME_BODY`] before
+//! any buffer is grown, so a hostile or corrupt length costs nothing.
+//!
+//! Frozen across versions (so that any two versions can refuse each other
+//! clearly): the frame header, kind `0x01` (`Hello`: magic, version, role,
+//! nonce) and kind `0x02` (`Refused`: reason, both versions, message).
+//!
+//! Write data and read data are the tail of their frame: decoding slices
+//! them out of the frame's `Bytes` without copying, and encoding hands them
+//! back separately ([`encode_split`]) so that the writer can send them
+//! without copying them into a frame buffer.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::message::{
+    Hello, NONCE_LEN, Op, PROOF_LEN, RefusalReason, Refused, Reply, Request, Response, Role,
+    WireError,
+};
+use super::types::{Epoch, ProtocolVersion, RequestId, VolumeId};
+
+/// Magic at the start of every `Hello`.
+pub const HELLO_MAGIC: [u8; 8] = *b"TWINVOL\0";
+/// Bytes of frame header (length and checksum).
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Largest read or write carried by one request.
+pub const MAX_IO_BYTES: u32 = 4 << 20;
+/// Largest frame body accepted: one maximal I/O plus its fixed fields.
+pub const MAX_FRAME_BODY: u32 = MAX_IO_BYTES + 256;
+/// Longest error or refusal message put on the wire; longer ones are cut.
+const MAX_MESSAGE_LEN: usize = 1024;
+
+const K_HELLO: u8 = 0x01;
+const K_REFUSED: u8 = 0x02;
+const K_PROOF: u8 = 0x03;
+const K_WELCOME: u8 = 0x04;
+const K_OPEN: u8 = 0x10;
+const K_READ: u8 = 0x11;
+const K_WRITE: u8 = 0x12;
+const K_FLUSH: u8 = 0x13;
+const K_TRIM: u8 = 0x14;
+const K_WRITE_ZEROES: u8 = 0x15;
+const K_OPENED: u8 = 0x20;
+const K_DATA: u8 = 0x21;
+const K_DONE: u8 = 0x22;
+const K_ERROR: u8 = 0x23;
+
+const FLAG_FUA: u8 = 1;
+
+/// Every message that can travel in a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Refused(Refused),
+    Proof([u8; PROOF_LEN]),
+    Welcome,
+    Request(Request),
+    Response(Response),
+}
+
+/// Why bytes could not be decoded into a frame or a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    FrameTooLarge { len: u32, max: u32 },
+    #[error("frame checksum mismatch: header says {expected:#010x}, body has {actual:#010x}")]
+    BadChecksum { expected: u32, actual: u32 },
+    #[error("empty frame body")]
+    Empty,
+    #[error("unknown message kind {0:#04x}")]
+    UnknownKind(u8),
+    #[error("message kind {kind:#04x} is truncated")]
+    Truncated { kind: u8 },
+    #[error("message kind {kind:#04x} has {extra} unexpected trailing bytes")]
+    Trailing { kind: u8, extra: usize },
+    #[error("hello has a bad magic: this peer does not speak the twinvol protocol")]
+    BadMagic,
+    #[error("invalid field {field} in message kind {kind:#04x}: {reason}")]
+    Invalid {
+        kind: u8,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// Encodes `msg` as a whole frame appended to `out`.
+pub fn encode(msg: &Message, out: &mut BytesMut) {
+    if let Some(tail) = encode_split(msg, out) {
+        out.extend_from_slice(&tail);
+    }
+}
+
+/// Encodes `msg` as a frame whose header and fixed fields are appended to
+/// `head`; bulk data (write or read payload), if any, is returned instead of
+/// copied and must be sent right after `head`. The checksum covers both.
+pub fn encode_split(msg: &Message, head: &mut BytesMut) -> Option<Bytes> {
+    let start = head.len();
+    head.put_u64_le(0); // header placeholder
+    let tail = put_body(msg, head);
+    let fixed = &head[start + FRAME_HEADER_LEN..];
+    let mut crc = crc32c::crc32c(fixed);
+    let mut len = fixed.len();
+    if let Some(t) = &tail {
+        crc = crc32c::crc32c_append(crc, t);
+        len += t.len();
+    }
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    head[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    head[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    tail
+}
+
+fn put_body(msg: &Message, b: &mut BytesMut) -> Option<Bytes> {
+    match msg {
+        Message::Hello(h) => {
+            b.put_u8(K_HELLO);
+            b.put_slice(&HELLO_MAGIC);
+            b.put_u32_le(h.version.0);
+            b.put_u8(match h.role {
+                Role::Frontend => 1,
+                Role::Replica => 2,
+            });
+            b.put_slice(&h.nonce);
+            None
+        }
+        Message::Refused(r) => {
+            b.put_u8(K_REFUSED);
+            b.put_u8(match r.reason {
+                RefusalReason::Version => 1,
+                RefusalReason::Auth => 2,
+                RefusalReason::Protocol => 3,
+            });
+            b.put_u32_le(r.refuser_version.0);
+            b.put_u32_le(r.peer_version.0);
+            put_str16(b, &r.message);
+            None
+        }
+        Message::Proof(p) => {
+            b.put_u8(K_PROOF);
+            b.put_slice(p);
+            None
+        }
+        Message::Welcome => {
+            b.put_u8(K_WELCOME);
+            None
+        }
+        Message::Request(r) => put_request(r, b),
+        Message::Response(r) => put_response(r, b),
+    }
+}
+
+fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
+    let kind = match r.op {
+        Op::Open { .. } => K_OPEN,
+        Op::Read { .. } => K_READ,
+        Op::Write { .. } => K_WRITE,
+        Op::Flush => K_FLUSH,
+        Op::Trim { .. } => K_TRIM,
+        Op::WriteZeroes { .. } => K_WRITE_ZEROES,
+    };
+    b.put_u8(kind);
+    b.put_u64_le(r.id.0);
+    b.put_u64_le(r.epoch.0);
+    match &r.op {
+        Op::Open {
+            volume,
+            expected_size,
+        } => {
+            put_str8(b, volume.as_str());
+            match expected_size {
+                Some(s) => {
+                    b.put_u8(1);
+                    b.put_u64_le(*s);
+                }
+                None => b.put_u8(0),
+            }
+            None
+        }
+        Op::Read { offset, len } | Op::Trim { offset, len } => {
+            b.put_u64_le(*offset);
+            b.put_u32_le(*len);
+            None
+        }
+        Op::Write { offset, fua, data } => {
+            b.put_u64_le(*offset);
+            b.put_u8(if *fua { FLAG_FUA } else { 0 });
+            Some(data.clone())
+        }
+        Op::Flush => None,
+        Op::WriteZeroes { offset, len, fua } => {
+            b.put_u64_le(*offset);
+            b.put_u32_le(*len);
+            b.put_u8(if *fua { FLAG_FUA } else { 0 });
+            None
+        }
+    }
+}
+
+fn put_response(r: &Response, b: &mut BytesMut) -> Option<Bytes> {
+    match &r.result {
+        Ok(Reply::Opened { size, epoch }) => {
+            b.put_u8(K_OPENED);
+            b.put_u64_le(r.id.0);
+            b.put_u64_le(*size);
+            b.put_u64_le(epoch.0);
+            None
+        }
+        Ok(Reply::Data(data)) => {
+            b.put_u8(K_DATA);
+            b.put_u64_le(r.id.0);
+            Some(data.clone())
+        }
+        Ok(Reply::Done) => {
+            b.put_u8(K_DONE);
+            b.put_u64_le(r.id.0);
+            None
+        }
+        Err(e) => {
+            b.put_u8(K_ERROR);
+            b.put_u64_le(r.id.0);
+            put_wire_error(e, b);
+            None
+        }
+    }
+}
+
+fn put_wire_error(e: &WireError, b: &mut BytesMut) {
+    match e {
+        WireError::StaleEpoch { seen, current } => {
+            b.put_u8(1);
+            b.put_u64_le(seen.0);
+            b.put_u64_le(current.0);
+        }
+        WireError::EpochNotOpened { seen, current } => {
+            b.put_u8(2);
+            b.put_u64_le(seen.0);
+            b.put_u64_le(current.0);
+        }
+        WireError::OutOfRange { offset, len, size } => {
+            b.put_u8(3);
+            b.put_u64_le(*offset);
+            b.put_u64_le(*len);
+            b.put_u64_le(*size);
+        }
+        WireError::SizeMismatch { expected, actual } => {
+            b.put_u8(4);
+            b.put_u64_le(*expected);
+            b.put_u64_le(*actual);
+        }
+        WireError::NoSuchVolume { volume } => {
+            b.put_u8(5);
+            put_str8(b, volume.as_str());
+        }
+        WireError::NotOpen => b.put_u8(6),
+        WireError::AlreadyOpen => b.put_u8(7),
+        WireError::TooLarge { len, max } => {
+            b.put_u8(8);
+            b.put_u64_le(*len);
+            b.put_u64_le(*max);
+        }
+        WireError::Io { message } => {
+            b.put_u8(9);
+            put_str16(b, message);
+        }
+    }
+}
+
+fn put_str8(b: &mut BytesMut, s: &str) {
+    // Ids are at most 63 bytes (checked by their constructors).
+    let s = truncate_utf8(s, usize::from(u8::MAX));
+    b.put_u8(s.len() as u8);
+    b.put_slice(s.as_bytes());
+}
+
+fn put_str16(b: &mut BytesMut, s: &str) {
+    let s = truncate_utf8(s, MAX_MESSAGE_LEN);
+    b.put_u16_le(s.len() as u16);
+    b.put_slice(s.as_bytes());
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Takes one complete frame off the front of `buf` and returns its
+/// checksum-verified body, or `None` if `buf` does not hold a whole frame
+/// yet. Checks the length before the caller grows `buf` for the rest.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, DecodeError> {
+    let Some(len) = peek_frame_len(buf)? else {
+        return Ok(None);
+    };
+    let total = FRAME_HEADER_LEN + len as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(total);
+    let expected = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    frame.advance(FRAME_HEADER_LEN);
+    let actual = crc32c::crc32c(&frame);
+    if actual != expected {
+        return Err(DecodeError::BadChecksum { expected, actual });
+    }
+    Ok(Some(frame.freeze()))
+}
+
+/// The body length announced by a frame header at the front of `buf`,
+/// checked against the maximum.
+pub fn peek_frame_len(buf: &[u8]) -> Result<Option<u32>, DecodeError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if len > MAX_FRAME_BODY {
+        return Err(DecodeError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_BODY,
+        });
+    }
+    Ok(Some(len))
+}
+
+/// Decodes one whole frame from the front of `bytes` (copying it): the
+/// message and the number of bytes consumed, or `None` if incomplete.
+/// Convenient for tests and the fuzz target; connections use
+/// [`take_frame`] and [`decode_body`].
+pub fn decode_frame(bytes: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    let Some(len) = peek_frame_len(bytes)? else {
+        return Ok(None);
+    };
+    let total = FRAME_HEADER_LEN + len as usize;
+    if bytes.len() < total {
+        return Ok(None);
+    }
+    let mut buf = BytesMut::from(&bytes[..total]);
+    match take_frame(&mut buf)? {
+        Some(body) => Ok(Some((decode_body(body)?, total))),
+        None => Ok(None),
+    }
+}
+
+/// Decodes a checksum-verified frame body into a message. Bulk data is
+/// sliced out of `body` without copying.
+pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
+    let Some(&kind) = body.first() else {
+        return Err(DecodeError::Empty);
+    };
+    let mut r = Rd {
+        kind,
+        buf: body.slice(1..),
+    };
+    let msg = match kind {
+        K_HELLO => {
+            let magic: [u8; 8] = r.array()?;
+            if magic != HELLO_MAGIC {
+                return Err(DecodeError::BadMagic);
+            }
+            let version = ProtocolVersion(r.u32()?);
+            let role = match r.u8()? {
+                1 => Role::Frontend,
+                2 => Role::Replica,
+                other => return Err(r.invalid("role", format!("unknown role {other}"))),
+            };
+            let nonce: [u8; NONCE_LEN] = r.array()?;
+            Message::Hello(Hello {
+                version,
+                role,
+                nonce,
+            })
+        }
+        K_REFUSED => {
+            let reason = match r.u8()? {
+                1 => RefusalReason::Version,
+                2 => RefusalReason::Auth,
+                3 => RefusalReason::Protocol,
+                other => return Err(r.invalid("reason", format!("unknown reason {other}"))),
+            };
+            let refuser_version = ProtocolVersion(r.u32()?);
+            let peer_version = ProtocolVersion(r.u32()?);
+            let message = r.str16()?;
+            Message::Refused(Refused {
+                reason,
+                refuser_version,
+                peer_version,
+                message,
+            })
+        }
+        K_PROOF => Message::Proof(r.array()?),
+        K_WELCOME => Message::Welcome,
+        K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES => {
+            let id = RequestId(r.u64()?);
+            let epoch = Epoch(r.u64()?);
+            let op = match kind {
+                K_OPEN => {
+                    let volume = r.volume()?;
+                    let expected_size = match r.u8()? {
+                        0 => None,
+                        1 => Some(r.u64()?),
+                        other => {
+                            return Err(r.invalid("expected_size", format!("bad tag {other}")));
+                        }
+                    };
+                    Op::Open {
+                        volume,
+                        expected_size,
+                    }
+                }
+                K_READ => Op::Read {
+                    offset: r.u64()?,
+                    len: r.u32()?,
+                },
+                K_WRITE => {
+                    let offset = r.u64()?;
+                    let fua = r.flags()?;
+                    Op::Write {
+                        offset,
+                        fua,
+                        data: r.rest(),
+                    }
+                }
+                K_FLUSH => Op::Flush,
+                K_TRIM => Op::Trim {
+                    offset: r.u64()?,
+                    len: r.u32()?,
+                },
+                _ => Op::WriteZeroes {
+                    offset: r.u64()?,
+                    len: r.u32()?,
+                    fua: r.flags()?,
+                },
+            };
+            Message::Request(Request { id, epoch, op })
+        }
+        K_OPENED | K_DATA | K_DONE | K_ERROR => {
+            let id = RequestId(r.u64()?);
+            let result = match kind {
+                K_OPENED => Ok(Reply::Opened {
+                    size: r.u64()?,
+                    epoch: Epoch(r.u64()?),
+                }),
+                K_DATA => Ok(Reply::Data(r.rest())),
+                K_DONE => Ok(Reply::Done),
+                _ => Err(r.wire_error()?),
+            };
+            Message::Response(Response { id, result })
+        }
+        other => return Err(DecodeError::UnknownKind(other)),
+    };
+    if !r.buf.is_empty() {
+        return Err(DecodeError::Trailing {
+            kind,
+            extra: r.buf.len(),
+        });
+    }
+    Ok(msg)
+}
+
+/// A bounds-checked cursor over a frame body.
+struct Rd {
+    kind: u8,
+    buf: Bytes,
+}
+
+impl Rd {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.buf.len() < n {
+            Err(DecodeError::Truncated { kind: self.kind })
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64_le())
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.need(N)?;
+        let mut a = [0u8; N];
+        self.buf.copy_to_slice(&mut a);
+        Ok(a)
+    }
+    fn bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        self.need(n)?;
+        Ok(self.buf.split_to(n))
+    }
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf)
+    }
+    fn flags(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            FLAG_FUA => Ok(true),
+            other => Err(self.invalid("flags", format!("unknown flags {other:#04x}"))),
+        }
+    }
+    fn string(&mut self, n: usize, field: &'static str) -> Result<String, DecodeError> {
+        let b = self.bytes(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.invalid(field, "not UTF-8".into()))
+    }
+    fn str16(&mut self) -> Result<String, DecodeError> {
+        let n = self.u16()? as usize;
+        if n > MAX_MESSAGE_LEN {
+            return Err(self.invalid("message", format!("{n} bytes is over {MAX_MESSAGE_LEN}")));
+        }
+        self.string(n, "message")
+    }
+    fn volume(&mut self) -> Result<VolumeId, DecodeError> {
+        let n = self.u8()? as usize;
+        let s = self.string(n, "volume")?;
+        VolumeId::new(s).map_err(|e| self.invalid("volume", e.to_string()))
+    }
+    fn invalid(&self, field: &'static str, reason: String) -> DecodeError {
+        DecodeError::Invalid {
+            kind: self.kind,
+            field,
+            reason,
+        }
+    }
+    fn wire_error(&mut self) -> Result<WireError, DecodeError> {
+        Ok(match self.u8()? {
+            1 => WireError::StaleEpoch {
+                seen: Epoch(self.u64()?),
+                current: Epoch(self.u64()?),
+            },
+            2 => WireError::EpochNotOpened {
+                seen: Epoch(self.u64()?),
+                current: Epoch(self.u64()?),
+            },
+            3 => WireError::OutOfRange {
+                offset: self.u64()?,
+                len: self.u64()?,
+                size: self.u64()?,
+            },
+            4 => WireError::SizeMismatch {
+                expected: self.u64()?,
+                actual: self.u64()?,
+            },
+            5 => WireError::NoSuchVolume {
+                volume: self.volume()?,
+            },
+            6 => WireError::NotOpen,
+            7 => WireError::AlreadyOpen,
+            8 => WireError::TooLarge {
+                len: self.u64()?,
+                max: self.u64()?,
+            },
+            9 => WireError::Io {
+                message: self.str16()?,
+            },
+            other => return Err(self.invalid("error", format!("unknown error code {other}"))),
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "codec_tests.rs"]
+mod tests;

@@ -1,0 +1,162 @@
+//! The messages of the replication protocol, as Rust types.
+//!
+//! Encoding lives in `protocol::codec` alone; this module only says what can
+//! be said. Two groups:
+//! - the handshake (`Hello`, `Proof`, `Welcome`, `Refused`): `Hello` and
+//!   `Refused` have a layout frozen across protocol versions, so that two
+//!   versions can always tell each other, clearly, that they differ;
+//! - requests (frontend → replica) and responses (replica → frontend), each
+//!   carrying a [`RequestId`] so that many can be in flight on one connection.
+//!   Every request carries the volume [`Epoch`].
+
+use bytes::Bytes;
+
+use super::types::{Epoch, ProtocolVersion, RequestId, VolumeId};
+
+/// Length of the handshake nonces and of the HMAC-SHA256 proofs.
+pub const NONCE_LEN: usize = 32;
+pub const PROOF_LEN: usize = 32;
+
+/// Which end of a connection a peer says it is; part of what a proof covers,
+/// so that a proof made by one role is never accepted from the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Frontend,
+    Replica,
+}
+
+/// First frame each side sends, without waiting for the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: ProtocolVersion,
+    pub role: Role,
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// Why a side refused the connection during the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The peer speaks another protocol version.
+    Version,
+    /// The peer's proof of the shared secret was wrong.
+    Auth,
+    /// The peer sent something that is not the handshake.
+    Protocol,
+}
+
+/// Sent by the refusing side before it closes: both versions, so that the
+/// other side can say exactly what differs even if it cannot decode anything
+/// else of ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: RefusalReason,
+    /// Version spoken by the side that refuses.
+    pub refuser_version: ProtocolVersion,
+    /// Version the refusing side saw from its peer (0 if none was seen).
+    pub peer_version: ProtocolVersion,
+    pub message: String,
+}
+
+/// A request from the frontend. `epoch` is the frontend's volume epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: RequestId,
+    pub epoch: Epoch,
+    pub op: Op,
+}
+
+/// What a request asks for. Offsets and lengths are bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Bind the connection to a volume. Raises the replica's persisted epoch
+    /// to the request's epoch if that is newer (persisted before the reply).
+    /// `expected_size`, when given, must equal the volume's size.
+    Open {
+        volume: VolumeId,
+        expected_size: Option<u64>,
+    },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    /// With `fua`, acknowledged only once on stable storage.
+    Write {
+        offset: u64,
+        fua: bool,
+        data: Bytes,
+    },
+    /// Acknowledged once every write acknowledged before it is on stable
+    /// storage.
+    Flush,
+    Trim {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+}
+
+impl Op {
+    /// Short name for logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Open { .. } => "open",
+            Op::Read { .. } => "read",
+            Op::Write { .. } => "write",
+            Op::Flush => "flush",
+            Op::Trim { .. } => "trim",
+            Op::WriteZeroes { .. } => "write_zeroes",
+        }
+    }
+}
+
+/// A replica's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub id: RequestId,
+    pub result: Result<Reply, WireError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Answer to `Open`: the volume's size and the replica's epoch (after
+    /// raising it).
+    Opened { size: u64, epoch: Epoch },
+    /// Answer to `Read`.
+    Data(Bytes),
+    /// Answer to every other request.
+    Done,
+}
+
+/// Errors a replica reports for one request. Each has its own code on the
+/// wire, so that the frontend acts on the code, never on text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error(
+        "stale epoch: the request carries epoch {seen} but the replica has seen epoch {current}; a newer frontend owns the volume"
+    )]
+    StaleEpoch { seen: Epoch, current: Epoch },
+    #[error(
+        "epoch {seen} was never opened on this replica (its epoch is {current}); open the volume with it first"
+    )]
+    EpochNotOpened { seen: Epoch, current: Epoch },
+    #[error(
+        "request at offset {offset} length {len} is beyond the end of the volume ({size} bytes)"
+    )]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("size mismatch: expected {expected} bytes but the replica's volume has {actual} bytes")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("no volume {volume} in this replica's pool")]
+    NoSuchVolume { volume: VolumeId },
+    #[error("no volume is open on this connection")]
+    NotOpen,
+    #[error("a volume is already open on this connection")]
+    AlreadyOpen,
+    #[error("request of {len} bytes is larger than the maximum of {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("replica I/O error: {message}")]
+    Io { message: String },
+}
