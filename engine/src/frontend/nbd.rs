@@ -15,6 +15,8 @@
 //! aborts every connection it spawned and removes the unix socket file.
 
 pub mod handshake;
+#[cfg(test)]
+mod tests;
 pub mod transmission;
 pub mod wire;
 
