@@ -3,6 +3,24 @@
 //! exports the volume over NBD and as a FUSE file.
 
 pub mod frontend;
+pub mod metrics;
 pub mod protocol;
 pub mod replica;
 pub mod storage;
+pub mod units;
+
+/// Formats an error with all its sources, `outer: inner: innermost`, for
+/// one-line logs and for messages carried over the wire.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let t = inner.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = inner.source();
+    }
+    s
+}

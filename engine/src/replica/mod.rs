@@ -1,1 +1,15 @@
-//! Replica server. (to be written)
+//! The replica server: keeps one copy of each of its volumes in a pool
+//! directory and serves them over the replication protocol.
+//!
+//! `pool` owns the directory layout and volume creation, `meta` the on-disk
+//! metadata format, `volume` an open volume (epoch gate, data I/O) and
+//! `server` the listener and its connections.
+
+pub mod meta;
+pub mod pool;
+pub mod server;
+pub mod volume;
+
+pub use pool::{Pool, PoolError};
+pub use server::{ReplicaConfig, ReplicaError, ReplicaServer};
+pub use volume::Volume;

@@ -1,0 +1,338 @@
+//! The replica server: accepts connections, authenticates them, and serves
+//! requests on the volumes of its pool.
+//!
+//! One task per connection owns that connection's state ([`ConnState`]):
+//! it reads frames, handles `Open` itself (in order, before anything else on
+//! the connection), and hands every data request to its own task, bounded by
+//! a semaphore of [`MAX_IN_FLIGHT`] permits, so that requests run
+//! concurrently (pipelining). Responses go through a channel to a writer
+//! task that owns the socket's write half and batches them into as few
+//! writes as it can. Nothing holds a lock across an await or a disk write.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument;
+
+use crate::metrics::Metrics;
+use crate::protocol::{
+    FrameReader, FrameWriter, Message, Op, ProtocolVersion, Request, Response, Role, Secret,
+    VolumeId, WireError, handshake,
+};
+
+use super::pool::{Pool, PoolError};
+use super::volume::Volume;
+
+/// Requests of one connection being executed at once.
+pub const MAX_IN_FLIGHT: usize = 512;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a replica server is set up.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub pool: PathBuf,
+    pub listen: SocketAddr,
+    pub secret: Secret,
+    /// Normally [`crate::protocol::PROTOCOL_VERSION`].
+    pub protocol_version: ProtocolVersion,
+}
+
+/// Why the replica server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("accepting connections failed")]
+    Accept(#[source] std::io::Error),
+}
+
+/// Shared by all connections of one server.
+struct Shared {
+    pool: Pool,
+    secret: Secret,
+    version: ProtocolVersion,
+    metrics: Arc<Metrics>,
+    /// Volumes opened so far; never removed (a replica serves few volumes,
+    /// and one `Volume` per volume is what makes its epoch gate unique).
+    volumes: Mutex<HashMap<VolumeId, Arc<Volume>>>,
+}
+
+/// A bound replica server.
+pub struct ReplicaServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl ReplicaServer {
+    /// Checks the pool and binds the listener.
+    pub async fn bind(config: ReplicaConfig, metrics: Arc<Metrics>) -> Result<Self, ReplicaError> {
+        let pool = Pool::open(&config.pool)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ReplicaError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                pool,
+                secret: config.secret,
+                version: config.protocol_version,
+                metrics,
+                volumes: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn run(self) -> Result<(), ReplicaError> {
+        tracing::info!(pool = %self.shared.pool.dir().display(), addr = ?self.listener.local_addr().ok(), "replica serving");
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(x) => x,
+                // Per-connection errors (aborted handshakes, fd limits):
+                // log and keep serving.
+                Err(e) if is_transient(&e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(ReplicaError::Accept(e)),
+            };
+            let shared = self.shared.clone();
+            let span = tracing::info_span!("connection", %peer, volume = tracing::field::Empty);
+            tokio::spawn(
+                async move {
+                    shared.metrics.connections().inc();
+                    serve_connection(stream, &shared).await;
+                    shared.metrics.connections().dec();
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Where a connection is in its life after the handshake.
+enum ConnState {
+    /// Authenticated; waiting for `Open`.
+    AwaitingOpen,
+    /// Bound to a volume at an epoch.
+    Open(Arc<Volume>),
+}
+
+async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+    let hs = handshake(
+        &mut reader,
+        &mut writer,
+        Role::Replica,
+        shared.version,
+        &shared.secret,
+    );
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
+        Ok(Ok(())) => tracing::debug!("handshake done"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %crate::error_chain(&e), "refused connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("refused connection: handshake timed out");
+            return;
+        }
+    }
+
+    let (resp_tx, resp_rx) = mpsc::channel::<Response>(MAX_IN_FLIGHT * 2);
+    let writer_task = tokio::spawn(write_responses(writer, resp_rx));
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut state = ConnState::AwaitingOpen;
+
+    loop {
+        let msg = match reader.read_message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "closing connection");
+                break;
+            }
+        };
+        let Message::Request(Request { id, epoch, op }) = msg else {
+            tracing::warn!("closing connection: peer sent a non-request after the handshake");
+            break;
+        };
+        match (&state, op) {
+            (
+                ConnState::AwaitingOpen,
+                Op::Open {
+                    volume,
+                    expected_size,
+                },
+            ) => {
+                tracing::Span::current().record("volume", volume.as_str());
+                let result = match volume_handle(shared, &volume).await {
+                    Ok(v) => {
+                        let r = v.open(epoch, expected_size).await;
+                        match &r {
+                            Ok(_) => {
+                                tracing::info!(epoch = epoch.0, "volume opened");
+                                state = ConnState::Open(v);
+                            }
+                            Err(e) => tracing::warn!(epoch = epoch.0, error = %e, "open refused"),
+                        }
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
+                if resp_tx.send(Response { id, result }).await.is_err() {
+                    break;
+                }
+            }
+            (ConnState::Open(_), Op::Open { .. }) => {
+                let result = Err(WireError::AlreadyOpen);
+                if resp_tx.send(Response { id, result }).await.is_err() {
+                    break;
+                }
+            }
+            (ConnState::AwaitingOpen, _) => {
+                let result = Err(WireError::NotOpen);
+                if resp_tx.send(Response { id, result }).await.is_err() {
+                    break;
+                }
+            }
+            (ConnState::Open(volume), op) => {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let volume = volume.clone();
+                let tx = resp_tx.clone();
+                tokio::spawn(
+                    async move {
+                        let result = volume.execute(epoch, op).await;
+                        if let Err(e) = &result {
+                            log_refusal(e);
+                        }
+                        let _ = tx.send(Response { id, result }).await;
+                        drop(permit);
+                    }
+                    .in_current_span(),
+                );
+            }
+        }
+    }
+    drop(resp_tx);
+    // In-flight requests finish (they hold senders); then the writer ends.
+    let _ = writer_task.await;
+    tracing::debug!("connection closed");
+}
+
+fn log_refusal(e: &WireError) {
+    match e {
+        WireError::StaleEpoch { .. } | WireError::EpochNotOpened { .. } => {
+            tracing::warn!(error = %e, "request refused");
+        }
+        WireError::Io { .. } => {} // logged where it happened
+        _ => tracing::debug!(error = %e, "request refused"),
+    }
+}
+
+async fn write_responses(
+    mut writer: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Response>,
+) {
+    while let Some(resp) = rx.recv().await {
+        if writer
+            .write_message(&Message::Response(resp))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // Batch whatever else is ready into the same flush.
+        while let Ok(resp) = rx.try_recv() {
+            if writer
+                .write_message(&Message::Response(resp))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// The shared `Volume` for `id`, opening its files on first use.
+async fn volume_handle(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>, WireError> {
+    if let Some(v) = lock(&shared.volumes).get(id) {
+        return Ok(v.clone());
+    }
+    let pool = shared.pool.clone();
+    let vid = id.clone();
+    let opened = tokio::task::spawn_blocking(move || pool.open_volume(&vid))
+        .await
+        .map_err(|e| WireError::Io {
+            message: e.to_string(),
+        })?;
+    let opened = match opened {
+        Ok(o) => o,
+        Err(PoolError::NoSuchVolume { .. }) => {
+            return Err(WireError::NoSuchVolume { volume: id.clone() });
+        }
+        Err(e) => {
+            let message = crate::error_chain(&e);
+            tracing::error!(error = %message, "cannot open volume");
+            return Err(WireError::Io { message });
+        }
+    };
+    let mut volumes = lock(&shared.volumes);
+    // Another connection may have opened it meanwhile: keep the first.
+    let v = volumes
+        .entry(id.clone())
+        .or_insert_with(|| {
+            Volume::start(
+                Arc::new(opened.data),
+                Arc::new(opened.meta_storage),
+                opened.meta,
+                shared.metrics.handles(id.as_str(), ""),
+            )
+        })
+        .clone();
+    Ok(v)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent
+    // (single inserts), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
