@@ -43,8 +43,6 @@ pub enum FuseError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot mark the FUSE daemon as an I/O flusher (PR_SET_IO_FLUSHER): {0}")]
-    IoFlusher(std::io::Error),
 }
 
 /// A mounted FUSE export. Dropping it unmounts the file system (lazily, if
@@ -123,7 +121,15 @@ pub fn mount<B: BlockBackend>(
         });
     }
     // The FUSE threads are spawned from this thread and inherit the flag.
-    set_io_flusher().map_err(FuseError::IoFlusher)?;
+    // It needs CAP_SYS_RESOURCE; without it the export still works, with the
+    // reclaim-deadlock risk the flag exists to remove, so say so loudly.
+    if let Err(e) = set_io_flusher() {
+        tracing::warn!(
+            error = %e,
+            "cannot mark the FUSE daemon as an I/O flusher (PR_SET_IO_FLUSHER needs \
+             CAP_SYS_RESOURCE); under memory pressure a loop device on this export can deadlock"
+        );
+    }
 
     let size = backend.size();
     let fs = fs::VolumeFs::new(backend, OsStr::new(file_name).to_os_string(), rt);
