@@ -2,8 +2,11 @@
 //! both replicas and exports the volume to clients (NBD, FUSE file).
 
 pub mod backend;
+pub mod connection;
 pub mod fuse;
 pub mod mirror;
 pub mod nbd;
 
 pub use backend::{BackendError, BlockBackend};
+pub use connection::{ReplicaSpec, ReplicaState};
+pub use mirror::{Mirror, MirrorConfig, MirrorError};

@@ -206,8 +206,10 @@ impl Volume {
         }
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), WireError> {
-        if len > u64::from(MAX_IO_BYTES) {
+    /// Checks bounds; `carries_data` requests (read, write) are also held
+    /// to the protocol's maximum I/O size.
+    fn check_range(&self, offset: u64, len: u64, carries_data: bool) -> Result<(), WireError> {
+        if carries_data && len > u64::from(MAX_IO_BYTES) {
             return Err(WireError::TooLarge {
                 len,
                 max: u64::from(MAX_IO_BYTES),
@@ -245,7 +247,7 @@ impl Volume {
         let r = match op {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
             Op::Read { offset, len } => {
-                self.check_range(offset, u64::from(len))?;
+                self.check_range(offset, u64::from(len), true)?;
                 blocking(move || {
                     let mut buf = vec![0u8; len as usize];
                     data.read_at(&mut buf, offset)?;
@@ -258,7 +260,7 @@ impl Volume {
                 fua,
                 data: bytes,
             } => {
-                self.check_range(offset, bytes.len() as u64)?;
+                self.check_range(offset, bytes.len() as u64, true)?;
                 blocking(move || {
                     data.write_at(&bytes, offset)?;
                     if fua {
@@ -270,11 +272,11 @@ impl Volume {
             }
             Op::Flush => blocking(move || data.sync().map(|()| Reply::Done)).await,
             Op::Trim { offset, len } => {
-                self.check_range(offset, u64::from(len))?;
+                self.check_range(offset, u64::from(len), false)?;
                 blocking(move || data.punch(offset, u64::from(len)).map(|()| Reply::Done)).await
             }
             Op::WriteZeroes { offset, len, fua } => {
-                self.check_range(offset, u64::from(len))?;
+                self.check_range(offset, u64::from(len), false)?;
                 blocking(move || {
                     data.zero(offset, u64::from(len))?;
                     if fua {

@@ -1,0 +1,551 @@
+//! The frontend's connection to one replica: a task that owns the socket
+//! and the table of requests in flight; the mirror talks to it through a
+//! channel, each request carrying a oneshot for its reply.
+//!
+//! Shape (as crucible's upstairs: one owner, no shared locks):
+//! - the owner task writes requests, batching whatever is queued into one
+//!   flush, and matches responses to their requests by [`RequestId`];
+//! - a reader task decodes responses and forwards them to the owner over a
+//!   channel with room for every request in flight, so the reader never
+//!   blocks on the owner while the owner is busy writing (no deadlock on
+//!   full socket buffers in both directions);
+//! - the explicit [`ReplicaState`] is published on a `watch` channel for the
+//!   mirror and the metrics.
+//!
+//! When the connection breaks, requests in flight fail (the mirror reports
+//! the error), the state becomes `Disconnected`, and the owner reconnects
+//! with backoff, logging each failed attempt; meanwhile new requests wait
+//! in the channel (I/O waits). A replica that answers with a newer epoch
+//! fences this frontend for good (`Fenced`). Degraded operation — dropping
+//! the replica from the in-sync set through the arbiter — is the next
+//! issue's work and plugs in at the state transitions here.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use crate::metrics::{IoOp, OpHandles};
+use crate::protocol::{
+    Epoch, FrameError, FrameReader, FrameWriter, HandshakeError, Message, Op, ProtocolVersion,
+    ReplicaId, Reply, Request, RequestId, Response, Role, Secret, VolumeId, WireError, handshake,
+};
+
+/// Requests in flight on one connection.
+pub const MAX_IN_FLIGHT: usize = 256;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Where a replica is, as this frontend sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Connecting (or reconnecting) to it.
+    Connecting,
+    /// Connected, volume open at our epoch; receives every write.
+    InSync,
+    /// The connection broke; reconnecting. I/O waits.
+    Disconnected,
+    /// It has seen a newer epoch: another frontend owns the volume. Final.
+    Fenced,
+}
+
+impl ReplicaState {
+    pub const ALL: [&'static str; 4] = ["connecting", "in_sync", "disconnected", "fenced"];
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaState::Connecting => "connecting",
+            ReplicaState::InSync => "in_sync",
+            ReplicaState::Disconnected => "disconnected",
+            ReplicaState::Fenced => "fenced",
+        }
+    }
+}
+
+/// Which replica, where.
+#[derive(Debug, Clone)]
+pub struct ReplicaSpec {
+    pub id: ReplicaId,
+    /// `host:port`.
+    pub addr: String,
+}
+
+/// What every connection of a frontend needs to open its volume.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub secret: Secret,
+    pub protocol_version: ProtocolVersion,
+}
+
+/// Why a connection to a replica could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot reach replica {replica} at {addr}")]
+    Unreachable {
+        replica: ReplicaId,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replica {replica} at {addr} did not answer within {timeout:?}")]
+    Timeout {
+        replica: ReplicaId,
+        addr: String,
+        timeout: Duration,
+    },
+    #[error("handshake with replica {replica} at {addr} failed")]
+    Handshake {
+        replica: ReplicaId,
+        addr: String,
+        #[source]
+        source: HandshakeError,
+    },
+    #[error("replica {replica} at {addr} refused to open volume {volume}")]
+    OpenRefused {
+        replica: ReplicaId,
+        addr: String,
+        volume: VolumeId,
+        #[source]
+        source: WireError,
+    },
+    #[error("replica {replica} at {addr} broke the protocol while opening the volume")]
+    Protocol {
+        replica: ReplicaId,
+        addr: String,
+        #[source]
+        source: FrameError,
+    },
+}
+
+impl ConnectError {
+    /// Errors that retrying cannot fix (wrong secret, other version, newer
+    /// epoch, missing volume).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Handshake {
+                source: HandshakeError::WrongSecret
+                    | HandshakeError::VersionMismatch { .. }
+                    | HandshakeError::RefusedByPeer { .. },
+                ..
+            } | ConnectError::OpenRefused { .. }
+        )
+    }
+
+    pub fn is_stale_epoch(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::OpenRefused {
+                source: WireError::StaleEpoch { .. },
+                ..
+            }
+        )
+    }
+}
+
+/// Why one request to a replica failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("replica {replica}: {source}")]
+    Refused {
+        replica: ReplicaId,
+        #[source]
+        source: WireError,
+    },
+    #[error("replica {replica}: connection lost with the request in flight")]
+    ConnectionLost { replica: ReplicaId },
+    #[error("replica {replica} is fenced: a newer frontend owns the volume")]
+    Fenced { replica: ReplicaId },
+    #[error("replica {replica}: its connection task has stopped")]
+    Stopped { replica: ReplicaId },
+    #[error("replica {replica}: unexpected reply to {op}")]
+    UnexpectedReply {
+        replica: ReplicaId,
+        op: &'static str,
+    },
+}
+
+struct Command {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, CallError>>,
+}
+
+/// A live connection to one replica, as the mirror holds it.
+pub struct ReplicaHandle {
+    spec: ReplicaSpec,
+    size: u64,
+    tx: mpsc::Sender<Command>,
+    state: watch::Receiver<ReplicaState>,
+}
+
+/// An established, authenticated session with the volume open.
+struct Session {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: FrameWriter<OwnedWriteHalf>,
+    size: u64,
+}
+
+async fn establish(spec: &ReplicaSpec, params: &SessionParams) -> Result<Session, ConnectError> {
+    let timeout = CONNECT_TIMEOUT;
+    match tokio::time::timeout(timeout, establish_inner(spec, params)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout {
+            replica: spec.id.clone(),
+            addr: spec.addr.clone(),
+            timeout,
+        }),
+    }
+}
+
+async fn establish_inner(
+    spec: &ReplicaSpec,
+    params: &SessionParams,
+) -> Result<Session, ConnectError> {
+    let stream =
+        TcpStream::connect(&spec.addr)
+            .await
+            .map_err(|source| ConnectError::Unreachable {
+                replica: spec.id.clone(),
+                addr: spec.addr.clone(),
+                source,
+            })?;
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr);
+    handshake(
+        &mut reader,
+        &mut writer,
+        Role::Frontend,
+        params.protocol_version,
+        &params.secret,
+    )
+    .await
+    .map_err(|source| ConnectError::Handshake {
+        replica: spec.id.clone(),
+        addr: spec.addr.clone(),
+        source,
+    })?;
+    let protocol = |source| ConnectError::Protocol {
+        replica: spec.id.clone(),
+        addr: spec.addr.clone(),
+        source,
+    };
+    let open = Message::Request(Request {
+        id: RequestId(0),
+        epoch: params.epoch,
+        op: Op::Open {
+            volume: params.volume.clone(),
+            expected_size: None,
+        },
+    });
+    writer
+        .send(&open)
+        .await
+        .map_err(|e| protocol(FrameError::Io(e)))?;
+    let size = match reader.read_message().await.map_err(protocol)? {
+        Some(Message::Response(Response {
+            result: Ok(Reply::Opened { size, .. }),
+            ..
+        })) => size,
+        Some(Message::Response(Response { result: Err(e), .. })) => {
+            return Err(ConnectError::OpenRefused {
+                replica: spec.id.clone(),
+                addr: spec.addr.clone(),
+                volume: params.volume.clone(),
+                source: e,
+            });
+        }
+        Some(_) | None => return Err(protocol(FrameError::UnexpectedEof)),
+    };
+    Ok(Session {
+        reader,
+        writer,
+        size,
+    })
+}
+
+impl ReplicaHandle {
+    /// Connects, authenticates and opens the volume, then leaves a task
+    /// owning the connection. Fails (without retrying) if the first attempt
+    /// fails, so that a misconfiguration is reported at startup.
+    pub async fn connect(
+        spec: ReplicaSpec,
+        params: SessionParams,
+        metrics: OpHandles,
+    ) -> Result<Self, ConnectError> {
+        let session = establish(&spec, &params).await?;
+        let size = session.size;
+        let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
+        let (state_tx, state) = watch::channel(ReplicaState::InSync);
+        let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
+        let owner = Owner {
+            spec: spec.clone(),
+            params,
+            rx,
+            state: state_tx,
+            metrics,
+            pending: HashMap::with_capacity(MAX_IN_FLIGHT),
+            next_id: 1,
+        };
+        tokio::spawn(owner.run(session).instrument(span));
+        Ok(Self {
+            spec,
+            size,
+            tx,
+            state,
+        })
+    }
+
+    pub fn id(&self) -> &ReplicaId {
+        &self.spec.id
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.spec.addr
+    }
+
+    /// Size of the volume as this replica reported it at open.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn state(&self) -> ReplicaState {
+        *self.state.borrow()
+    }
+
+    /// A receiver of state changes (for metrics and, next issue, the
+    /// arbiter).
+    pub fn watch_state(&self) -> watch::Receiver<ReplicaState> {
+        self.state.clone()
+    }
+
+    /// Sends `op` and waits for its reply.
+    pub async fn call(&self, op: Op) -> Result<Reply, CallError> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || CallError::Stopped {
+            replica: self.spec.id.clone(),
+        };
+        self.tx
+            .send(Command { op, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Reply, CallError>>,
+    op: IoOp,
+    bytes: u64,
+    started: Instant,
+}
+
+/// How a connected phase ended.
+enum Ended {
+    /// The mirror dropped its handle: stop.
+    Closed,
+    /// The socket broke: reconnect.
+    Lost(String),
+    /// A newer epoch exists: stop serving for good.
+    Fenced(WireError),
+}
+
+struct Owner {
+    spec: ReplicaSpec,
+    params: SessionParams,
+    rx: mpsc::Receiver<Command>,
+    state: watch::Sender<ReplicaState>,
+    metrics: OpHandles,
+    pending: HashMap<u64, Pending>,
+    next_id: u64,
+}
+
+fn io_op(op: &Op) -> (IoOp, u64) {
+    match op {
+        Op::Open { .. } => (IoOp::Open, 0),
+        Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
+        Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
+        Op::Flush => (IoOp::Flush, 0),
+        Op::Trim { len, .. } => (IoOp::Trim, u64::from(*len)),
+        Op::WriteZeroes { len, .. } => (IoOp::WriteZeroes, u64::from(*len)),
+    }
+}
+
+impl Owner {
+    async fn run(mut self, mut session: Session) {
+        loop {
+            let ended = self.serve(session).await;
+            match ended {
+                Ended::Closed => return,
+                Ended::Lost(why) => {
+                    tracing::error!(addr = %self.spec.addr, reason = %why, in_flight = self.pending.len(), "connection to replica lost; failing requests in flight and reconnecting (I/O waits meanwhile)");
+                    self.fail_pending(|replica| CallError::ConnectionLost { replica });
+                    self.state.send_replace(ReplicaState::Disconnected);
+                }
+                Ended::Fenced(e) => {
+                    tracing::error!(error = %e, "replica reports a newer epoch: this frontend is fenced and stops using it");
+                    self.fenced().await;
+                    return;
+                }
+            }
+            session = match self.reconnect().await {
+                Some(s) => s,
+                None => return,
+            };
+            self.state.send_replace(ReplicaState::InSync);
+            tracing::info!(addr = %self.spec.addr, "reconnected to replica");
+        }
+    }
+
+    fn fail_pending(&mut self, err: impl Fn(ReplicaId) -> CallError) {
+        for (_, p) in self.pending.drain() {
+            self.metrics.record(p.op, p.started, 0, false);
+            let _ = p.reply.send(Err(err(self.spec.id.clone())));
+        }
+    }
+
+    /// Fails every request from now on.
+    async fn fenced(&mut self) {
+        self.state.send_replace(ReplicaState::Fenced);
+        self.fail_pending(|replica| CallError::Fenced { replica });
+        while let Some(cmd) = self.rx.recv().await {
+            let _ = cmd.reply.send(Err(CallError::Fenced {
+                replica: self.spec.id.clone(),
+            }));
+        }
+    }
+
+    async fn reconnect(&mut self) -> Option<Session> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.rx.is_closed() {
+                return None;
+            }
+            match establish(&self.spec, &self.params).await {
+                Ok(s) => return Some(s),
+                Err(e) if e.is_stale_epoch() => {
+                    tracing::error!(error = %crate::error_chain(&e), "replica refuses our epoch: fenced");
+                    self.fenced().await;
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?backoff, "replica unreachable; I/O waits");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self, session: Session) -> Ended {
+        let Session {
+            mut reader,
+            mut writer,
+            ..
+        } = session;
+        let (resp_tx, mut resp_rx) = mpsc::channel::<Result<Response, String>>(MAX_IN_FLIGHT + 4);
+        let reader_task = tokio::spawn(async move {
+            loop {
+                let r = match reader.read_message().await {
+                    Ok(Some(Message::Response(r))) => Ok(r),
+                    Ok(Some(_)) => Err("replica sent a non-response".to_owned()),
+                    Ok(None) => Err("replica closed the connection".to_owned()),
+                    Err(e) => Err(crate::error_chain(&e)),
+                };
+                let stop = r.is_err();
+                if resp_tx.send(r).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let ended = loop {
+            tokio::select! {
+                biased;
+                resp = resp_rx.recv() => match resp {
+                    Some(Ok(r)) => {
+                        if let Some(e) = self.complete(r) {
+                            break Ended::Fenced(e);
+                        }
+                    }
+                    Some(Err(why)) => break Ended::Lost(why),
+                    None => break Ended::Lost("reader stopped".to_owned()),
+                },
+                cmd = self.rx.recv(), if self.pending.len() < MAX_IN_FLIGHT => {
+                    let Some(cmd) = cmd else { break Ended::Closed };
+                    if let Err(e) = self.send(&mut writer, cmd).await {
+                        break Ended::Lost(e.to_string());
+                    }
+                    // Batch what else is queued into the same flush.
+                    let mut failed = None;
+                    while self.pending.len() < MAX_IN_FLIGHT {
+                        let Ok(cmd) = self.rx.try_recv() else { break };
+                        if let Err(e) = self.send(&mut writer, cmd).await {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break Ended::Lost(e.to_string());
+                    }
+                    if let Err(e) = writer.flush().await {
+                        break Ended::Lost(e.to_string());
+                    }
+                }
+            }
+        };
+        reader_task.abort();
+        ended
+    }
+
+    async fn send(
+        &mut self,
+        writer: &mut FrameWriter<OwnedWriteHalf>,
+        cmd: Command,
+    ) -> std::io::Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (op, bytes) = io_op(&cmd.op);
+        self.pending.insert(
+            id,
+            Pending {
+                reply: cmd.reply,
+                op,
+                bytes,
+                started: Instant::now(),
+            },
+        );
+        let msg = Message::Request(Request {
+            id: RequestId(id),
+            epoch: self.params.epoch,
+            op: cmd.op,
+        });
+        writer.write_message(&msg).await
+    }
+
+    /// Completes the request `r` answers; returns the error if it says
+    /// that we are fenced.
+    fn complete(&mut self, r: Response) -> Option<WireError> {
+        let Some(p) = self.pending.remove(&r.id.0) else {
+            tracing::warn!(id = %r.id, "response to no request in flight; ignored");
+            return None;
+        };
+        let ok = r.result.is_ok();
+        self.metrics
+            .record(p.op, p.started, if ok { p.bytes } else { 0 }, ok);
+        let fenced = match &r.result {
+            Err(e @ WireError::StaleEpoch { .. }) => Some(e.clone()),
+            _ => None,
+        };
+        let result = r.result.map_err(|source| CallError::Refused {
+            replica: self.spec.id.clone(),
+            source,
+        });
+        let _ = p.reply.send(result);
+        fenced
+    }
+}

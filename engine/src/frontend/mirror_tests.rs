@@ -1,0 +1,188 @@
+//! The mirror against two in-process replica servers on loopback.
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::protocol::PROTOCOL_VERSION;
+use crate::replica::{Pool, ReplicaConfig, ReplicaServer};
+
+const SECRET: &[u8] = b"mirror-test-secret-0123";
+
+struct Replicas {
+    _dirs: Vec<tempfile::TempDir>,
+    data: Vec<PathBuf>,
+    specs: Vec<ReplicaSpec>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn vol() -> VolumeId {
+    VolumeId::new("v1").expect("valid")
+}
+
+async fn replicas(sizes: [u64; 2]) -> Replicas {
+    let mut r = Replicas {
+        _dirs: vec![],
+        data: vec![],
+        specs: vec![],
+        tasks: vec![],
+    };
+    for (name, size) in ["a", "b"].into_iter().zip(sizes) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        pool.create_volume(&vol(), size).expect("create");
+        r.data.push(pool.data_path(&vol()));
+        let server = ReplicaServer::bind(
+            ReplicaConfig {
+                pool: dir.path().to_owned(),
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                secret: Secret::from_bytes(SECRET),
+                protocol_version: PROTOCOL_VERSION,
+            },
+            Metrics::new("twinvol_replica"),
+        )
+        .await
+        .expect("bind");
+        let addr = server.local_addr().expect("addr");
+        r.tasks.push(tokio::spawn(async move {
+            let _ = server.run().await;
+        }));
+        r.specs.push(ReplicaSpec {
+            id: ReplicaId::new(name).expect("valid"),
+            addr: addr.to_string(),
+        });
+        r._dirs.push(dir);
+    }
+    r
+}
+
+fn config(r: &Replicas, epoch: u64) -> MirrorConfig {
+    MirrorConfig {
+        volume: vol(),
+        replicas: r.specs.clone(),
+        local: ReplicaId::new("b").expect("valid"),
+        epoch: Epoch(epoch),
+        secret: Secret::from_bytes(SECRET),
+        protocol_version: PROTOCOL_VERSION,
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_writes_land_on_both_replicas_byte_for_byte() {
+    let size = 16 << 20;
+    let r = replicas([size, size]).await;
+    let m = Arc::new(
+        Mirror::connect(config(&r, 1), Metrics::new("twinvol_frontend"))
+            .await
+            .expect("connect"),
+    );
+    let mut image = vec![0u8; size as usize];
+    // 300 non-overlapping writes in flight at once: more than one
+    // connection's window (MAX_IN_FLIGHT).
+    let mut tasks = vec![];
+    for i in 0..300u64 {
+        let off = i * 53_248;
+        let len = 512 + (i as usize * 997) % 52_000;
+        let data = pattern(i, len);
+        image[off as usize..off as usize + len].copy_from_slice(&data);
+        let m = m.clone();
+        tasks.push(tokio::spawn(async move { m.write(off, data, false).await }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("write");
+    }
+    // A write larger than one protocol request is split.
+    let big = pattern(999, (MAX_IO_BYTES as usize) + 12_288);
+    image[4096..4096 + big.len()].copy_from_slice(&big);
+    m.write(4096, big.clone(), true).await.expect("big write");
+    m.flush().await.expect("flush");
+    let back = m.read(4096, big.len() as u32).await.expect("big read");
+    assert_eq!(back, big);
+    m.write_zeroes(8192, 8192, false).await.expect("zeroes");
+    image[8192..16384].fill(0);
+    m.flush().await.expect("flush");
+    for path in &r.data {
+        let on_disk = std::fs::read(path).expect("read data file");
+        assert!(
+            on_disk == image,
+            "{} differs from the image",
+            path.display()
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_beyond_the_end_is_refused_without_touching_data() {
+    let r = replicas([1 << 20, 1 << 20]).await;
+    let m = Mirror::connect(config(&r, 1), Metrics::new("twinvol_frontend"))
+        .await
+        .expect("connect");
+    let e = m
+        .write((1 << 20) - 512, Bytes::from(vec![1u8; 1024]), false)
+        .await
+        .expect_err("out of range");
+    assert!(matches!(e, BackendError::OutOfRange { .. }), "{e:?}");
+    for path in &r.data {
+        assert!(std::fs::read(path).expect("read").iter().all(|&b| b == 0));
+    }
+}
+
+#[tokio::test]
+async fn size_mismatch_between_replicas_is_refused_naming_both_sizes() {
+    let r = replicas([1 << 20, 2 << 20]).await;
+    let e = Mirror::connect(config(&r, 1), Metrics::new("twinvol_frontend"))
+        .await
+        .err()
+        .expect("mismatch");
+    let t = e.to_string();
+    assert!(t.contains("1048576") && t.contains("2097152"), "{t}");
+}
+
+#[tokio::test]
+async fn older_epoch_is_refused_and_a_newer_frontend_fences_the_old_one() {
+    let r = replicas([1 << 20, 1 << 20]).await;
+    let old = Mirror::connect(config(&r, 3), Metrics::new("twinvol_frontend"))
+        .await
+        .expect("epoch 3");
+    old.write(0, Bytes::from(vec![3u8; 4096]), true)
+        .await
+        .expect("write at 3");
+    let new = Mirror::connect(config(&r, 5), Metrics::new("twinvol_frontend"))
+        .await
+        .expect("epoch 5");
+    let e = old
+        .write(0, Bytes::from(vec![4u8; 4096]), true)
+        .await
+        .expect_err("old frontend fenced");
+    assert!(matches!(e, BackendError::Fenced { .. }), "{e:?}");
+    let e = Mirror::connect(config(&r, 4), Metrics::new("twinvol_frontend"))
+        .await
+        .err()
+        .expect("epoch 4 refused");
+    let t = crate::error_chain(&e);
+    assert!(t.contains("epoch 4") && t.contains("epoch 5"), "{t}");
+    assert_eq!(
+        new.read(0, 4096).await.expect("read"),
+        Bytes::from(vec![3u8; 4096])
+    );
+}
