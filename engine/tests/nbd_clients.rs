@@ -307,6 +307,7 @@ fn fio_nbd_engine_random_writes_verify() {
         "--do_verify=1",
         "--verify_fatal=1",
         "--verify_dump=0",
+        "--verify_state_save=0",
         "--randseed=4242",
         "--output-format=terse",
     ]));
