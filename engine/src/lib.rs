@@ -4,6 +4,7 @@
 
 pub mod frontend;
 pub mod metrics;
+pub mod process;
 pub mod protocol;
 pub mod replica;
 pub mod storage;

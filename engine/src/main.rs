@@ -1,4 +1,208 @@
-fn main() {
-    eprintln!("twinvol-engine: not built yet");
-    std::process::exit(2);
+//! `twinvol-engine`: runs a replica server or a mirroring frontend without
+//! Kubernetes, and creates volumes. Parses flags, sets up logging, calls the
+//! library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use twinvol_engine::frontend::service::{self as frontend_service, FrontendProcess};
+use twinvol_engine::frontend::{MirrorConfig, ReplicaSpec};
+use twinvol_engine::process::shutdown_signal;
+use twinvol_engine::protocol::{
+    Epoch, PROTOCOL_VERSION, ProtocolVersion, ReplicaId, Secret, VolumeId,
+};
+use twinvol_engine::replica::service::{self as replica_service, ReplicaProcess};
+use twinvol_engine::replica::{Pool, ReplicaConfig};
+
+/// Synchronously mirrored block volumes: replica server, frontend, volume tools.
+#[derive(Parser, Debug)]
+#[command(name = "twinvol-engine", version, about, long_about = None)]
+struct Cli {
+    /// Log one JSON object per line instead of text.
+    #[arg(long, global = true, env = "TWINVOL_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the volumes of a pool directory to frontends.
+    Replica(ReplicaArgs),
+    /// Manage volumes in a pool directory.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Mirror a volume on two replicas and export it (NBD, FUSE file).
+    Frontend(FrontendArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReplicaArgs {
+    /// Pool directory holding one subdirectory per volume.
+    #[arg(long, env = "TWINVOL_POOL")]
+    pool: PathBuf,
+    /// Address to listen on for frontends (port 0: any free port).
+    #[arg(long, env = "TWINVOL_LISTEN")]
+    listen: SocketAddr,
+    /// File holding the shared secret (at least 16 bytes).
+    #[arg(long, env = "TWINVOL_SECRET_FILE")]
+    secret_file: PathBuf,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long, env = "TWINVOL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Write `key=value` lines (listen, metrics) here once serving.
+    #[arg(long, env = "TWINVOL_READY_FILE")]
+    ready_file: Option<PathBuf>,
+    /// Speak another protocol version (tests of version refusal only).
+    #[arg(long, hide = true)]
+    protocol_version: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Create a volume: a preallocated data file and its metadata.
+    Create {
+        #[arg(long, env = "TWINVOL_POOL")]
+        pool: PathBuf,
+        #[arg(long)]
+        volume: VolumeId,
+        /// Size in bytes, or with a K/M/G/T suffix (powers of 1024).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+struct FrontendArgs {
+    #[arg(long, env = "TWINVOL_VOLUME")]
+    volume: VolumeId,
+    /// A replica as NAME=HOST:PORT; give exactly two.
+    #[arg(long = "replica", value_parser = parse_replica, required = true)]
+    replicas: Vec<ReplicaSpec>,
+    /// Name of the replica on this site (reads go there).
+    #[arg(long, env = "TWINVOL_LOCAL")]
+    local: ReplicaId,
+    #[arg(long, env = "TWINVOL_SECRET_FILE")]
+    secret_file: PathBuf,
+    /// The volume epoch of this frontend; replicas refuse older ones.
+    #[arg(long, env = "TWINVOL_EPOCH")]
+    epoch: u64,
+    /// Export over NBD on this unix socket.
+    #[arg(long)]
+    nbd_unix: Option<PathBuf>,
+    /// Export over NBD on this TCP address.
+    #[arg(long)]
+    nbd_tcp: Option<SocketAddr>,
+    /// Export as a FUSE file in this directory (for `losetup --direct-io=on`).
+    #[arg(long)]
+    fuse_dir: Option<PathBuf>,
+    /// Name of the file in the FUSE directory (default: the volume id).
+    #[arg(long)]
+    fuse_file_name: Option<String>,
+    #[arg(long, env = "TWINVOL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Write `key=value` lines (exports, metrics, size) here once serving.
+    #[arg(long, env = "TWINVOL_READY_FILE")]
+    ready_file: Option<PathBuf>,
+    /// Speak another protocol version (tests of version refusal only).
+    #[arg(long, hide = true)]
+    protocol_version: Option<u32>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    twinvol_engine::units::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_replica(s: &str) -> Result<ReplicaSpec, String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=HOST:PORT"))?;
+    Ok(ReplicaSpec {
+        id: name
+            .parse()
+            .map_err(|e: twinvol_engine::protocol::IdError| e.to_string())?,
+        addr: addr.to_owned(),
+    })
+}
+
+fn version(v: Option<u32>) -> ProtocolVersion {
+    v.map_or(PROTOCOL_VERSION, ProtocolVersion)
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Volume {
+            command: VolumeCommand::Create { pool, volume, size },
+        } => {
+            let p = Pool::open(&pool)?;
+            p.create_volume(&volume, size)?;
+            println!(
+                "created volume {volume} ({size} bytes) in {}",
+                pool.display()
+            );
+            Ok(())
+        }
+        Command::Replica(a) => {
+            let secret = Secret::from_file(&a.secret_file)?;
+            let opts = ReplicaProcess {
+                server: ReplicaConfig {
+                    pool: a.pool,
+                    listen: a.listen,
+                    secret,
+                    protocol_version: version(a.protocol_version),
+                },
+                metrics_listen: a.metrics_listen,
+                ready_file: a.ready_file,
+            };
+            Ok(replica_service::run(opts, shutdown_signal()).await?)
+        }
+        Command::Frontend(a) => {
+            let secret = Secret::from_file(&a.secret_file)?;
+            let fuse_file_name = a.fuse_file_name.unwrap_or_else(|| a.volume.to_string());
+            let opts = FrontendProcess {
+                mirror: MirrorConfig {
+                    volume: a.volume,
+                    replicas: a.replicas,
+                    local: a.local,
+                    epoch: Epoch(a.epoch),
+                    secret,
+                    protocol_version: version(a.protocol_version),
+                },
+                nbd_unix: a.nbd_unix,
+                nbd_tcp: a.nbd_tcp,
+                fuse_dir: a.fuse_dir,
+                fuse_file_name,
+                metrics_listen: a.metrics_listen,
+                ready_file: a.ready_file,
+            };
+            Ok(frontend_service::run(opts, shutdown_signal()).await?)
+        }
+    }
 }

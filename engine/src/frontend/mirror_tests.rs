@@ -50,7 +50,7 @@ async fn replicas(sizes: [u64; 2]) -> Replicas {
         )
         .await
         .expect("bind");
-        let addr = server.local_addr().expect("addr");
+        let addr = server.local_addr();
         r.tasks.push(tokio::spawn(async move {
             let _ = server.run().await;
         }));

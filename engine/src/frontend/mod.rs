@@ -6,6 +6,7 @@ pub mod connection;
 pub mod fuse;
 pub mod mirror;
 pub mod nbd;
+pub mod service;
 
 pub use backend::{BackendError, BlockBackend};
 pub use connection::{ReplicaSpec, ReplicaState};

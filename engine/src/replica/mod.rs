@@ -3,11 +3,13 @@
 //!
 //! `pool` owns the directory layout and volume creation, `meta` the on-disk
 //! metadata format, `volume` an open volume (epoch gate, data I/O) and
-//! `server` the listener and its connections.
+//! `server` the listener and its connections, `service` the process
+//! around it (metrics endpoint, ready file, shutdown).
 
 pub mod meta;
 pub mod pool;
 pub mod server;
+pub mod service;
 pub mod volume;
 
 pub use pool::{Pool, PoolError};

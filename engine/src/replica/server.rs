@@ -71,6 +71,7 @@ struct Shared {
 /// A bound replica server.
 pub struct ReplicaServer {
     listener: TcpListener,
+    addr: SocketAddr,
     shared: Arc<Shared>,
 }
 
@@ -85,8 +86,13 @@ impl ReplicaServer {
                     addr: config.listen,
                     source,
                 })?;
+        let addr = listener.local_addr().map_err(|source| ReplicaError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         Ok(Self {
             listener,
+            addr,
             shared: Arc::new(Shared {
                 pool,
                 secret: config.secret,
@@ -97,13 +103,14 @@ impl ReplicaServer {
         })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    /// The address actually bound (resolves port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Serves until the task is dropped.
     pub async fn run(self) -> Result<(), ReplicaError> {
-        tracing::info!(pool = %self.shared.pool.dir().display(), addr = ?self.listener.local_addr().ok(), "replica serving");
+        tracing::info!(pool = %self.shared.pool.dir().display(), addr = %self.addr, "replica serving");
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(x) => x,

@@ -1,0 +1,177 @@
+//! The `twinvol-engine frontend` process: the mirror, the exports asked for
+//! (NBD on a unix socket and/or TCP, a FUSE file), the metrics endpoint and
+//! the ready file, until a shutdown signal or an export fails.
+//!
+//! On shutdown the exports stop first (the FUSE file is unmounted, the NBD
+//! socket removed), then the mirror is flushed so that nothing written
+//! through it is left only in the replicas' page caches.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::metrics::{self, Metrics};
+use crate::process::{ReadyFileError, write_ready_file};
+
+use super::backend::BlockBackend;
+use super::fuse::{self, FuseError, FuseExport};
+use super::mirror::{Mirror, MirrorConfig, MirrorError};
+use super::nbd::{self, NbdError};
+
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The frontend process's options.
+#[derive(Debug, Clone)]
+pub struct FrontendProcess {
+    pub mirror: MirrorConfig,
+    pub nbd_unix: Option<PathBuf>,
+    pub nbd_tcp: Option<SocketAddr>,
+    /// Mount the FUSE export here (created if missing).
+    pub fuse_dir: Option<PathBuf>,
+    /// Name of the volume's file in the FUSE mount.
+    pub fuse_file_name: String,
+    pub metrics_listen: Option<SocketAddr>,
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("no export asked for: give --nbd-unix, --nbd-tcp or --fuse-dir")]
+    NoExport,
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    #[error("the NBD socket {path} did not appear within {SOCKET_WAIT:?}")]
+    NbdSocket { path: PathBuf },
+    #[error(transparent)]
+    Fuse(#[from] FuseError),
+    #[error("cannot create the FUSE mount directory {path}")]
+    FuseDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ready(#[from] ReadyFileError),
+    #[error("an export task failed: {0}")]
+    Task(String),
+}
+
+/// Runs a frontend until `shutdown` completes or an export fails.
+pub async fn run(
+    opts: FrontendProcess,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), FrontendError> {
+    if opts.nbd_unix.is_none() && opts.nbd_tcp.is_none() && opts.fuse_dir.is_none() {
+        return Err(FrontendError::NoExport);
+    }
+    let metrics = Metrics::new("twinvol_frontend");
+    let mut ready = vec![];
+    let mut tasks: JoinSet<Result<(), FrontendError>> = JoinSet::new();
+    if let Some(addr) = opts.metrics_listen {
+        let l = metrics::bind(addr)
+            .await
+            .map_err(|source| FrontendError::Metrics { addr, source })?;
+        ready.push(("metrics", l.local_addr().unwrap_or(addr).to_string()));
+        let m = metrics.clone();
+        tasks.spawn(async move {
+            metrics::serve(l, m)
+                .await
+                .map_err(|source| FrontendError::Metrics { addr, source })
+        });
+    }
+
+    let mirror = Arc::new(Mirror::connect(opts.mirror.clone(), metrics).await?);
+    ready.push(("size", mirror.size().to_string()));
+
+    if let Some(path) = opts.nbd_unix.clone() {
+        let b = mirror.clone();
+        let p = path.clone();
+        tasks.spawn(async move { nbd::serve_unix(&p, b).await.map_err(Into::into) });
+        wait_for_socket(&path).await?;
+        ready.push(("nbd_unix", path.display().to_string()));
+    }
+    if let Some(addr) = opts.nbd_tcp {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| NbdError::BindTcp { addr, source })?;
+        ready.push(("nbd_tcp", l.local_addr().unwrap_or(addr).to_string()));
+        let b = mirror.clone();
+        tasks.spawn(async move { nbd::serve_tcp_listener(l, b).await.map_err(Into::into) });
+    }
+    let mut fuse_export = None;
+    if let Some(dir) = opts.fuse_dir.clone() {
+        let export = mount_fuse(mirror.clone(), dir, opts.fuse_file_name.clone()).await?;
+        ready.push(("fuse_file", export.file_path().display().to_string()));
+        fuse_export = Some(export);
+    }
+    if let Some(path) = &opts.ready_file {
+        write_ready_file(path, &ready)?;
+    }
+    tracing::info!(volume = %mirror.volume(), "frontend ready");
+
+    let result = tokio::select! {
+        () = shutdown => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(FrontendError::Task(e.to_string())),
+        },
+    };
+    tasks.shutdown().await;
+    if let Some(export) = fuse_export {
+        // Unmounting joins the FUSE threads: blocking.
+        let _ = tokio::task::spawn_blocking(move || drop(export)).await;
+    }
+    match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, mirror.flush()).await {
+        Ok(Ok(())) => tracing::info!("final flush done"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "final flush failed"),
+        Err(_) => tracing::warn!("final flush timed out"),
+    }
+    result
+}
+
+async fn mount_fuse(
+    mirror: Arc<Mirror>,
+    dir: PathBuf,
+    file_name: String,
+) -> Result<FuseExport, FrontendError> {
+    std::fs::create_dir_all(&dir).map_err(|source| FrontendError::FuseDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || fuse::mount(mirror, &dir, &file_name, rt))
+        .await
+        .map_err(|e| FrontendError::Task(e.to_string()))?
+        .map_err(Into::into)
+}
+
+/// Waits until the unix socket accepts connections (the export task binds
+/// it on its first poll).
+async fn wait_for_socket(path: &Path) -> Result<(), FrontendError> {
+    let deadline = Instant::now() + SOCKET_WAIT;
+    loop {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(FrontendError::NbdSocket {
+                path: path.to_owned(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
