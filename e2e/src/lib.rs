@@ -1,1 +1,19 @@
-//! End-to-end harness. (to be written)
+//! twinvol's end-to-end harness: starts whole systems on this machine — today
+//! a real Kubernetes control plane (etcd, kube-apiserver and, when a test asks,
+//! kube-controller-manager and kube-scheduler) on loopback — and tears them
+//! down again, even when the test panics.
+//!
+//! The components are the pinned upstream builds made by
+//! `e2e/tools/build-upstream.sh`; nothing here mocks the Kubernetes API.
+
+pub mod control_plane;
+pub mod error;
+pub mod pki;
+pub mod ports;
+pub mod process;
+pub mod upstream;
+pub mod wait;
+
+pub use control_plane::{ControlPlane, ControlPlaneOptions};
+pub use error::HarnessError;
+pub use upstream::UpstreamBinaries;

@@ -1,0 +1,563 @@
+//! A real Kubernetes control plane for one test: etcd and kube-apiserver on
+//! loopback ports chosen at run time, certificates and service-account keys
+//! generated for it, an admin kubeconfig, and — when the test asks —
+//! kube-controller-manager and kube-scheduler.
+//!
+//! [`ControlPlane::start`] returns only once the API server answers `/readyz`
+//! and `/livez` (and the optional components hold their leader leases), each
+//! wait bounded by a deadline. Everything lives in one temp dir; `Drop` kills
+//! every component's process group and removes the dir, and when the test is
+//! panicking it first prints the tail of every component's log.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    Api, Client,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use tempfile::TempDir;
+
+use crate::{
+    HarnessError, UpstreamBinaries,
+    pki::Pki,
+    ports::free_port,
+    process::ManagedProcess,
+    wait::{self, Poll},
+};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// Where the upstream binaries are.
+    pub upstream: UpstreamBinaries,
+    /// Also run kube-controller-manager (namespaces, service accounts,
+    /// StatefulSets, garbage collection...).
+    pub controller_manager: bool,
+    /// Also run kube-scheduler.
+    pub scheduler: bool,
+    /// Deadline for each component to become ready.
+    pub start_timeout: Duration,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self {
+            upstream: UpstreamBinaries::from_env(),
+            controller_manager: false,
+            scheduler: false,
+            start_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl ControlPlaneOptions {
+    /// etcd and kube-apiserver only.
+    pub fn api_server_only() -> Self {
+        Self::default()
+    }
+
+    /// Adds kube-controller-manager and kube-scheduler.
+    pub fn with_controllers(mut self) -> Self {
+        self.controller_manager = true;
+        self.scheduler = true;
+        self
+    }
+}
+
+/// The binaries one start needs, all checked before anything runs.
+struct Binaries {
+    etcd: PathBuf,
+    apiserver: PathBuf,
+    kubectl: PathBuf,
+    controller_manager: Option<PathBuf>,
+    scheduler: Option<PathBuf>,
+}
+
+impl Binaries {
+    fn resolve(opts: &ControlPlaneOptions) -> Result<Self, HarnessError> {
+        let up = &opts.upstream;
+        Ok(Self {
+            etcd: up.get("etcd")?,
+            apiserver: up.get("kube-apiserver")?,
+            kubectl: up.get("kubectl")?,
+            controller_manager: opts
+                .controller_manager
+                .then(|| up.get("kube-controller-manager"))
+                .transpose()?,
+            scheduler: opts
+                .scheduler
+                .then(|| up.get("kube-scheduler"))
+                .transpose()?,
+        })
+    }
+}
+
+/// A running control plane. Dropping it stops everything and removes its files.
+pub struct ControlPlane {
+    // Drop order: `Drop::drop` kills the processes first; `dir` is removed
+    // when the fields drop afterwards.
+    processes: Vec<ManagedProcess>,
+    pki: Pki,
+    kubeconfig: PathBuf,
+    kubectl: PathBuf,
+    apiserver_url: String,
+    client: Client,
+    dir: TempDir,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver (and the components `opts` asks for)
+    /// and waits until they are ready.
+    pub async fn start(opts: ControlPlaneOptions) -> Result<Self, HarnessError> {
+        let bins = Binaries::resolve(&opts)?;
+        let dir = tempfile::Builder::new()
+            .prefix("twinvol-e2e-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                action: "creating a temp dir in",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let root = dir.path().to_owned();
+        let logs = root.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|source| HarnessError::Io {
+            action: "creating",
+            path: logs.clone(),
+            source,
+        })?;
+        let pki = Pki::generate(&root.join("pki"))?;
+
+        // Until `Self` exists, this guard owns the processes, so an early
+        // return kills them.
+        let mut processes = Vec::new();
+        let etcd_client = free_port()?;
+        let etcd_peer = free_port()?;
+        processes.push(ManagedProcess::spawn(
+            "etcd",
+            &bins.etcd,
+            &etcd_args(&root.join("etcd"), etcd_client, etcd_peer),
+            &logs.join("etcd.log"),
+        )?);
+
+        let apiserver_port = free_port()?;
+        let apiserver_url = format!("https://127.0.0.1:{apiserver_port}");
+        processes.push(ManagedProcess::spawn(
+            "kube-apiserver",
+            &bins.apiserver,
+            &apiserver_args(&pki, &root, etcd_client, apiserver_port),
+            &logs.join("kube-apiserver.log"),
+        )?);
+
+        let kubeconfig = root.join("admin.kubeconfig");
+        write_kubeconfig(&kubeconfig, &apiserver_url, &pki)?;
+        let client = client_from(&kubeconfig).await?;
+
+        let mut plane = Self {
+            processes,
+            pki,
+            kubeconfig,
+            kubectl: bins.kubectl,
+            apiserver_url,
+            client,
+            dir,
+        };
+        plane.wait_api_ready(opts.start_timeout).await?;
+
+        if let Some(path) = &bins.controller_manager {
+            let port = free_port()?;
+            let args = controller_manager_args(&plane.pki, &plane.kubeconfig, &root, port);
+            plane.processes.push(ManagedProcess::spawn(
+                "kube-controller-manager",
+                path,
+                &args,
+                &logs.join("kube-controller-manager.log"),
+            )?);
+        }
+        if let Some(path) = &bins.scheduler {
+            let port = free_port()?;
+            let args = scheduler_args(&plane.kubeconfig, port);
+            plane.processes.push(ManagedProcess::spawn(
+                "kube-scheduler",
+                path,
+                &args,
+                &logs.join("kube-scheduler.log"),
+            )?);
+        }
+        if bins.controller_manager.is_some() {
+            plane
+                .wait_leader("kube-controller-manager", opts.start_timeout)
+                .await?;
+        }
+        if bins.scheduler.is_some() {
+            plane
+                .wait_leader("kube-scheduler", opts.start_timeout)
+                .await?;
+        }
+        Ok(plane)
+    }
+
+    /// A client authenticated as the cluster admin.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The admin kubeconfig file.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn apiserver_url(&self) -> &str {
+        &self.apiserver_url
+    }
+
+    /// The control plane's temp dir (logs, PKI, etcd data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// Process ids of the running components, by name.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.processes
+            .iter()
+            .map(|p| (p.name().to_owned(), p.pid()))
+            .collect()
+    }
+
+    /// Runs the pinned kubectl against this cluster as the admin.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output, HarnessError> {
+        self.kubectl_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| self.kubectl_error(args, source))
+    }
+
+    /// Runs kubectl with `input` on its stdin (for `apply -f -`).
+    pub fn kubectl_with_stdin(&self, args: &[&str], input: &str) -> Result<Output, HarnessError> {
+        let mut child = self
+            .kubectl_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| self.kubectl_error(args, source))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(|source| self.kubectl_error(args, source))?;
+        }
+        child
+            .wait_with_output()
+            .map_err(|source| self.kubectl_error(args, source))
+    }
+
+    fn kubectl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.kubectl);
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env_remove("KUBECONFIG")
+            // kubectl's discovery cache goes to $HOME/.kube: keep it in the
+            // temp dir, away from the user's and from other tests'.
+            .env("HOME", self.dir.path());
+        command
+    }
+
+    fn kubectl_error(&self, args: &[&str], source: std::io::Error) -> HarnessError {
+        HarnessError::Kubectl {
+            args: args.join(" "),
+            source,
+        }
+    }
+
+    /// The last lines of every component's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.processes
+            .iter()
+            .map(|p| {
+                format!(
+                    "----- last {lines} lines of {} ({}) -----\n{}\n",
+                    p.name(),
+                    p.log_path().display(),
+                    p.log_tail(lines)
+                )
+            })
+            .collect()
+    }
+
+    /// Fails with the log tail of a component that died.
+    fn check_alive(&mut self) -> Result<(), HarnessError> {
+        for process in &mut self.processes {
+            if let Some(status) = process.exited() {
+                return Err(process.exited_early(status));
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_api_ready(&mut self, timeout: Duration) -> Result<(), HarnessError> {
+        for endpoint in ["/readyz", "/livez"] {
+            let mut dead = None;
+            let client = self.client.clone();
+            let processes = &mut self.processes;
+            let outcome = wait::until(timeout, || {
+                let died = processes
+                    .iter_mut()
+                    .find_map(|p| p.exited().map(|status| p.exited_early(status)));
+                let client = client.clone();
+                let found_dead = died.is_some();
+                if found_dead {
+                    dead = died;
+                }
+                async move {
+                    if found_dead {
+                        return Poll::Ready(());
+                    }
+                    match http::Request::get(endpoint).body(Vec::new()) {
+                        Ok(request) => match client.request_text(request).await {
+                            Ok(body) if body.trim() == "ok" => Poll::Ready(()),
+                            Ok(body) => Poll::Pending(body),
+                            Err(e) => Poll::Pending(e.to_string()),
+                        },
+                        Err(e) => Poll::Pending(e.to_string()),
+                    }
+                }
+            })
+            .await;
+            if let Some(error) = dead {
+                return Err(error);
+            }
+            if let Err(last) = outcome {
+                return Err(HarnessError::NotReady {
+                    what: format!("kube-apiserver {endpoint}"),
+                    waited: timeout,
+                    last,
+                    log_tail: self.log_tails(30),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until `component` holds its leader-election Lease: the sign
+    /// that it is connected and running its loops.
+    async fn wait_leader(
+        &mut self,
+        component: &str,
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-system");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let last = match leases.get_opt(component).await {
+                Ok(Some(lease)) => {
+                    let holder = lease.spec.and_then(|s| s.holder_identity);
+                    match holder {
+                        Some(holder) if !holder.is_empty() => return Ok(()),
+                        _ => format!("lease {component} has no holder"),
+                    }
+                }
+                Ok(None) => format!("no lease kube-system/{component} yet"),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HarnessError::NotReady {
+                    what: format!("{component} leader lease"),
+                    waited: timeout,
+                    last,
+                    log_tail: self.log_tails(30),
+                });
+            }
+            tokio::time::sleep(wait::POLL).await;
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "control plane in {} at {}:\n{}",
+                self.dir.path().display(),
+                self.apiserver_url,
+                self.log_tails(40)
+            );
+        }
+        // Dependents first: the API server before its etcd.
+        for process in self.processes.iter_mut().rev() {
+            process.kill();
+        }
+    }
+}
+
+fn path_arg(flag: &str, path: &Path) -> String {
+    format!("--{flag}={}", path.display())
+}
+
+fn etcd_args(data_dir: &Path, client_port: u16, peer_port: u16) -> Vec<String> {
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    vec![
+        "--name=twinvol-e2e".into(),
+        path_arg("data-dir", data_dir),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=twinvol-e2e={peer}"),
+        // A throwaway cluster: durability of etcd's own writes buys nothing
+        // and costs seconds on a shared disk.
+        "--unsafe-no-fsync".into(),
+        "--log-level=warn".into(),
+    ]
+}
+
+fn apiserver_args(pki: &Pki, root: &Path, etcd_port: u16, port: u16) -> Vec<String> {
+    vec![
+        format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        format!("--secure-port={port}"),
+        path_arg("cert-dir", &root.join("apiserver-certs")),
+        path_arg("tls-cert-file", &pki.apiserver.cert),
+        path_arg("tls-private-key-file", &pki.apiserver.key),
+        path_arg("client-ca-file", &pki.ca_files.cert),
+        path_arg("service-account-key-file", &pki.service_account_pub),
+        path_arg("service-account-signing-key-file", &pki.service_account_key),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        "--authorization-mode=Node,RBAC".into(),
+        "--allow-privileged=true".into(),
+        "--profiling=false".into(),
+        "--v=1".into(),
+    ]
+}
+
+fn controller_manager_args(pki: &Pki, kubeconfig: &Path, root: &Path, port: u16) -> Vec<String> {
+    vec![
+        path_arg("kubeconfig", kubeconfig),
+        path_arg("authentication-kubeconfig", kubeconfig),
+        path_arg("authorization-kubeconfig", kubeconfig),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={port}"),
+        path_arg("cert-dir", &root.join("controller-manager-certs")),
+        "--leader-elect=true".into(),
+        path_arg("service-account-private-key-file", &pki.service_account_key),
+        path_arg("root-ca-file", &pki.ca_files.cert),
+        path_arg("cluster-signing-cert-file", &pki.ca_files.cert),
+        path_arg("cluster-signing-key-file", &pki.ca_files.key),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        "--use-service-account-credentials=false".into(),
+        "--profiling=false".into(),
+        "--v=1".into(),
+    ]
+}
+
+fn scheduler_args(kubeconfig: &Path, port: u16) -> Vec<String> {
+    vec![
+        path_arg("kubeconfig", kubeconfig),
+        path_arg("authentication-kubeconfig", kubeconfig),
+        path_arg("authorization-kubeconfig", kubeconfig),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={port}"),
+        "--leader-elect=true".into(),
+        "--profiling=false".into(),
+        "--v=1".into(),
+    ]
+}
+
+/// JSON-quotes a path; a JSON string is also a YAML scalar.
+fn quoted(path: &Path) -> String {
+    serde_json::Value::String(path.display().to_string()).to_string()
+}
+
+fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(), HarnessError> {
+    let text = format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: twinvol-e2e\n  \
+           cluster:\n    \
+             server: {server}\n    \
+             certificate-authority: {ca}\n\
+         users:\n\
+         - name: admin\n  \
+           user:\n    \
+             client-certificate: {cert}\n    \
+             client-key: {key}\n\
+         contexts:\n\
+         - name: twinvol-e2e\n  \
+           context:\n    \
+             cluster: twinvol-e2e\n    \
+             user: admin\n\
+         current-context: twinvol-e2e\n",
+        ca = quoted(&pki.ca_files.cert),
+        cert = quoted(&pki.admin.cert),
+        key = quoted(&pki.admin.key),
+    );
+    std::fs::write(path, text).map_err(|source| HarnessError::Io {
+        action: "writing",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+async fn client_from(kubeconfig: &Path) -> Result<Client, HarnessError> {
+    let error = |source: Box<dyn std::error::Error + Send + Sync>| HarnessError::Kubeconfig {
+        path: kubeconfig.to_owned(),
+        source,
+    };
+    let parsed = Kubeconfig::read_from(kubeconfig).map_err(|e| error(Box::new(e)))?;
+    let config = kube::Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| error(Box::new(e)))?;
+    Client::try_from(config).map_err(|e| error(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_binaries_fail_before_anything_starts() {
+        let empty = tempfile::tempdir().expect("temp dir");
+        let opts = ControlPlaneOptions {
+            upstream: UpstreamBinaries::in_dir(empty.path()),
+            ..ControlPlaneOptions::default()
+        };
+        let err = match ControlPlane::start(opts).await {
+            Ok(_) => panic!("started without binaries"),
+            Err(err) => err,
+        };
+        assert!(
+            matches!(err, HarnessError::MissingUpstream { name: "etcd", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("build-upstream.sh"));
+    }
+
+    #[tokio::test]
+    async fn kubeconfig_is_readable_by_kube() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = Pki::generate(&dir.path().join("pki")).expect("pki");
+        let path = dir.path().join("kubeconfig");
+        write_kubeconfig(&path, "https://127.0.0.1:6443", &pki).expect("writes");
+        let client = client_from(&path)
+            .await
+            .expect("a client from the kubeconfig");
+        assert_eq!(client.default_namespace(), "default");
+        let parsed = Kubeconfig::read_from(&path).expect("parses");
+        assert_eq!(parsed.current_context.as_deref(), Some("twinvol-e2e"));
+    }
+}
