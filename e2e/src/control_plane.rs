@@ -241,6 +241,23 @@ impl ControlPlane {
             .map_err(|source| self.kubectl_error(args, source))
     }
 
+    /// Runs kubectl and returns its stdout, or an error carrying its stderr
+    /// when it exits non-zero.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String, HarnessError> {
+        let output = self.kubectl(args)?;
+        checked(args, output)
+    }
+
+    /// Like [`Self::kubectl_ok`], with `input` on kubectl's stdin.
+    pub fn kubectl_ok_with_stdin(
+        &self,
+        args: &[&str],
+        input: &str,
+    ) -> Result<String, HarnessError> {
+        let output = self.kubectl_with_stdin(args, input)?;
+        checked(args, output)
+    }
+
     /// Runs kubectl with `input` on its stdin (for `apply -f -`).
     pub fn kubectl_with_stdin(&self, args: &[&str], input: &str) -> Result<Output, HarnessError> {
         let mut child = self
@@ -398,6 +415,18 @@ impl Drop for ControlPlane {
         for process in self.processes.iter_mut().rev() {
             process.kill();
         }
+    }
+}
+
+fn checked(args: &[&str], output: Output) -> Result<String, HarnessError> {
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(HarnessError::KubectlFailed {
+            args: args.join(" "),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
     }
 }
 

@@ -62,6 +62,13 @@ pub enum HarnessError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    #[error("kubectl {args} failed ({status}): {stderr}")]
+    KubectlFailed {
+        args: String,
+        status: String,
+        stderr: String,
+    },
+
     #[error("running kubectl {args}")]
     Kubectl {
         args: String,

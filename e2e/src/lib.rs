@@ -7,6 +7,7 @@
 //! `e2e/tools/build-upstream.sh`; nothing here mocks the Kubernetes API.
 
 pub mod control_plane;
+pub mod crds;
 pub mod error;
 pub mod pki;
 pub mod ports;
