@@ -23,7 +23,7 @@ use super::mirror::{Mirror, MirrorConfig, MirrorError};
 use super::nbd::{self, NbdError};
 
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
-const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The frontend process's options.
 #[derive(Debug, Clone)]

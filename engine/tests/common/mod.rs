@@ -1,0 +1,582 @@
+//! Process-level test harness: a whole mirrored volume as real processes —
+//! two `twinvol-engine replica` servers, each with its own temporary pool,
+//! and one `twinvol-engine frontend` exporting the volume over NBD (unix
+//! socket, optionally TCP) and optionally as a FUSE file.
+//!
+//! Readiness is observed, never slept for: every process writes a ready file
+//! (`--ready-file`) once it serves, and the harness waits for it with a
+//! deadline, failing early with the process's log if it exits. `Drop` kills
+//! every process group with SIGKILL, detaches loop devices backed by the
+//! FUSE file, unmounts the FUSE directory, removes every directory, and —
+//! when the test is failing — prints the tail of every log.
+//!
+//! Needs root for FUSE (the README's test command runs as root).
+#![allow(dead_code)] // each test crate uses a different part of the harness
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1024 * 1024;
+/// How long a process may take to become ready.
+pub const READY_DEADLINE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+
+pub fn engine_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_twinvol-engine")
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Volume size in bytes (a multiple of 4096).
+    pub size: u64,
+    /// Also export the volume as a FUSE file.
+    pub fuse: bool,
+    /// Also export over NBD on a loopback TCP port.
+    pub nbd_tcp: bool,
+    /// Start the frontend (false: only the replicas; start frontends with
+    /// [`Stack::start_frontend`] or run them with [`Stack::frontend_command`]).
+    pub frontend: bool,
+    /// The frontend's epoch.
+    pub epoch: u64,
+    pub volume: String,
+    /// Serve `/metrics` on every process.
+    pub metrics: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            size: 64 * MIB,
+            fuse: false,
+            nbd_tcp: false,
+            frontend: true,
+            epoch: 1,
+            volume: "v1".into(),
+            metrics: false,
+        }
+    }
+}
+
+/// One running process of the stack.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+    /// `key=value` lines of its ready file.
+    pub ready: Vec<(String, String)>,
+}
+
+impl Proc {
+    pub fn ready_value(&self, key: &str) -> Option<&str> {
+        self.ready
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL to the process group; reaps the child.
+    pub fn kill(&mut self) {
+        // SAFETY: kill(2) with a negative pid signals that process group; the
+        // group was created for this child (process_group(0)).
+        unsafe {
+            libc::kill(-self.pid(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `deadline` for a clean exit (SIGKILL
+    /// after). Returns whether it exited by itself.
+    pub fn terminate(&mut self, deadline: Duration) -> bool {
+        // SAFETY: as in `kill`.
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(POLL);
+        }
+        self.kill();
+        false
+    }
+}
+
+/// A replica of the stack.
+pub struct Replica {
+    pub name: String,
+    pub pool: PathBuf,
+    pub proc: Option<Proc>,
+    pub addr: String,
+}
+
+/// A running mirrored volume.
+pub struct Stack {
+    pub opts: StackOptions,
+    root: tempfile::TempDir,
+    pub replicas: Vec<Replica>,
+    pub frontend: Option<Proc>,
+    secret: PathBuf,
+    frontends_started: u32,
+}
+
+fn spawn_logged(name: &str, args: &[String], log: &Path) -> Child {
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open log {}: {e}", log.display()));
+    let err = out.try_clone().expect("clone log handle");
+    Command::new(engine_bin())
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env_remove("TWINVOL_LOG_JSON")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+}
+
+fn parse_ready(path: &Path) -> Option<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
+}
+
+/// The last `lines` lines of a file (for failure reports).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Waits for `cond` with a deadline; `None` on timeout.
+pub fn wait_until<T>(deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Starts `args` and waits for its ready file; panics with the log if it
+/// exits first or the deadline passes.
+fn start_proc(name: &str, mut args: Vec<String>, dir: &Path) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let ready_path = dir.join(format!("{name}.ready"));
+    let _ = std::fs::remove_file(&ready_path);
+    args.push("--ready-file".into());
+    args.push(ready_path.display().to_string());
+    let mut child = spawn_logged(name, &args, &log);
+    let ready = wait_until(READY_DEADLINE, || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{name} exited ({status}) before becoming ready; its log:\n{}",
+                tail(&log, 40)
+            );
+        }
+        parse_ready(&ready_path)
+    });
+    match ready {
+        Some(ready) => Proc {
+            name: name.to_owned(),
+            child,
+            log,
+            ready,
+        },
+        None => {
+            // SAFETY: as in `Proc::kill`.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+            panic!(
+                "{name} not ready within {READY_DEADLINE:?}; its log:\n{}",
+                tail(&log, 40)
+            );
+        }
+    }
+}
+
+/// Runs a command to completion with a deadline (killing its process group
+/// when it passes); the test fails if it does not end in time.
+pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().expect("spawn command");
+    let pid = child.id() as i32;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let status = wait_until(deadline, || child.try_wait().ok().flatten());
+    let status = match status {
+        Some(s) => s,
+        None => {
+            // SAFETY: as in `Proc::kill`.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+            let _ = child.wait();
+            let err = err_reader.join().unwrap_or_default();
+            panic!(
+                "command did not finish within {deadline:?}; stderr:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn digest(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Stack {
+    /// Creates the volume on two fresh pools, starts both replicas and (if
+    /// asked) the frontend, each ready before this returns.
+    pub fn start(opts: StackOptions) -> Stack {
+        let root = tempfile::Builder::new()
+            .prefix("twinvol-stack-")
+            .tempdir()
+            .expect("tempdir");
+        let secret = root.path().join("secret");
+        std::fs::write(&secret, "stack-test-secret-0123456789abcdef\n").expect("write secret");
+        let mut stack = Stack {
+            opts: opts.clone(),
+            root,
+            replicas: vec![],
+            frontend: None,
+            secret,
+            frontends_started: 0,
+        };
+        for name in ["a", "b"] {
+            let pool = stack.root.path().join(format!("pool-{name}"));
+            std::fs::create_dir(&pool).expect("pool dir");
+            let out = run_with_deadline(
+                {
+                    let mut c = Command::new(engine_bin());
+                    c.args(["volume", "create", "--pool"]).arg(&pool).args([
+                        "--volume",
+                        &opts.volume,
+                        "--size",
+                        &opts.size.to_string(),
+                    ]);
+                    c
+                },
+                Duration::from_secs(60),
+            );
+            assert!(
+                out.status.success(),
+                "volume create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stack.replicas.push(Replica {
+                name: name.into(),
+                pool,
+                proc: None,
+                addr: String::new(),
+            });
+        }
+        for i in 0..2 {
+            stack.start_replica(i);
+        }
+        if opts.frontend {
+            stack.start_frontend(opts.epoch);
+        }
+        stack
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn secret_file(&self) -> &Path {
+        &self.secret
+    }
+
+    /// (Re)starts replica `i` (0 = "a", 1 = "b") on its pool, on the same
+    /// address as before if it had one.
+    pub fn start_replica(&mut self, i: usize) {
+        let r = &self.replicas[i];
+        let listen = if r.addr.is_empty() {
+            "127.0.0.1:0".to_owned()
+        } else {
+            r.addr.clone()
+        };
+        let mut args = vec![
+            "replica".to_owned(),
+            "--pool".into(),
+            r.pool.display().to_string(),
+            "--listen".into(),
+            listen,
+            "--secret-file".into(),
+            self.secret.display().to_string(),
+        ];
+        if self.opts.metrics {
+            args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+        }
+        let name = format!("replica-{}", r.name);
+        let proc = start_proc(&name, args, self.root.path());
+        let r = &mut self.replicas[i];
+        r.addr = proc
+            .ready_value("listen")
+            .expect("listen in ready file")
+            .to_owned();
+        r.proc = Some(proc);
+    }
+
+    /// SIGKILLs replica `i`.
+    pub fn kill_replica(&mut self, i: usize) {
+        if let Some(mut p) = self.replicas[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// The arguments of a frontend of this stack at `epoch`, without
+    /// exports (add them) — for tests that run a frontend themselves.
+    pub fn frontend_args(&self, epoch: u64) -> Vec<String> {
+        let mut args = vec![
+            "frontend".to_owned(),
+            "--volume".into(),
+            self.opts.volume.clone(),
+            "--local".into(),
+            "a".into(),
+            "--secret-file".into(),
+            self.secret.display().to_string(),
+            "--epoch".into(),
+            epoch.to_string(),
+        ];
+        for r in &self.replicas {
+            args.push("--replica".into());
+            args.push(format!("{}={}", r.name, r.addr));
+        }
+        args
+    }
+
+    /// A `twinvol-engine frontend` command for this stack at `epoch`,
+    /// exporting on a fresh unix socket; not started.
+    pub fn frontend_command(&self, epoch: u64) -> Command {
+        let mut c = Command::new(engine_bin());
+        c.args(self.frontend_args(epoch))
+            .arg("--nbd-unix")
+            .arg(self.root.path().join(format!("extra-{epoch}.sock")))
+            .env("RUST_LOG", "info");
+        c
+    }
+
+    /// Starts the stack's frontend at `epoch` (stopping a previous one
+    /// first) and waits until its exports serve.
+    pub fn start_frontend(&mut self, epoch: u64) {
+        self.kill_frontend();
+        self.frontends_started += 1;
+        let mut args = self.frontend_args(epoch);
+        args.push("--nbd-unix".into());
+        args.push(self.nbd_socket().display().to_string());
+        if self.opts.nbd_tcp {
+            args.extend(["--nbd-tcp".into(), "127.0.0.1:0".into()]);
+        }
+        if self.opts.fuse {
+            args.extend([
+                "--fuse-dir".into(),
+                self.fuse_dir().display().to_string(),
+                "--fuse-file-name".into(),
+                "volume".into(),
+            ]);
+        }
+        if self.opts.metrics {
+            args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+        }
+        let name = format!("frontend-{}", self.frontends_started);
+        self.frontend = Some(start_proc(&name, args, self.root.path()));
+    }
+
+    /// SIGTERMs the frontend and waits for its clean exit (final flush,
+    /// unmount); returns whether it exited by itself within `deadline`.
+    pub fn stop_frontend(&mut self, deadline: Duration) -> bool {
+        match self.frontend.take() {
+            Some(mut p) => p.terminate(deadline),
+            None => true,
+        }
+    }
+
+    /// SIGKILLs the frontend (and cleans up its FUSE mount).
+    pub fn kill_frontend(&mut self) {
+        if let Some(mut p) = self.frontend.take() {
+            self.detach_loops();
+            p.kill();
+        }
+        self.unmount_fuse();
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.root.path().join("nbd.sock")
+    }
+
+    /// `nbd+unix:///?socket=PATH`, for qemu-io, nbdcopy, fio.
+    pub fn nbd_uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.nbd_socket().display())
+    }
+
+    /// `HOST:PORT` of the NBD TCP export, if started with `nbd_tcp`.
+    pub fn nbd_tcp_addr(&self) -> Option<String> {
+        self.frontend
+            .as_ref()
+            .and_then(|p| p.ready_value("nbd_tcp"))
+            .map(str::to_owned)
+    }
+
+    pub fn fuse_dir(&self) -> PathBuf {
+        self.root.path().join("fuse")
+    }
+
+    /// The volume as a file, if started with `fuse`.
+    pub fn fuse_file(&self) -> Option<PathBuf> {
+        self.frontend
+            .as_ref()
+            .and_then(|p| p.ready_value("fuse_file"))
+            .map(PathBuf::from)
+    }
+
+    /// `HOST:PORT` of a process's metrics endpoint (with `metrics`).
+    pub fn frontend_metrics_addr(&self) -> Option<String> {
+        self.frontend
+            .as_ref()
+            .and_then(|p| p.ready_value("metrics"))
+            .map(str::to_owned)
+    }
+
+    /// The data file of each replica (exactly the volume's bytes).
+    pub fn replica_data_paths(&self) -> Vec<PathBuf> {
+        self.replicas
+            .iter()
+            .map(|r| r.pool.join(&self.opts.volume).join("data"))
+            .collect()
+    }
+
+    pub fn replica_log_paths(&self) -> Vec<PathBuf> {
+        self.replicas
+            .iter()
+            .map(|r| self.root.path().join(format!("replica-{}.log", r.name)))
+            .collect()
+    }
+
+    pub fn frontend_log_path(&self) -> Option<PathBuf> {
+        self.frontend.as_ref().map(|p| p.log.clone())
+    }
+
+    /// The last lines of every log of the stack.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.root.path())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs {
+            out.push_str(&format!(
+                "----- {} -----\n{}\n",
+                log.display(),
+                tail(&log, lines)
+            ));
+        }
+        out
+    }
+
+    fn detach_loops(&self) {
+        let Some(file) = self
+            .frontend
+            .as_ref()
+            .and_then(|p| p.ready_value("fuse_file"))
+        else {
+            return;
+        };
+        let Ok(out) = Command::new("losetup").args(["-j", file]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((dev, _)) = line.split_once(':') {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
+            }
+        }
+    }
+
+    fn unmount_fuse(&self) {
+        let dir = self.fuse_dir();
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|m| {
+                m.lines()
+                    .any(|l| l.split(' ').nth(4) == Some(&*dir.display().to_string()))
+            })
+            .unwrap_or(false);
+        if mounted {
+            let _ = Command::new("umount").arg("-l").arg(&dir).status();
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed; logs of the stack:\n{}", self.log_tails(30));
+        }
+        self.kill_frontend();
+        for i in 0..self.replicas.len() {
+            self.kill_replica(i);
+        }
+    }
+}
