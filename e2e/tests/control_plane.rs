@@ -34,7 +34,9 @@ async fn api_server_serves_kubectl_and_client_then_leaves_nothing_behind() {
             .expect("kubectl version"),
     )
     .expect("version JSON");
-    let server = version["serverVersion"]["gitVersion"].as_str().unwrap_or("");
+    let server = version["serverVersion"]["gitVersion"]
+        .as_str()
+        .unwrap_or("");
     assert!(server.starts_with("v1.36."), "server version {server}");
 
     // The API server's bootstrap controller creates `default`; seen through
@@ -71,7 +73,12 @@ async fn controller_manager_and_scheduler_run_when_asked() {
     let names: Vec<String> = plane.pids().into_iter().map(|(name, _)| name).collect();
     assert_eq!(
         names,
-        ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"]
+        [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler"
+        ]
     );
     // The service-account controller of kube-controller-manager gives every
     // namespace a `default` ServiceAccount: visible proof its loops run.
