@@ -6,10 +6,12 @@
 //! [`ControlPlane::start`] returns only once the API server answers `/readyz`
 //! and `/livez` (and the optional components hold their leader leases), each
 //! wait bounded by a deadline. Everything lives in one temp dir; `Drop` kills
-//! every component's process group and removes the dir, and when the test is
-//! panicking it first prints the tail of every component's log.
+//! every component's process group and removes the dir (unless
+//! `TWINVOL_E2E_KEEP=1`), and when the test is panicking it first prints the
+//! tail of every component's log.
 
 use std::{
+    future::Future,
     io::Write,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -24,11 +26,7 @@ use kube::{
 use tempfile::TempDir;
 
 use crate::{
-    HarnessError, UpstreamBinaries,
-    pki::Pki,
-    ports::free_port,
-    process::ManagedProcess,
-    wait::{self, Poll},
+    HarnessError, UpstreamBinaries, pki::Pki, ports::free_port, process::ManagedProcess, wait,
 };
 
 /// What to start.
@@ -322,46 +320,52 @@ impl ControlPlane {
         Ok(())
     }
 
-    async fn wait_api_ready(&mut self, timeout: Duration) -> Result<(), HarnessError> {
-        for endpoint in ["/readyz", "/livez"] {
-            let mut dead = None;
-            let client = self.client.clone();
-            let processes = &mut self.processes;
-            let outcome = wait::until(timeout, || {
-                let died = processes
-                    .iter_mut()
-                    .find_map(|p| p.exited().map(|status| p.exited_early(status)));
-                let client = client.clone();
-                let found_dead = died.is_some();
-                if found_dead {
-                    dead = died;
-                }
-                async move {
-                    if found_dead {
-                        return Poll::Ready(());
-                    }
-                    match http::Request::get(endpoint).body(Vec::new()) {
-                        Ok(request) => match client.request_text(request).await {
-                            Ok(body) if body.trim() == "ok" => Poll::Ready(()),
-                            Ok(body) => Poll::Pending(body),
-                            Err(e) => Poll::Pending(e.to_string()),
-                        },
-                        Err(e) => Poll::Pending(e.to_string()),
-                    }
-                }
-            })
-            .await;
-            if let Some(error) = dead {
-                return Err(error);
-            }
-            if let Err(last) = outcome {
+    /// Polls `probe` until it reports ready, failing early with the log of
+    /// any component that died, and on timeout with what was last seen and
+    /// the tail of every log.
+    async fn wait_for<F, Fut>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut probe: F,
+    ) -> Result<(), HarnessError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let last = match probe(self.client.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(last) => last,
+            };
+            if tokio::time::Instant::now() >= deadline {
                 return Err(HarnessError::NotReady {
-                    what: format!("kube-apiserver {endpoint}"),
+                    what: what.to_owned(),
                     waited: timeout,
                     last,
                     log_tail: self.log_tails(30),
                 });
             }
+            tokio::time::sleep(wait::POLL).await;
+        }
+    }
+
+    async fn wait_api_ready(&mut self, timeout: Duration) -> Result<(), HarnessError> {
+        for endpoint in ["/readyz", "/livez"] {
+            let what = format!("kube-apiserver {endpoint}");
+            self.wait_for(&what, timeout, |client| async move {
+                let request = http::Request::get(endpoint)
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
+                match client.request_text(request).await {
+                    Ok(body) if body.trim() == "ok" => Ok(()),
+                    Ok(body) => Err(body),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await?;
         }
         Ok(())
     }
@@ -373,33 +377,25 @@ impl ControlPlane {
         component: &str,
         timeout: Duration,
     ) -> Result<(), HarnessError> {
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-system");
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            self.check_alive()?;
-            let last = match leases.get_opt(component).await {
-                Ok(Some(lease)) => {
-                    let holder = lease.spec.and_then(|s| s.holder_identity);
-                    match holder {
-                        Some(holder) if !holder.is_empty() => return Ok(()),
-                        _ => format!("lease {component} has no holder"),
-                    }
-                }
-                Ok(None) => format!("no lease kube-system/{component} yet"),
-                Err(e) => e.to_string(),
-            };
-            if tokio::time::Instant::now() >= deadline {
-                return Err(HarnessError::NotReady {
-                    what: format!("{component} leader lease"),
-                    waited: timeout,
-                    last,
-                    log_tail: self.log_tails(30),
-                });
+        let what = format!("{component} leader lease");
+        self.wait_for(&what, timeout, |client| async move {
+            let leases: Api<Lease> = Api::namespaced(client, "kube-system");
+            match leases.get_opt(component).await {
+                Ok(Some(lease)) => match lease.spec.and_then(|s| s.holder_identity) {
+                    Some(holder) if !holder.is_empty() => Ok(()),
+                    _ => Err(format!("lease {component} has no holder")),
+                },
+                Ok(None) => Err(format!("no lease kube-system/{component} yet")),
+                Err(e) => Err(e.to_string()),
             }
-            tokio::time::sleep(wait::POLL).await;
-        }
+        })
+        .await
     }
 }
+
+/// Set to `1` to keep a control plane's temp dir (logs, PKI, etcd data) after
+/// the test, for debugging; the processes are stopped all the same.
+pub const KEEP_ENV: &str = "TWINVOL_E2E_KEEP";
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
@@ -410,6 +406,10 @@ impl Drop for ControlPlane {
                 self.apiserver_url,
                 self.log_tails(40)
             );
+        }
+        if std::env::var_os(KEEP_ENV).is_some_and(|v| v == "1") {
+            eprintln!("{KEEP_ENV}=1: keeping {}", self.dir.path().display());
+            self.dir.disable_cleanup(true);
         }
         // Dependents first: the API server before its etcd.
         for process in self.processes.iter_mut().rev() {
@@ -574,6 +574,45 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("build-upstream.sh"));
+    }
+
+    fn script(dir: &Path, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("writes");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    #[tokio::test]
+    async fn a_component_that_dies_fails_the_start_with_its_log() {
+        let bin = tempfile::tempdir().expect("temp dir");
+        script(bin.path(), "etcd", "exec sleep 120");
+        script(
+            bin.path(),
+            "kube-apiserver",
+            "echo 'Error: unknown flag: --bogus' >&2; exit 1",
+        );
+        script(bin.path(), "kubectl", "exit 0");
+        let opts = ControlPlaneOptions {
+            upstream: UpstreamBinaries::in_dir(bin.path()),
+            start_timeout: Duration::from_secs(30),
+            ..ControlPlaneOptions::default()
+        };
+        let err = match ControlPlane::start(opts).await {
+            Ok(_) => panic!("started with a failing kube-apiserver"),
+            Err(err) => err,
+        };
+        match &err {
+            HarnessError::ExitedEarly {
+                component,
+                log_tail,
+                ..
+            } => {
+                assert_eq!(component, "kube-apiserver");
+                assert!(log_tail.contains("unknown flag: --bogus"), "{log_tail}");
+            }
+            other => panic!("expected ExitedEarly, got {other}"),
+        }
     }
 
     #[tokio::test]
