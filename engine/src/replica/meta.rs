@@ -342,3 +342,50 @@ mod tests {
         ));
     }
 }
+
+/// Crash tests: an update torn or dropped at any of its storage operations
+/// leaves either the old or the new metadata, never neither.
+#[cfg(all(test, feature = "failpoints"))]
+mod crash_tests {
+    use super::*;
+    use crate::storage::{FaultAction, FaultPlan, FaultyStorage, FileStorage};
+
+    #[test]
+    fn epoch_update_survives_a_fault_at_every_write_and_sync() {
+        for point in ["meta::write_at", "meta::sync"] {
+            for action in [
+                FaultAction::Fail,
+                FaultAction::Drop,
+                FaultAction::Tear { keep: 0 },
+                FaultAction::Tear { keep: 512 },
+                FaultAction::Tear { keep: 4000 },
+            ] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let plan = FaultPlan::new();
+                let s = FaultyStorage::new(
+                    FileStorage::create_new(&dir.path().join("meta")).expect("create"),
+                    "meta",
+                    plan.clone(),
+                );
+                let vol = VolumeId::new("v1").expect("valid");
+                let m1 = create(&s, vol, 1 << 20).expect("create");
+                let mut n = m1.clone();
+                n.epoch = Epoch(7);
+                plan.inject(point, 0, Some(1), action);
+                let r = write(&s, &m1, &n);
+                let back = read(&s).expect("metadata still readable");
+                assert!(
+                    back.epoch == Epoch(0) || back.epoch == Epoch(7),
+                    "{point} {action:?}: epoch {:?}",
+                    back.epoch
+                );
+                if r.is_err() {
+                    // A failed update never reports the new state, and the
+                    // next attempt succeeds from the state on disk.
+                    let again = write(&s, &back, &n).expect("retry");
+                    assert_eq!(read(&s).expect("read"), again);
+                }
+            }
+        }
+    }
+}

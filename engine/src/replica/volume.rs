@@ -10,16 +10,19 @@
 //! - data I/O is positional and goes straight to storage on the blocking
 //!   pool.
 //!
-//! Known gap (next issue): a request that passed the epoch check just before
-//! a newer epoch was persisted may still land after the newer frontend's
-//! `Open` was answered. Closing it needs an in-flight drain on epoch change.
+//! Fencing is exact: a data request counts itself in flight *before* it
+//! checks the epoch, and raising the epoch sets the new value *before* it
+//! waits for the in-flight count to drain (both sequentially consistent).
+//! So every request either sees the new epoch and is refused, or is waited
+//! for: when a newer frontend's `Open` is answered, no request of an older
+//! epoch can land any more.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::metrics::{IoOp, OpHandles};
 use crate::protocol::{Epoch, MAX_IO_BYTES, Op, Reply, VolumeId, WireError};
@@ -27,12 +30,69 @@ use crate::storage::{Storage, StorageError, blocking};
 
 use super::meta::{self, Metadata};
 
+/// The epoch and the data requests in flight, shared by the volume and its
+/// metadata owner.
+#[derive(Default)]
+struct EpochGate {
+    epoch: AtomicU64,
+    in_flight: AtomicU64,
+    drained: Notify,
+}
+
+impl EpochGate {
+    /// Counts a request in flight, then checks its epoch.
+    fn enter(&self, epoch: Epoch) -> Result<InFlight<'_>, WireError> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self);
+        let current = Epoch(self.epoch.load(Ordering::SeqCst));
+        if epoch < current {
+            Err(WireError::StaleEpoch {
+                seen: epoch,
+                current,
+            })
+        } else if epoch > current {
+            Err(WireError::EpochNotOpened {
+                seen: epoch,
+                current,
+            })
+        } else {
+            Ok(guard)
+        }
+    }
+
+    /// Raises the epoch, then waits until no request that could have seen
+    /// the old one is still in flight.
+    async fn raise_and_drain(&self, epoch: Epoch) {
+        self.epoch.fetch_max(epoch.0, Ordering::SeqCst);
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A request in flight; leaving wakes a drain waiting for the last one.
+struct InFlight<'a>(&'a EpochGate);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
 /// A volume served by this replica.
 pub struct Volume {
     id: VolumeId,
     size: u64,
     data: Arc<dyn Storage>,
-    epoch: Arc<AtomicU64>,
+    gate: Arc<EpochGate>,
     meta_tx: mpsc::Sender<MetaCommand>,
     metrics: OpHandles,
 }
@@ -49,7 +109,7 @@ struct MetaOwner {
     id: VolumeId,
     storage: Arc<dyn Storage>,
     current: Metadata,
-    epoch: Arc<AtomicU64>,
+    gate: Arc<EpochGate>,
 }
 
 impl MetaOwner {
@@ -84,7 +144,7 @@ impl MetaOwner {
         .map_err(|e| io_error(&e))?;
         tracing::info!(volume = %self.id, epoch = epoch.0, "persisted new epoch");
         self.current = written;
-        self.epoch.fetch_max(epoch.0, Ordering::SeqCst);
+        self.gate.raise_and_drain(epoch).await;
         Ok(epoch)
     }
 }
@@ -104,7 +164,8 @@ impl Volume {
         current: Metadata,
         metrics: OpHandles,
     ) -> Arc<Self> {
-        let epoch = Arc::new(AtomicU64::new(current.epoch.0));
+        let gate = Arc::new(EpochGate::default());
+        gate.epoch.store(current.epoch.0, Ordering::SeqCst);
         let (meta_tx, rx) = mpsc::channel(16);
         let id = current.volume.clone();
         let size = current.size;
@@ -112,14 +173,14 @@ impl Volume {
             id: id.clone(),
             storage: meta_storage,
             current,
-            epoch: epoch.clone(),
+            gate: gate.clone(),
         };
         tokio::spawn(owner.run(rx));
         Arc::new(Self {
             id,
             size,
             data,
-            epoch,
+            gate,
             meta_tx,
             metrics,
         })
@@ -134,7 +195,7 @@ impl Volume {
     }
 
     pub fn epoch(&self) -> Epoch {
-        Epoch(self.epoch.load(Ordering::SeqCst))
+        Epoch(self.gate.epoch.load(Ordering::SeqCst))
     }
 
     /// Handles `Open` on a connection: checks the size, raises the epoch if
@@ -188,24 +249,6 @@ impl Volume {
         })
     }
 
-    /// Refuses a request whose epoch is not the volume's current one.
-    pub fn check_epoch(&self, epoch: Epoch) -> Result<(), WireError> {
-        let current = self.epoch();
-        if epoch < current {
-            Err(WireError::StaleEpoch {
-                seen: epoch,
-                current,
-            })
-        } else if epoch > current {
-            Err(WireError::EpochNotOpened {
-                seen: epoch,
-                current,
-            })
-        } else {
-            Ok(())
-        }
-    }
-
     /// Checks bounds; `carries_data` requests (read, write) are also held
     /// to the protocol's maximum I/O size.
     fn check_range(&self, offset: u64, len: u64, carries_data: bool) -> Result<(), WireError> {
@@ -242,7 +285,7 @@ impl Volume {
     }
 
     async fn execute_inner(&self, epoch: Epoch, op: Op) -> Result<Reply, WireError> {
-        self.check_epoch(epoch)?;
+        let _in_flight = self.gate.enter(epoch)?;
         let data = self.data.clone();
         let r = match op {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
@@ -288,5 +331,42 @@ impl Volume {
             }
         };
         r.map_err(|e| io_error(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn raising_the_epoch_waits_for_requests_of_the_old_one() {
+        let gate = Arc::new(EpochGate::default());
+        gate.epoch.store(1, Ordering::SeqCst);
+        let old = gate.enter(Epoch(1)).expect("current epoch passes");
+        let g = gate.clone();
+        let mut raise = tokio::spawn(async move { g.raise_and_drain(Epoch(2)).await });
+        // The raise is not done while an old request is in flight...
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut raise)
+                .await
+                .is_err()
+        );
+        // ...but new requests of the old epoch are already refused.
+        assert!(matches!(
+            gate.enter(Epoch(1)),
+            Err(WireError::StaleEpoch { .. })
+        ));
+        drop(old);
+        tokio::time::timeout(Duration::from_secs(5), raise)
+            .await
+            .expect("drained")
+            .expect("join");
+        assert!(gate.enter(Epoch(2)).is_ok());
+        assert!(matches!(
+            gate.enter(Epoch(3)),
+            Err(WireError::EpochNotOpened { .. })
+        ));
     }
 }
