@@ -7,28 +7,37 @@
 //! test makes is undone by a guard, even when it fails; only the test's own
 //! loop devices are detached.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use twinvol_engine::frontend::backend::{BackendError, BlockBackend, check_range};
+use common::{MIB, Stack, StackOptions, run_with_deadline};
 
-const MIB: u64 = 1024 * 1024;
+/// How long one tool run (mkfs, fsck, mount) may take.
+const TOOL_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Runs a command, failing the test with its output if it fails.
-fn run(cmd: &mut Command) -> String {
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+/// Runs a command with a deadline, failing the test with its output if it
+/// fails.
+fn run(cmd: Command) -> String {
+    let described = format!("{cmd:?}");
+    let output = run_with_deadline(cmd, TOOL_DEADLINE);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "{cmd:?} failed ({}):\n{stdout}\n{stderr}",
+        "{described} failed ({}):\n{stdout}\n{stderr}",
         output.status
     );
     stdout
+}
+
+/// A command with its arguments.
+fn command<S: AsRef<std::ffi::OsStr>>(program: &str, args: impl IntoIterator<Item = S>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    cmd
 }
 
 /// A loop device this test attached; detached on drop.
@@ -43,7 +52,8 @@ impl LoopDevice {
         } else {
             cmd.arg("--direct-io=on");
         }
-        let dev = run(cmd.arg(file)).trim().to_string();
+        cmd.arg(file);
+        let dev = run(cmd).trim().to_string();
         assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
         let dev = LoopDevice(dev);
         if !read_only {
@@ -72,7 +82,15 @@ struct Mounted(PathBuf);
 
 impl Mounted {
     fn new(dev: &str, at: &Path, options: &str) -> Self {
-        run(Command::new("mount").args(["-o", options, dev]).arg(at));
+        run(command(
+            "mount",
+            [
+                "-o".as_ref(),
+                options.as_ref(),
+                dev.as_ref(),
+                at.as_os_str(),
+            ],
+        ));
         Mounted(at.to_path_buf())
     }
 }
@@ -155,111 +173,39 @@ fn check_tree(root: &Path, files: &[(PathBuf, usize, u32)], what: &str) {
     }
 }
 
-/// A file on local disk behind the export (stand-in for the mirror until
-/// the stack harness exists).
-struct FileBackend {
-    file: Arc<std::fs::File>,
-    size: u64,
-}
-
-impl BlockBackend for FileBackend {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
-        check_range(offset, u64::from(len), self.size)?;
-        let file = self.file.clone();
-        blocking(move || {
-            let mut buf = vec![0; len as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, offset)?;
-            Ok(Bytes::from(buf))
-        })
-        .await
-    }
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
-        check_range(offset, data.len() as u64, self.size)?;
-        let file = self.file.clone();
-        blocking(move || {
-            std::os::unix::fs::FileExt::write_all_at(&*file, &data, offset)?;
-            if fua {
-                file.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
-    }
-    async fn flush(&self) -> Result<(), BackendError> {
-        let file = self.file.clone();
-        blocking(move || file.sync_data()).await
-    }
-    async fn trim(&self, offset: u64, len: u32) -> Result<(), BackendError> {
-        self.write_zeroes(offset, len, false).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), BackendError> {
-        self.write(offset, Bytes::from(vec![0; len as usize]), fua)
-            .await
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T, BackendError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BackendError::Io(e.to_string()))?
-        .map_err(|e| BackendError::Io(e.to_string()))
-}
-
 #[test]
 fn ext4_on_the_fuse_loop_device_lands_intact_on_every_replica() {
     let size = 256 * MIB;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("replica.img");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&data)
-        .expect("data file");
-    file.set_len(size).expect("size");
-    let replicas = vec![data];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let fuse_dir = dir.path().join("fuse");
-    std::fs::create_dir(&fuse_dir).expect("mkdir");
-    let backend = Arc::new(FileBackend {
-        file: Arc::new(file),
+    let mut stack = Stack::start(StackOptions {
         size,
+        fuse: true,
+        ..StackOptions::default()
     });
-    let export =
-        twinvol_engine::frontend::fuse::mount(backend, &fuse_dir, "volume", rt.handle().clone())
-            .expect("mount the FUSE export");
-    let volume_file = export.file_path().to_path_buf();
+    let volume_file = stack.fuse_file().expect("the stack exports a FUSE file");
     assert_eq!(std::fs::metadata(&volume_file).expect("stat").len(), size);
-
-    let fs_dir = dir.path().join("ext4");
+    let fs_dir = stack.dir().join("ext4");
     std::fs::create_dir(&fs_dir).expect("mkdir");
+
     let files = {
         let dev = LoopDevice::attach(&volume_file, false);
-        run(Command::new("mkfs.ext4").args(["-q", "-F", dev.path()]));
+        run(command("mkfs.ext4", ["-q", "-F", dev.path()]));
         let mounted = Mounted::new(dev.path(), &fs_dir, "rw");
         let files = write_tree(&fs_dir);
         check_tree(&fs_dir, &files, "the mounted volume");
         drop(mounted);
         files
     };
-    drop(export);
+    // A clean stop: the FUSE file is unmounted and the mirror flushed.
+    assert!(
+        stack.stop_frontend(Duration::from_secs(60)),
+        "the frontend did not stop cleanly"
+    );
 
-    for replica in &replicas {
-        let dev = LoopDevice::attach(replica, true);
-        run(Command::new("fsck.ext4").args(["-fn", dev.path()]));
+    for replica in stack.replica_data_paths() {
+        let dev = LoopDevice::attach(&replica, true);
+        run(command("fsck.ext4", ["-fn", dev.path()]));
         let mounted = Mounted::new(dev.path(), &fs_dir, "ro,noload");
         check_tree(&fs_dir, &files, &replica.display().to_string());
         drop(mounted);
     }
-    drop(rt);
 }
