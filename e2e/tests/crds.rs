@@ -120,6 +120,25 @@ async fn invalid_objects_are_rejected_with_a_message_naming_the_field() {
         .expect("kubectl get");
     assert_eq!(failback, "Automatic", "failback defaults to Automatic");
 
+    // `preferredSite:` left empty in YAML is a null: it means "no
+    // preference", not a Site named null.
+    let nulls = with(
+        with(volume("vol-nulls"), "/spec/preferredSite", Value::Null),
+        "/spec/resyncRateLimit",
+        Value::Null,
+    );
+    create(&plane, &nulls).expect("null optional fields are accepted as absent");
+    let volumes: Api<MirroredVolume> = Api::all(plane.client());
+    let stored = volumes.get("vol-nulls").await.expect("get vol-nulls");
+    assert_eq!(stored.spec.preferred_site, None);
+    assert_eq!(stored.spec.resync_rate_limit, None);
+
+    // The field docs reach `kubectl explain`.
+    let explained = plane
+        .kubectl_ok(&["explain", "mirroredvolume.spec.size"])
+        .expect("kubectl explain");
+    assert!(explained.contains("May grow, never shrink"), "{explained}");
+
     let site_a = site("room-x");
     let vol = volume("vol-bad");
     let creations: Vec<(&str, Value, &[&str])> = vec![
@@ -161,6 +180,11 @@ async fn invalid_objects_are_rejected_with_a_message_naming_the_field() {
                 json!(["room-a", "room-b", "room-c"]),
             ),
             &["spec.sites", "at most 2 items"],
+        ),
+        (
+            "a site that is not a Site name",
+            with(vol.clone(), "/spec/sites", json!(["Room_A", "room-b"])),
+            &["spec.sites[0]", "should match"],
         ),
         (
             "no sites",
@@ -274,7 +298,8 @@ async fn invalid_objects_are_rejected_with_a_message_naming_the_field() {
         listed.lines().collect::<Vec<_>>(),
         [
             "mirroredvolume.twinvol.io/vol-1",
-            "mirroredvolume.twinvol.io/vol-minimal"
+            "mirroredvolume.twinvol.io/vol-minimal",
+            "mirroredvolume.twinvol.io/vol-nulls",
         ],
         "no invalid object may have been stored"
     );
