@@ -420,6 +420,20 @@ async fn status_shows_in_kubectl_get_and_stale_status_writes_conflict() {
     assert!(row.contains_key("AGE"), "{row:?}");
     let by_short_name = columns(&plane, &["get", "mvol", "vol-1"]);
     assert_eq!(by_short_name["EPOCH"], "3");
+    let category = plane
+        .kubectl_ok(&["get", "twinvol", "-o", "name"])
+        .expect("kubectl get twinvol");
+    let mut category: Vec<&str> = category.lines().collect();
+    category.sort_unstable();
+    assert_eq!(
+        category,
+        [
+            "mirroredvolume.twinvol.io/vol-1",
+            "site.twinvol.io/room-a",
+            "site.twinvol.io/room-b"
+        ],
+        "the twinvol category lists both kinds"
+    );
 
     let site_status = json!({"status": SiteStatus {
         observed_generation: Some(1),
