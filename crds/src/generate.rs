@@ -67,7 +67,12 @@ pub struct GeneratedFile {
 
 /// The chart's CRD directory in this source tree.
 pub fn chart_crd_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/twinvol/crds")
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The crate sits one level below the workspace root.
+    crate_dir
+        .parent()
+        .unwrap_or(crate_dir)
+        .join("charts/twinvol/crds")
 }
 
 /// Every CRD manifest, rendered.
