@@ -214,3 +214,86 @@ fn a_newer_frontend_fences_the_old_one() {
         );
     }
 }
+
+#[test]
+fn size_mismatch_between_replicas_is_refused_naming_both_sizes() {
+    let stack = replicas_only();
+    // A second volume whose two replicas differ in size.
+    for (replica, size) in stack.replicas.iter().zip(["1M", "2M"]) {
+        let out = run_with_deadline(
+            {
+                let mut c = Command::new(common::engine_bin());
+                c.args(["volume", "create", "--pool"])
+                    .arg(&replica.pool)
+                    .args(["--volume", "v2", "--size", size]);
+                c
+            },
+            DEADLINE,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut args = stack.frontend_args(1);
+    let at = args
+        .iter()
+        .position(|a| a == "--volume")
+        .expect("volume flag");
+    args[at + 1] = "v2".into();
+    let mut cmd = Command::new(common::engine_bin());
+    cmd.args(&args)
+        .arg("--nbd-unix")
+        .arg(stack.dir().join("v2.sock"));
+    let out = run_with_deadline(cmd, DEADLINE);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "frontend must fail: {stderr}");
+    assert!(
+        stderr.contains("replica sizes differ")
+            && stderr.contains("1048576")
+            && stderr.contains("2097152"),
+        "error must name both sizes: {stderr}"
+    );
+}
+
+#[test]
+fn unwritable_pool_and_bad_sizes_are_refused_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef0123").expect("secret");
+    // Root ignores permission bits; sysfs refuses new files even to root.
+    let out = run_with_deadline(
+        {
+            let mut c = Command::new(common::engine_bin());
+            c.args(["replica", "--pool", "/sys", "--listen", "127.0.0.1:0"])
+                .arg("--secret-file")
+                .arg(&secret);
+            c
+        },
+        DEADLINE,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("pool directory /sys is not writable"),
+        "{stderr}"
+    );
+    let out = run_with_deadline(
+        {
+            let mut c = Command::new(common::engine_bin());
+            c.args(["volume", "create", "--pool"])
+                .arg(dir.path())
+                .args(["--volume", "v1", "--size", "1000"]);
+            c
+        },
+        DEADLINE,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("multiple of 4096"), "{stderr}");
+    assert!(
+        !dir.path().join("v1").exists(),
+        "a refused volume left files"
+    );
+}

@@ -189,9 +189,16 @@ struct Session {
     size: u64,
 }
 
-async fn establish(spec: &ReplicaSpec, params: &SessionParams) -> Result<Session, ConnectError> {
+/// Connects, authenticates and opens the volume. `expected_size` is the
+/// size seen at the first open, so that a reconnect to a replaced volume of
+/// another size is refused.
+async fn establish(
+    spec: &ReplicaSpec,
+    params: &SessionParams,
+    expected_size: Option<u64>,
+) -> Result<Session, ConnectError> {
     let timeout = CONNECT_TIMEOUT;
-    match tokio::time::timeout(timeout, establish_inner(spec, params)).await {
+    match tokio::time::timeout(timeout, establish_inner(spec, params, expected_size)).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout {
             replica: spec.id.clone(),
@@ -204,6 +211,7 @@ async fn establish(spec: &ReplicaSpec, params: &SessionParams) -> Result<Session
 async fn establish_inner(
     spec: &ReplicaSpec,
     params: &SessionParams,
+    expected_size: Option<u64>,
 ) -> Result<Session, ConnectError> {
     let stream =
         TcpStream::connect(&spec.addr)
@@ -240,7 +248,7 @@ async fn establish_inner(
         epoch: params.epoch,
         op: Op::Open {
             volume: params.volume.clone(),
-            expected_size: None,
+            expected_size,
         },
     });
     writer
@@ -278,12 +286,13 @@ impl ReplicaHandle {
         params: SessionParams,
         metrics: OpHandles,
     ) -> Result<Self, ConnectError> {
-        let session = establish(&spec, &params).await?;
+        let session = establish(&spec, &params, None).await?;
         let size = session.size;
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
         let (state_tx, state) = watch::channel(ReplicaState::InSync);
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
+            size,
             spec: spec.clone(),
             params,
             rx,
@@ -356,6 +365,7 @@ enum Ended {
 }
 
 struct Owner {
+    size: u64,
     spec: ReplicaSpec,
     params: SessionParams,
     rx: mpsc::Receiver<Command>,
@@ -426,12 +436,17 @@ impl Owner {
             if self.rx.is_closed() {
                 return None;
             }
-            match establish(&self.spec, &self.params).await {
+            match establish(&self.spec, &self.params, Some(self.size)).await {
                 Ok(s) => return Some(s),
                 Err(e) if e.is_stale_epoch() => {
                     tracing::error!(error = %crate::error_chain(&e), "replica refuses our epoch: fenced");
                     self.fenced().await;
                     return None;
+                }
+                Err(e) if e.is_permanent() => {
+                    tracing::error!(error = %crate::error_chain(&e), retry_in = ?backoff, "replica refuses this frontend; I/O waits until that is fixed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_MAX_BACKOFF);
                 }
                 Err(e) => {
                     tracing::warn!(error = %crate::error_chain(&e), retry_in = ?backoff, "replica unreachable; I/O waits");

@@ -158,7 +158,7 @@ where
         }))
         .await?;
 
-    let peer = match next(reader, version).await? {
+    let peer = match next(reader).await? {
         Message::Hello(h) => h,
         other => {
             return Err(refuse_unexpected(writer, version, "hello", &other).await);
@@ -195,7 +195,7 @@ where
     let mine: [u8; PROOF_LEN] = proof(role).finalize().into_bytes().into();
     writer.send(&Message::Proof(mine)).await?;
 
-    let theirs = match next(reader, version).await? {
+    let theirs = match next(reader).await? {
         Message::Proof(p) => p,
         other => return Err(refuse_unexpected(writer, version, "proof", &other).await),
     };
@@ -206,7 +206,7 @@ where
     }
     match role {
         Role::Replica => writer.send(&Message::Welcome).await?,
-        Role::Frontend => match next(reader, version).await? {
+        Role::Frontend => match next(reader).await? {
             Message::Welcome => {}
             other => return Err(refuse_unexpected(writer, version, "welcome", &other).await),
         },
@@ -217,7 +217,6 @@ where
 /// Reads the next handshake message, turning a peer's refusal into an error.
 async fn next<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    _version: ProtocolVersion,
 ) -> Result<Message, HandshakeError> {
     match reader.read_message().await? {
         None => Err(HandshakeError::Closed),

@@ -443,17 +443,21 @@ impl Stack {
 
     /// SIGTERMs the frontend and waits for its clean exit (final flush,
     /// unmount); returns whether it exited by itself within `deadline`.
+    /// Loop devices still attached to the FUSE file are detached first.
     pub fn stop_frontend(&mut self, deadline: Duration) -> bool {
-        match self.frontend.take() {
+        self.detach_loops();
+        let clean = match self.frontend.take() {
             Some(mut p) => p.terminate(deadline),
             None => true,
-        }
+        };
+        self.unmount_fuse();
+        clean
     }
 
     /// SIGKILLs the frontend (and cleans up its FUSE mount).
     pub fn kill_frontend(&mut self) {
+        self.detach_loops();
         if let Some(mut p) = self.frontend.take() {
-            self.detach_loops();
             p.kill();
         }
         self.unmount_fuse();
