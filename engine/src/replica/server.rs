@@ -3,7 +3,7 @@
 //!
 //! One task per connection owns that connection's state ([`ConnState`]):
 //! it reads frames, handles `Open` itself (in order, before anything else on
-//! the connection), and hands every data request to its own task, bounded by
+//! the connection), and hands every data request to the blocking pool, bounded by
 //! a semaphore of [`MAX_IN_FLIGHT`] permits, so that requests run
 //! concurrently (pipelining). Responses go through a channel to a writer
 //! task that owns the socket's write half and batches them into as few
@@ -240,17 +240,17 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
                 };
                 let volume = volume.clone();
                 let tx = resp_tx.clone();
-                tokio::spawn(
-                    async move {
-                        let result = volume.execute(epoch, op).await;
-                        if let Err(e) = &result {
-                            log_refusal(e);
-                        }
-                        let _ = tx.send(Response { id, result }).await;
-                        drop(permit);
+                let span = tracing::Span::current();
+                // One hop to the blocking pool: the disk I/O and the hand-off
+                // of the response to the writer task both happen there.
+                tokio::task::spawn_blocking(move || {
+                    let result = volume.execute_blocking(epoch, op);
+                    if let Err(e) = &result {
+                        span.in_scope(|| log_refusal(e));
                     }
-                    .in_current_span(),
-                );
+                    let _ = tx.blocking_send(Response { id, result });
+                    drop(permit);
+                });
             }
         }
     }
