@@ -66,8 +66,10 @@ struct ReplicaArgs {
 enum VolumeCommand {
     /// Create a volume: a preallocated data file and its metadata.
     Create {
+        /// Pool directory (must exist and be writable).
         #[arg(long, env = "TWINVOL_POOL")]
         pool: PathBuf,
+        /// Volume id: lowercase letters, digits, '-', '_', '.'.
         #[arg(long)]
         volume: VolumeId,
         /// Size in bytes, or with a K/M/G/T suffix (powers of 1024).
@@ -78,6 +80,7 @@ enum VolumeCommand {
 
 #[derive(Args, Debug)]
 struct FrontendArgs {
+    /// The volume to mirror (its id on both replicas).
     #[arg(long, env = "TWINVOL_VOLUME")]
     volume: VolumeId,
     /// A replica as NAME=HOST:PORT; give exactly two.
@@ -86,6 +89,7 @@ struct FrontendArgs {
     /// Name of the replica on this site (reads go there).
     #[arg(long, env = "TWINVOL_LOCAL")]
     local: ReplicaId,
+    /// File holding the shared secret (the same as the replicas').
     #[arg(long, env = "TWINVOL_SECRET_FILE")]
     secret_file: PathBuf,
     /// The volume epoch of this frontend; replicas refuse older ones.
@@ -103,6 +107,7 @@ struct FrontendArgs {
     /// Name of the file in the FUSE directory (default: the volume id).
     #[arg(long)]
     fuse_file_name: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long, env = "TWINVOL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// Write `key=value` lines (exports, metrics, size) here once serving.
