@@ -2,6 +2,7 @@
 //! replica server, and the frontend that mirrors writes to two replicas and
 //! exports the volume over NBD and as a FUSE file.
 
+pub mod arbiter;
 pub mod frontend;
 pub mod metrics;
 pub mod process;
