@@ -185,6 +185,13 @@ async fn out_of_range_and_malformed_requests_are_refused_without_touching_data()
     )
     .await;
     assert_eq!(reply(&mut client).await, (6, NbdErrno::Enospc as u32));
+    // FUA on a flush or a read is accepted (and means nothing more).
+    send(&mut client, wire::CMD_FLAG_FUA, wire::CMD_FLUSH, 10, 0, 0).await;
+    assert_eq!(reply(&mut client).await, (10, 0));
+    send(&mut client, wire::CMD_FLAG_FUA, wire::CMD_READ, 11, 0, 16).await;
+    assert_eq!(reply(&mut client).await, (11, 0));
+    let mut data = [0u8; 16];
+    client.read_exact(&mut data).await.expect("read data");
     // The stream is still in step: a valid write works.
     send(&mut client, wire::CMD_FLAG_FUA, wire::CMD_WRITE, 7, 4096, 4).await;
     client.write_all(b"abcd").await.expect("payload");

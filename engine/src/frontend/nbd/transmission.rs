@@ -243,18 +243,17 @@ enum Kind {
 /// payload within limits. The errno follows the NBD spec (ENOSPC for a write
 /// beyond the end, EINVAL for everything else).
 fn check_request(request: &Request, size: u64) -> Result<Kind, NbdErrno> {
-    let (kind, allowed_flags) = match request.command {
+    // FUA is valid on every command once negotiated (clients do set it on
+    // FLUSH and READ, where it means nothing more).
+    let (kind, extra_flags) = match request.command {
         Command::Read => (Kind::Read, 0),
-        Command::Write => (Kind::Write, wire::CMD_FLAG_FUA),
+        Command::Write => (Kind::Write, 0),
         Command::Flush => (Kind::Flush, 0),
-        Command::Trim => (Kind::Trim, wire::CMD_FLAG_FUA),
-        Command::WriteZeroes => (
-            Kind::WriteZeroes,
-            wire::CMD_FLAG_FUA | wire::CMD_FLAG_NO_HOLE,
-        ),
+        Command::Trim => (Kind::Trim, 0),
+        Command::WriteZeroes => (Kind::WriteZeroes, wire::CMD_FLAG_NO_HOLE),
         Command::Disc | Command::Other(_) => return Err(NbdErrno::Einval),
     };
-    if request.flags & !allowed_flags != 0 {
+    if request.flags & !(wire::CMD_FLAG_FUA | extra_flags) != 0 {
         return Err(NbdErrno::Einval);
     }
     if matches!(kind, Kind::Flush) {
