@@ -31,8 +31,10 @@ use crate::frontend::backend::{BackendError, BlockBackend, check_range};
 
 /// Unit of the byte budget.
 const BUDGET_UNIT: u32 = 4096;
-/// Bytes of payload one connection may hold in flight.
-const BUDGET_BYTES: u32 = 64 * 1024 * 1024;
+/// Bytes of payload one connection may hold in flight: enough for 32 × 1 MiB
+/// requests (more does not go faster), little enough to keep a frontend
+/// small when a client queues 128 large requests; at least [`MAX_PAYLOAD`].
+const BUDGET_BYTES: u32 = 32 * 1024 * 1024;
 /// Size of a fresh write-payload arena.
 const ARENA_BYTES: usize = 2 * 1024 * 1024;
 /// Capacity of the writer's coalescing buffer.
