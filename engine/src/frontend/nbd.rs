@@ -24,6 +24,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -34,6 +35,10 @@ use super::backend::BlockBackend;
 /// Largest data payload of one request (READ reply or WRITE), advertised in
 /// `NBD_INFO_BLOCK_SIZE`; bigger requests are refused with `EINVAL`.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Numbers the connections of this process, so that the log lines of one
+/// connection can be told from another's on the same socket.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Why serving stopped (listening errors; a failing connection only ends
 /// itself and is logged).
@@ -109,8 +114,9 @@ pub async fn serve_unix<B: BlockBackend>(path: &Path, backend: Arc<B>) -> Result
                     listener: path.display().to_string(),
                     source,
                 })?;
+                let pid = stream.peer_cred().ok().and_then(|c| c.pid());
                 let (r, w) = stream.into_split();
-                let peer = Peer::Unix(path.to_path_buf());
+                let peer = Peer::Unix { path: path.to_path_buf(), pid };
                 connections.spawn(serve_connection(r, w, backend.clone(), peer));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -159,7 +165,11 @@ pub async fn serve_tcp_listener<B: BlockBackend>(
 /// Who is on the other end of a connection, for its log lines.
 #[derive(Debug, Clone)]
 pub enum Peer {
-    Unix(PathBuf),
+    /// A client on the unix socket at `path`, with its process id.
+    Unix {
+        path: PathBuf,
+        pid: Option<i32>,
+    },
     Tcp(SocketAddr),
     /// In-memory streams (tests).
     Other(&'static str),
@@ -168,7 +178,11 @@ pub enum Peer {
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Peer::Unix(path) => write!(f, "unix:{}", path.display()),
+            Peer::Unix {
+                path,
+                pid: Some(pid),
+            } => write!(f, "unix:{} pid {pid}", path.display()),
+            Peer::Unix { path, pid: None } => write!(f, "unix:{}", path.display()),
             Peer::Tcp(addr) => write!(f, "tcp:{addr}"),
             Peer::Other(name) => f.write_str(name),
         }
@@ -183,7 +197,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     B: BlockBackend,
 {
-    tracing::info!(%peer, "NBD client connected");
+    let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(conn, %peer, "NBD client connected");
     let result = match handshake::negotiate(&mut reader, &mut writer, backend.size()).await {
         Ok(handshake::Outcome::Transmit) => transmission::run(reader, writer, backend).await,
         Ok(handshake::Outcome::Abort) => Ok(transmission::Summary::negotiation_only()),
@@ -191,6 +206,7 @@ where
     };
     match result {
         Ok(s) => tracing::info!(
+            conn,
             %peer,
             ending = ?s.ending,
             requests = s.requests,
@@ -199,7 +215,7 @@ where
             bytes_written = s.bytes_written,
             "NBD client disconnected"
         ),
-        Err(e) => tracing::warn!(%peer, error = %e, "NBD connection failed"),
+        Err(e) => tracing::warn!(conn, %peer, error = %e, "NBD connection failed"),
     }
 }
 
