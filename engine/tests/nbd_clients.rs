@@ -209,3 +209,59 @@ fn fio_nbd_engine_random_writes_verify() {
     let fields: Vec<&str> = out.lines().last().unwrap_or("").split(';').collect();
     assert_eq!(fields.get(4), Some(&"0"), "fio reported an error:\n{out}");
 }
+
+#[test]
+fn nbdinfo_and_qemu_io_negotiate_over_unix_and_tcp() {
+    let size = 16 * MIB;
+    let stack = Stack::start(StackOptions {
+        size,
+        nbd_tcp: true,
+        ..StackOptions::default()
+    });
+    let tcp = stack
+        .nbd_tcp_addr()
+        .expect("the stack exports NBD over TCP");
+    let tcp_uri = format!("nbd://{tcp}/");
+    for uri in [stack.nbd_uri(), tcp_uri.clone()] {
+        let out = run(command("nbdinfo", ["--json", uri.as_str()]));
+        let info: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo JSON");
+        assert_eq!(info["protocol"], "newstyle-fixed", "{out}");
+        let export = &info["exports"][0];
+        assert_eq!(export["export-size"], size, "{out}");
+        for capability in [
+            "can_flush",
+            "can_fua",
+            "can_trim",
+            "can_zero",
+            "can_multi_conn",
+        ] {
+            assert_eq!(export[capability], true, "{capability} over {uri}: {out}");
+        }
+        assert_eq!(export["is_read_only"], false, "{out}");
+        assert_eq!(export["block_size_maximum"], 32 * MIB, "{out}");
+        // NBD_OPT_LIST names the one export.
+        let list = run(command("nbdinfo", ["--list", uri.as_str()]));
+        assert!(list.contains("export=\"\""), "{list}");
+    }
+    // Written over TCP, read back over the unix socket.
+    run(command(
+        "qemu-io",
+        ["-f", "raw", &tcp_uri, "-c", "write -P 0x5c 12345 100000"],
+    ));
+    let out = run(command(
+        "qemu-io",
+        [
+            "-f",
+            "raw",
+            &stack.nbd_uri(),
+            "-c",
+            "read -P 0x5c 12345 100000",
+            "-c",
+            "read -P 0 0 12345",
+        ],
+    ));
+    assert!(
+        !out.contains("failed"),
+        "qemu-io read back other data:\n{out}"
+    );
+}
