@@ -186,3 +186,27 @@ async fn older_epoch_is_refused_and_a_newer_frontend_fences_the_old_one() {
         Bytes::from(vec![3u8; 4096])
     );
 }
+
+#[tokio::test]
+async fn reads_go_to_the_local_replica() {
+    let r = replicas([1 << 20, 1 << 20]).await;
+    let metrics = Metrics::new("twinvol_frontend");
+    let m = Mirror::connect(config(&r, 1), metrics.clone())
+        .await
+        .expect("connect");
+    for i in 0..10u64 {
+        m.read(i * 4096, 4096).await.expect("read");
+    }
+    let text = metrics.encode();
+    let count = |replica: &str| {
+        let key = format!(
+            "twinvol_frontend_io_latency_seconds_count{{volume=\"v1\",replica=\"{replica}\",op=\"Read\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("b"), 10, "local replica b serves reads:\n{text}");
+    assert_eq!(count("a"), 0, "remote replica a serves none");
+}
