@@ -59,6 +59,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next message if a whole frame is already buffered; never reads
+    /// from the stream. Lets a server take a burst of pipelined requests in
+    /// one go.
+    pub fn try_buffered(&mut self) -> Result<Option<Message>, FrameError> {
+        match take_frame(&mut self.buf)? {
+            Some(body) => Ok(Some(decode_body(body)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The next message; `None` on a clean close. Cancel safe.
     pub async fn read_message(&mut self) -> Result<Option<Message>, FrameError> {
         match self.read_frame().await? {

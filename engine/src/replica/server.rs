@@ -3,9 +3,10 @@
 //!
 //! One task per connection owns that connection's state ([`ConnState`]):
 //! it reads frames, handles `Open` itself (in order, before anything else on
-//! the connection), and hands every data request to the blocking pool, bounded by
-//! a semaphore of [`MAX_IN_FLIGHT`] permits, so that requests run
-//! concurrently (pipelining). Responses go through a channel to a writer
+//! the connection), and hands data requests to the blocking pool — a
+//! pipelined burst already in its buffer as one job, executed in order —
+//! bounded by a semaphore of [`MAX_IN_FLIGHT`] permits, so that requests
+//! run concurrently (pipelining) with few thread wake-ups. Responses go through a channel to a writer
 //! task that owns the socket's write half and batches them into as few
 //! writes as it can. Nothing holds a lock across an await or a disk write.
 
@@ -21,8 +22,8 @@ use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::protocol::{
-    FrameReader, FrameWriter, Message, Op, ProtocolVersion, Request, Response, Role, Secret,
-    VolumeId, WireError, handshake,
+    Epoch, FrameReader, FrameWriter, Message, Op, ProtocolVersion, Request, RequestId, Response,
+    Role, Secret, VolumeId, WireError, handshake,
 };
 
 use super::pool::{Pool, PoolError};
@@ -30,6 +31,9 @@ use super::volume::Volume;
 
 /// Requests of one connection being executed at once.
 pub const MAX_IN_FLIGHT: usize = 512;
+/// Most requests of a pipelined burst executed by one blocking job, in
+/// order (fewer thread wake-ups; bursts larger than this run in parallel).
+const MAX_BATCH: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a replica server is set up.
@@ -182,76 +186,92 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut state = ConnState::AwaitingOpen;
 
-    loop {
-        let msg = match reader.read_message().await {
-            Ok(Some(m)) => m,
+    let mut batch: Vec<(RequestId, Epoch, Op)> = Vec::new();
+    'conn: loop {
+        let mut next = match reader.read_message().await {
+            Ok(Some(m)) => Some(m),
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "closing connection");
                 break;
             }
         };
-        let Message::Request(Request { id, epoch, op }) = msg else {
-            tracing::warn!("closing connection: peer sent a non-request after the handshake");
-            break;
-        };
-        match (&state, op) {
-            (
-                ConnState::AwaitingOpen,
-                Op::Open {
-                    volume,
-                    expected_size,
-                },
-            ) => {
-                tracing::Span::current().record("volume", volume.as_str());
-                let result = match volume_handle(shared, &volume).await {
-                    Ok(v) => {
-                        let r = v.open(epoch, expected_size).await;
-                        match &r {
-                            Ok(_) => {
-                                tracing::info!(epoch = epoch.0, "volume opened");
-                                state = ConnState::Open(v);
+        // Take every request already buffered (a pipelined burst) before
+        // handing the data requests to the blocking pool together.
+        while let Some(msg) = next.take() {
+            let Message::Request(Request { id, epoch, op }) = msg else {
+                tracing::warn!("closing connection: peer sent a non-request after the handshake");
+                break 'conn;
+            };
+            let early = match (&state, op) {
+                (
+                    ConnState::AwaitingOpen,
+                    Op::Open {
+                        volume,
+                        expected_size,
+                    },
+                ) => {
+                    tracing::Span::current().record("volume", volume.as_str());
+                    let result = match volume_handle(shared, &volume).await {
+                        Ok(v) => {
+                            let r = v.open(epoch, expected_size).await;
+                            match &r {
+                                Ok(_) => {
+                                    tracing::info!(epoch = epoch.0, "volume opened");
+                                    state = ConnState::Open(v);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(epoch = epoch.0, error = %e, "open refused")
+                                }
                             }
-                            Err(e) => tracing::warn!(epoch = epoch.0, error = %e, "open refused"),
+                            r
                         }
-                        r
+                        Err(e) => Err(e),
+                    };
+                    Some(result)
+                }
+                (ConnState::Open(_), Op::Open { .. }) => Some(Err(WireError::AlreadyOpen)),
+                (ConnState::AwaitingOpen, _) => Some(Err(WireError::NotOpen)),
+                (ConnState::Open(_), op) => {
+                    batch.push((id, epoch, op));
+                    None
+                }
+            };
+            if let Some(result) = early
+                && resp_tx.send(Response { id, result }).await.is_err()
+            {
+                break 'conn;
+            }
+            if batch.len() < MAX_BATCH {
+                next = match reader.try_buffered() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "closing connection");
+                        break 'conn;
                     }
-                    Err(e) => Err(e),
                 };
-                if resp_tx.send(Response { id, result }).await.is_err() {
-                    break;
-                }
             }
-            (ConnState::Open(_), Op::Open { .. }) => {
-                let result = Err(WireError::AlreadyOpen);
-                if resp_tx.send(Response { id, result }).await.is_err() {
-                    break;
-                }
-            }
-            (ConnState::AwaitingOpen, _) => {
-                let result = Err(WireError::NotOpen);
-                if resp_tx.send(Response { id, result }).await.is_err() {
-                    break;
-                }
-            }
-            (ConnState::Open(volume), op) => {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let volume = volume.clone();
-                let tx = resp_tx.clone();
-                let span = tracing::Span::current();
-                // One hop to the blocking pool: the disk I/O and the hand-off
-                // of the response to the writer task both happen there.
-                tokio::task::spawn_blocking(move || {
+        }
+        if let (ConnState::Open(volume), false) = (&state, batch.is_empty()) {
+            let jobs = std::mem::take(&mut batch);
+            let Ok(permit) = permits.clone().acquire_many_owned(jobs.len() as u32).await else {
+                break;
+            };
+            let volume = volume.clone();
+            let tx = resp_tx.clone();
+            let span = tracing::Span::current();
+            // One hop to the blocking pool per burst: the disk I/O and the
+            // hand-off of each response to the writer task happen there.
+            tokio::task::spawn_blocking(move || {
+                for (id, epoch, op) in jobs {
                     let result = volume.execute_blocking(epoch, op);
                     if let Err(e) = &result {
                         span.in_scope(|| log_refusal(e));
                     }
                     let _ = tx.blocking_send(Response { id, result });
-                    drop(permit);
-                });
-            }
+                }
+                drop(permit);
+            });
         }
     }
     drop(resp_tx);
