@@ -3,6 +3,7 @@
 //! exports the volume over NBD and as a FUSE file.
 
 pub mod arbiter;
+pub mod bitmap;
 pub mod frontend;
 pub mod metrics;
 pub mod process;
