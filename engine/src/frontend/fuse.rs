@@ -13,10 +13,13 @@
 //! direct I/O so the loop device's queue reaches the daemon concurrently;
 //! every request is answered from a tokio task, so the FUSE threads only
 //! decode and dispatch; writes are copied into a pooled arena, not one
-//! allocation each; and the daemon marks itself an I/O flusher
+//! allocation each; a byte budget bounds the data in flight (the kernel
+//! would queue far more than the volume needs to stay busy); and the daemon
+//! marks itself an I/O flusher
 //! (`PR_SET_IO_FLUSHER`) so that memory reclaim never waits on the I/O it is
 //! serving.
 
+mod budget;
 mod fs;
 
 use std::ffi::{CString, OsStr};

@@ -17,6 +17,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
+use super::budget::Budget;
 use crate::frontend::backend::{BackendError, BlockBackend};
 
 const ROOT: INodeNo = INodeNo::ROOT;
@@ -31,6 +32,9 @@ const MAX_WRITE: u32 = 1024 * 1024;
 const MAX_BACKGROUND: u16 = 256;
 /// Size of a fresh arena for write payloads.
 const ARENA_BYTES: usize = 4 * 1024 * 1024;
+/// Read and write data in flight between the kernel and the backend; 16
+/// requests of 1 MiB keep the mirror busy (as over NBD).
+const BUDGET_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest trim or write-zeroes sent to the backend in one call.
 const MAX_DISCARD_CHUNK: u64 = 64 * 1024 * 1024;
 
@@ -49,6 +53,7 @@ pub(super) struct VolumeFs<B> {
     uid: u32,
     gid: u32,
     arena: Mutex<BytesMut>,
+    budget: Arc<Budget>,
 }
 
 impl<B: BlockBackend> VolumeFs<B> {
@@ -64,6 +69,7 @@ impl<B: BlockBackend> VolumeFs<B> {
             uid,
             gid,
             arena: Mutex::new(BytesMut::new()),
+            budget: Budget::new(BUDGET_BYTES),
         }
     }
 
@@ -209,12 +215,14 @@ impl<B: BlockBackend> Filesystem for VolumeFs<B> {
         if len == 0 {
             return reply.data(&[]);
         }
+        let grant = self.budget.acquire(u64::from(len));
         let backend = self.backend.clone();
         self.rt.spawn(async move {
             match backend.read(offset, len).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno_for(&e)),
             }
+            drop(grant);
         });
     }
 
@@ -239,6 +247,7 @@ impl<B: BlockBackend> Filesystem for VolumeFs<B> {
         if len == 0 {
             return reply.error(Errno::ENOSPC);
         }
+        let grant = self.budget.acquire(len as u64);
         let payload = self.copy_payload(&data[..len]);
         let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
         let backend = self.backend.clone();
@@ -247,6 +256,7 @@ impl<B: BlockBackend> Filesystem for VolumeFs<B> {
                 Ok(()) => reply.written(len as u32),
                 Err(e) => reply.error(errno_for(&e)),
             }
+            drop(grant);
         });
     }
 

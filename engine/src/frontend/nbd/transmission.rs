@@ -31,10 +31,13 @@ use crate::frontend::backend::{BackendError, BlockBackend, check_range};
 
 /// Unit of the byte budget.
 const BUDGET_UNIT: u32 = 4096;
-/// Bytes of payload one connection may hold in flight: enough for 32 × 1 MiB
-/// requests (more does not go faster), little enough to keep a frontend
-/// small when a client queues 128 large requests; at least [`MAX_PAYLOAD`].
-const BUDGET_BYTES: u32 = 32 * 1024 * 1024;
+/// Bytes of payload one connection may hold in flight: 16 × 1 MiB requests
+/// already saturate the mirror (measured: 1 MiB writes at QD 8, 32 and 128
+/// run equally fast), and the mirror holds its own copies of what is in
+/// flight, so this keeps a frontend under 64 MiB when a client queues 128
+/// large requests. A request larger than the budget waits until it has the
+/// whole budget to itself.
+const BUDGET_BYTES: u32 = 16 * 1024 * 1024;
 /// Size of a fresh write-payload arena.
 const ARENA_BYTES: usize = 2 * 1024 * 1024;
 /// Capacity of the writer's coalescing buffer.
@@ -342,7 +345,8 @@ async fn read_payload<R: AsyncRead + Unpin>(
 }
 
 fn units(len: u32) -> u32 {
-    len.div_ceil(BUDGET_UNIT).max(1)
+    len.div_ceil(BUDGET_UNIT)
+        .clamp(1, BUDGET_BYTES / BUDGET_UNIT)
 }
 
 fn error_reply(handle: u64, errno: NbdErrno) -> Reply {
