@@ -22,5 +22,7 @@ pub use tracker::{Bitmap, BitmapError, BitmapState, CopyGuard, MarkGuard};
 /// File name of the bitmap inside a volume directory of a pool.
 pub const FILE_NAME: &str = "bitmap";
 
+#[cfg(all(test, feature = "failpoints"))]
+mod crash_tests;
 #[cfg(test)]
 pub(crate) mod tests;
