@@ -4,11 +4,14 @@
 //!
 //! Shape (as crucible's upstairs: one owner, no shared locks):
 //! - the owner task writes requests, batching whatever is queued into one
-//!   flush, and matches responses to their requests by [`RequestId`];
-//! - a reader task decodes responses and forwards them to the owner over a
-//!   channel with room for every request in flight, so the reader never
-//!   blocks on the owner while the owner is busy writing (no deadlock on
-//!   full socket buffers in both directions);
+//!   flush; before writing a request it registers the request's reply slot
+//!   with the session's completer;
+//! - the completer task owns the read half and the table of requests in
+//!   flight: it matches each response to its request by [`RequestId`] and
+//!   answers the caller directly. Reading never waits for writing, so full
+//!   socket buffers in both directions cannot deadlock;
+//! - at most [`MAX_IN_FLIGHT`] requests are in flight (a semaphore whose
+//!   permits travel with the requests);
 //! - the explicit [`ReplicaState`] is published on a `watch` channel for the
 //!   mirror and the metrics.
 //!
@@ -21,11 +24,12 @@
 //! issue's work and plugs in at the state transitions here.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::metrics::{IoOp, OpHandles};
@@ -298,7 +302,7 @@ impl ReplicaHandle {
             rx,
             state: state_tx,
             metrics,
-            pending: HashMap::with_capacity(MAX_IN_FLIGHT),
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             next_id: 1,
         };
         tokio::spawn(owner.run(session).instrument(span));
@@ -352,6 +356,8 @@ struct Pending {
     op: IoOp,
     bytes: u64,
     started: Instant,
+    /// One of the connection's [`MAX_IN_FLIGHT`] slots, freed on completion.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// How a connected phase ended.
@@ -371,7 +377,7 @@ struct Owner {
     rx: mpsc::Receiver<Command>,
     state: watch::Sender<ReplicaState>,
     metrics: OpHandles,
-    pending: HashMap<u64, Pending>,
+    slots: Arc<Semaphore>,
     next_id: u64,
 }
 
@@ -389,15 +395,13 @@ fn io_op(op: &Op) -> (IoOp, u64) {
 impl Owner {
     async fn run(mut self, mut session: Session) {
         loop {
-            let ended = self.serve(session).await;
-            match ended {
-                Ended::Closed => return,
-                Ended::Lost(why) => {
-                    tracing::error!(addr = %self.spec.addr, reason = %why, in_flight = self.pending.len(), "connection to replica lost; failing requests in flight and reconnecting (I/O waits meanwhile)");
-                    self.fail_pending(|replica| CallError::ConnectionLost { replica });
+            match self.serve(session).await {
+                (Ended::Closed, _) => return,
+                (Ended::Lost(why), failed) => {
+                    tracing::error!(addr = %self.spec.addr, reason = %why, in_flight = failed, "connection to replica lost; failed the requests in flight, reconnecting (I/O waits meanwhile)");
                     self.state.send_replace(ReplicaState::Disconnected);
                 }
-                Ended::Fenced(e) => {
+                (Ended::Fenced(e), _) => {
                     tracing::error!(error = %e, "replica reports a newer epoch: this frontend is fenced and stops using it");
                     self.fenced().await;
                     return;
@@ -412,17 +416,9 @@ impl Owner {
         }
     }
 
-    fn fail_pending(&mut self, err: impl Fn(ReplicaId) -> CallError) {
-        for (_, p) in self.pending.drain() {
-            self.metrics.record(p.op, p.started, 0, false);
-            let _ = p.reply.send(Err(err(self.spec.id.clone())));
-        }
-    }
-
     /// Fails every request from now on.
     async fn fenced(&mut self) {
         self.state.send_replace(ReplicaState::Fenced);
-        self.fail_pending(|replica| CallError::Fenced { replica });
         while let Some(cmd) = self.rx.recv().await {
             let _ = cmd.reply.send(Err(CallError::Fenced {
                 replica: self.spec.id.clone(),
@@ -457,49 +453,38 @@ impl Owner {
         }
     }
 
-    async fn serve(&mut self, session: Session) -> Ended {
+    /// Serves one session: this task writes requests; a completer task
+    /// reads responses and answers the callers directly (one wake-up less
+    /// per request than routing responses back through this task). Returns
+    /// how it ended and how many requests in flight were failed.
+    async fn serve(&mut self, session: Session) -> (Ended, usize) {
         let Session {
-            mut reader,
-            mut writer,
-            ..
+            reader, mut writer, ..
         } = session;
-        let (resp_tx, mut resp_rx) = mpsc::channel::<Result<Response, String>>(MAX_IN_FLIGHT + 4);
-        let reader_task = tokio::spawn(async move {
-            loop {
-                let r = match reader.read_message().await {
-                    Ok(Some(Message::Response(r))) => Ok(r),
-                    Ok(Some(_)) => Err("replica sent a non-response".to_owned()),
-                    Ok(None) => Err("replica closed the connection".to_owned()),
-                    Err(e) => Err(crate::error_chain(&e)),
-                };
-                let stop = r.is_err();
-                if resp_tx.send(r).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
-        let ended = loop {
+        let (reg_tx, reg_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let completer = Completer {
+            replica: self.spec.id.clone(),
+            metrics: self.metrics.clone(),
+            reg_rx,
+            pending: HashMap::with_capacity(MAX_IN_FLIGHT),
+        };
+        let mut completer = tokio::spawn(completer.run(reader, stop_rx));
+        let local_end = loop {
             tokio::select! {
                 biased;
-                resp = resp_rx.recv() => match resp {
-                    Some(Ok(r)) => {
-                        if let Some(e) = self.complete(r) {
-                            break Ended::Fenced(e);
-                        }
-                    }
-                    Some(Err(why)) => break Ended::Lost(why),
-                    None => break Ended::Lost("reader stopped".to_owned()),
-                },
-                cmd = self.rx.recv(), if self.pending.len() < MAX_IN_FLIGHT => {
+                done = &mut completer => {
+                    return done.unwrap_or_else(|e| (Ended::Lost(e.to_string()), 0));
+                }
+                cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break Ended::Closed };
-                    if let Err(e) = self.send(&mut writer, cmd).await {
+                    if let Err(e) = self.send(&mut writer, &reg_tx, cmd).await {
                         break Ended::Lost(e.to_string());
                     }
                     // Batch what else is queued into the same flush.
                     let mut failed = None;
-                    while self.pending.len() < MAX_IN_FLIGHT {
-                        let Ok(cmd) = self.rx.try_recv() else { break };
-                        if let Err(e) = self.send(&mut writer, cmd).await {
+                    while let Ok(cmd) = self.rx.try_recv() {
+                        if let Err(e) = self.send(&mut writer, &reg_tx, cmd).await {
                             failed = Some(e);
                             break;
                         }
@@ -513,27 +498,43 @@ impl Owner {
                 }
             }
         };
-        reader_task.abort();
-        ended
+        // This side ended the session: the completer fails what is in flight.
+        let _ = stop_tx.send(());
+        let failed = match completer.await {
+            Ok((_, failed)) => failed,
+            Err(_) => 0,
+        };
+        (local_end, failed)
     }
 
     async fn send(
         &mut self,
         writer: &mut FrameWriter<OwnedWriteHalf>,
+        reg_tx: &mpsc::UnboundedSender<(u64, Pending)>,
         cmd: Command,
     ) -> std::io::Result<()> {
+        // Waits while MAX_IN_FLIGHT requests are in flight.
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| std::io::Error::other("request slots closed"))?;
         let id = self.next_id;
         self.next_id += 1;
         let (op, bytes) = io_op(&cmd.op);
-        self.pending.insert(
-            id,
-            Pending {
-                reply: cmd.reply,
-                op,
-                bytes,
-                started: Instant::now(),
-            },
-        );
+        // Registered before the request is written, so always before its
+        // response can arrive.
+        let pending = Pending {
+            reply: cmd.reply,
+            op,
+            bytes,
+            started: Instant::now(),
+            _slot: slot,
+        };
+        if reg_tx.send((id, pending)).is_err() {
+            return Err(std::io::Error::other("completer stopped"));
+        }
         let msg = Message::Request(Request {
             id: RequestId(id),
             epoch: self.params.epoch,
@@ -541,13 +542,75 @@ impl Owner {
         });
         writer.write_message(&msg).await
     }
+}
+
+/// Reads a session's responses and completes their requests.
+struct Completer {
+    replica: ReplicaId,
+    metrics: OpHandles,
+    reg_rx: mpsc::UnboundedReceiver<(u64, Pending)>,
+    pending: HashMap<u64, Pending>,
+}
+
+impl Completer {
+    async fn run(
+        mut self,
+        mut reader: FrameReader<OwnedReadHalf>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> (Ended, usize) {
+        let ended = loop {
+            let msg = tokio::select! {
+                biased;
+                _ = &mut stop => break Ended::Closed,
+                m = reader.read_message() => m,
+            };
+            let r = match msg {
+                Ok(Some(Message::Response(r))) => r,
+                Ok(Some(_)) => break Ended::Lost("replica sent a non-response".to_owned()),
+                Ok(None) => break Ended::Lost("replica closed the connection".to_owned()),
+                Err(e) => break Ended::Lost(crate::error_chain(&e)),
+            };
+            if let Some(e) = self.complete(r) {
+                break Ended::Fenced(e);
+            }
+        };
+        let failed = match &ended {
+            Ended::Fenced(_) => self.fail_all(|replica| CallError::Fenced { replica }),
+            _ => self.fail_all(|replica| CallError::ConnectionLost { replica }),
+        };
+        (ended, failed)
+    }
+
+    fn fail_all(&mut self, err: impl Fn(ReplicaId) -> CallError) -> usize {
+        self.reg_rx.close();
+        while let Ok((id, p)) = self.reg_rx.try_recv() {
+            self.pending.insert(id, p);
+        }
+        let n = self.pending.len();
+        for (_, p) in self.pending.drain() {
+            self.metrics.record(p.op, p.started, 0, false);
+            let _ = p.reply.send(Err(err(self.replica.clone())));
+        }
+        n
+    }
 
     /// Completes the request `r` answers; returns the error if it says
     /// that we are fenced.
     fn complete(&mut self, r: Response) -> Option<WireError> {
-        let Some(p) = self.pending.remove(&r.id.0) else {
-            tracing::warn!(id = %r.id, "response to no request in flight; ignored");
-            return None;
+        let p = match self.pending.remove(&r.id.0) {
+            Some(p) => p,
+            None => {
+                while let Ok((id, p)) = self.reg_rx.try_recv() {
+                    self.pending.insert(id, p);
+                }
+                match self.pending.remove(&r.id.0) {
+                    Some(p) => p,
+                    None => {
+                        tracing::warn!(id = %r.id, "response to no request in flight; ignored");
+                        return None;
+                    }
+                }
+            }
         };
         let ok = r.result.is_ok();
         self.metrics
@@ -557,7 +620,7 @@ impl Owner {
             _ => None,
         };
         let result = r.result.map_err(|source| CallError::Refused {
-            replica: self.spec.id.clone(),
+            replica: self.replica.clone(),
             source,
         });
         let _ = p.reply.send(result);
