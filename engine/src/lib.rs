@@ -2,6 +2,7 @@
 //! replica server, and the frontend that mirrors writes to two replicas and
 //! exports the volume over NBD and as a FUSE file.
 
+pub mod activity_log;
 pub mod arbiter;
 pub mod bitmap;
 pub mod frontend;
