@@ -20,5 +20,7 @@ pub use log::{
 /// it has a file of its own.
 pub const FILE_NAME: &str = "activity-log";
 
+#[cfg(all(test, feature = "failpoints"))]
+mod crash_tests;
 #[cfg(test)]
 mod tests;
