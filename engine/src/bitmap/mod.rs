@@ -22,6 +22,8 @@ pub use tracker::{Bitmap, BitmapError, BitmapState, CopyGuard, MarkGuard};
 /// File name of the bitmap inside a volume directory of a pool.
 pub const FILE_NAME: &str = "bitmap";
 
+#[cfg(test)]
+mod crash_model_tests;
 #[cfg(all(test, feature = "failpoints"))]
 mod crash_tests;
 #[cfg(test)]
