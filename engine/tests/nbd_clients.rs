@@ -195,7 +195,10 @@ fn fio_nbd_engine_random_writes_verify() {
         "--rw=randwrite",
         "--iodepth=32",
         "--bssplit=4k/40:16k/20:64k/20:256k/10:1m/10",
-        "--size=192m",
+        // Four clients at once, each on its own connection and region.
+        "--numjobs=4",
+        "--size=48m",
+        "--offset_increment=48m",
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
@@ -205,9 +208,16 @@ fn fio_nbd_engine_random_writes_verify() {
         "--output-format=terse",
     ]);
     let out = run(fio);
-    // Terse output: field 5 (index 4) is the job's error code.
-    let fields: Vec<&str> = out.lines().last().unwrap_or("").split(';').collect();
-    assert_eq!(fields.get(4), Some(&"0"), "fio reported an error:\n{out}");
+    // Terse output: one line per job; field 5 (index 4) is its error code.
+    let jobs: Vec<&str> = out.lines().filter(|l| l.starts_with("3;")).collect();
+    assert_eq!(jobs.len(), 4, "fio did not report four jobs:\n{out}");
+    for job in jobs {
+        assert_eq!(
+            job.split(';').nth(4),
+            Some("0"),
+            "fio reported an error:\n{out}"
+        );
+    }
 }
 
 #[test]
