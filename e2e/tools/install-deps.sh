@@ -24,8 +24,8 @@ PACKAGES=(
   iproute2 nftables iptables conntrack socat ethtool kmod
   # container runtime: containerd itself is built by build-upstream.sh, runc comes from Debian
   runc
-  # test scripting: bc, /usr/bin/time, killall/fuser, ps/pgrep, jq (also used by build-upstream.sh)
-  bc time psmisc procps jq
+  # test scripting: bc, /usr/bin/time, killall/fuser, ps/pgrep, jq (also used by build-upstream.sh), curl (the demo reads /metrics)
+  bc time psmisc procps jq curl
   # protoc for the Rust CSI/gRPC code generation, TLS material for tests
   protobuf-compiler openssl ca-certificates
   # cgo builds of kubelet and containerd in build-upstream.sh
