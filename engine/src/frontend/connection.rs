@@ -383,7 +383,8 @@ struct Owner {
 
 fn io_op(op: &Op) -> (IoOp, u64) {
     match op {
-        Op::Open { .. } => (IoOp::Open, 0),
+        // Control requests (rare) share the `open` label.
+        Op::Open { .. } | Op::PeerState { .. } => (IoOp::Open, 0),
         Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
         Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
         Op::Flush => (IoOp::Flush, 0),

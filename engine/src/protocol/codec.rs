@@ -21,7 +21,7 @@ use super::message::{
     Hello, NONCE_LEN, Op, PROOF_LEN, RefusalReason, Refused, Reply, Request, Response, Role,
     WireError,
 };
-use super::types::{Epoch, ProtocolVersion, RequestId, VolumeId};
+use super::types::{ArbiterVersion, Epoch, ProtocolVersion, ReplicaId, RequestId, VolumeId};
 
 /// Magic at the start of every `Hello`.
 pub const HELLO_MAGIC: [u8; 8] = *b"TWINVOL\0";
@@ -44,6 +44,7 @@ const K_WRITE: u8 = 0x12;
 const K_FLUSH: u8 = 0x13;
 const K_TRIM: u8 = 0x14;
 const K_WRITE_ZEROES: u8 = 0x15;
+const K_PEER_STATE: u8 = 0x16;
 const K_OPENED: u8 = 0x20;
 const K_DATA: u8 = 0x21;
 const K_DONE: u8 = 0x22;
@@ -161,6 +162,7 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::Flush => K_FLUSH,
         Op::Trim { .. } => K_TRIM,
         Op::WriteZeroes { .. } => K_WRITE_ZEROES,
+        Op::PeerState { .. } => K_PEER_STATE,
     };
     b.put_u8(kind);
     b.put_u64_le(r.id.0);
@@ -195,6 +197,17 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             b.put_u64_le(*offset);
             b.put_u32_le(*len);
             b.put_u8(if *fua { FLAG_FUA } else { 0 });
+            None
+        }
+        Op::PeerState {
+            peer,
+            in_sync,
+            arbiter_version,
+        } => {
+            put_str8(b, peer.as_str());
+            b.put_u8(u8::from(*in_sync));
+            // At most 255 bytes (checked by its constructor).
+            put_str8(b, arbiter_version.as_str());
             None
         }
     }
@@ -398,7 +411,7 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
         }
         K_PROOF => Message::Proof(r.array()?),
         K_WELCOME => Message::Welcome,
-        K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES => {
+        K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES | K_PEER_STATE => {
             let id = RequestId(r.u64()?);
             let epoch = Epoch(r.u64()?);
             let op = match kind {
@@ -433,6 +446,17 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                 K_TRIM => Op::Trim {
                     offset: r.u64()?,
                     len: r.u32()?,
+                },
+                K_PEER_STATE => Op::PeerState {
+                    peer: r.replica()?,
+                    in_sync: match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        other => {
+                            return Err(r.invalid("in_sync", format!("bad boolean {other}")));
+                        }
+                    },
+                    arbiter_version: r.arbiter_version()?,
                 },
                 _ => Op::WriteZeroes {
                     offset: r.u64()?,
@@ -531,6 +555,16 @@ impl Rd {
         let n = self.u8()? as usize;
         let s = self.string(n, "volume")?;
         VolumeId::new(s).map_err(|e| self.invalid("volume", e.to_string()))
+    }
+    fn replica(&mut self) -> Result<ReplicaId, DecodeError> {
+        let n = self.u8()? as usize;
+        let s = self.string(n, "peer")?;
+        ReplicaId::new(s).map_err(|e| self.invalid("peer", e.to_string()))
+    }
+    fn arbiter_version(&mut self) -> Result<ArbiterVersion, DecodeError> {
+        let n = self.u8()? as usize;
+        let s = self.string(n, "arbiter_version")?;
+        ArbiterVersion::new(s).map_err(|e| self.invalid("arbiter_version", e.to_string()))
     }
     fn invalid(&self, field: &'static str, reason: String) -> DecodeError {
         DecodeError::Invalid {

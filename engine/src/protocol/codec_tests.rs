@@ -5,9 +5,14 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
 use super::*;
+use crate::protocol::ArbiterVersionTooLong;
 
 fn volume_id() -> impl Strategy<Value = VolumeId> {
     "[a-z0-9][a-z0-9._-]{0,62}".prop_map(|s| VolumeId::new(s).expect("strategy yields valid ids"))
+}
+
+fn replica_id() -> impl Strategy<Value = ReplicaId> {
+    "[a-z0-9][a-z0-9._-]{0,62}".prop_map(|s| ReplicaId::new(s).expect("strategy yields valid ids"))
 }
 
 fn data() -> impl Strategy<Value = Bytes> {
@@ -32,6 +37,13 @@ fn op() -> impl Strategy<Value = Op> {
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Op::Trim { offset, len }),
         (any::<u64>(), any::<u32>(), any::<bool>())
             .prop_map(|(offset, len, fua)| { Op::WriteZeroes { offset, len, fua } }),
+        (replica_id(), any::<bool>(), "\\PC{0,60}").prop_map(|(peer, in_sync, v)| {
+            Op::PeerState {
+                peer,
+                in_sync,
+                arbiter_version: ArbiterVersion::new(v).expect("short strings are valid"),
+            }
+        }),
     ]
 }
 
@@ -222,4 +234,41 @@ fn write_data_is_sliced_not_copied() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn peer_state_with_a_bad_boolean_is_invalid() {
+    let msg = Message::Request(Request {
+        id: RequestId(3),
+        epoch: Epoch(4),
+        op: Op::PeerState {
+            peer: ReplicaId::new("a").expect("valid"),
+            in_sync: true,
+            arbiter_version: ArbiterVersion::new("17").expect("valid"),
+        },
+    });
+    let mut buf = BytesMut::new();
+    encode(&msg, &mut buf);
+    // kind, id, epoch, peer length, "a", then the boolean.
+    let at = FRAME_HEADER_LEN + 1 + 8 + 8 + 1 + 1;
+    assert_eq!(buf[at], 1);
+    buf[at] = 2;
+    let crc = crc32c::crc32c(&buf[FRAME_HEADER_LEN..]);
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        decode_frame(&buf),
+        Err(DecodeError::Invalid {
+            field: "in_sync",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn an_overlong_arbiter_version_is_refused_by_its_constructor() {
+    assert!(ArbiterVersion::new("9".repeat(255)).is_ok());
+    assert_eq!(
+        ArbiterVersion::new("9".repeat(256)),
+        Err(ArbiterVersionTooLong { len: 256 })
+    );
 }

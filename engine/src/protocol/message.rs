@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 
-use super::types::{Epoch, ProtocolVersion, RequestId, VolumeId};
+use super::types::{ArbiterVersion, Epoch, ProtocolVersion, ReplicaId, RequestId, VolumeId};
 
 /// Length of the handshake nonces and of the HMAC-SHA256 proofs.
 pub const NONCE_LEN: usize = 32;
@@ -97,6 +97,18 @@ pub enum Op {
         len: u32,
         fua: bool,
     },
+    /// The frontend tells the replica that its peer `peer` left
+    /// (`in_sync: false`) or rejoined (`in_sync: true`) the volume's in-sync
+    /// set, as decided at the arbiter at `arbiter_version`. Answered only
+    /// once the replica has durably started (or stopped) tracking the
+    /// regions its peer misses, so that no write acknowledged without the
+    /// peer goes unrecorded. Carries exactly the current epoch, like data
+    /// requests; sent with no write of the connection in flight.
+    PeerState {
+        peer: ReplicaId,
+        in_sync: bool,
+        arbiter_version: ArbiterVersion,
+    },
 }
 
 impl Op {
@@ -109,6 +121,7 @@ impl Op {
             Op::Flush => "flush",
             Op::Trim { .. } => "trim",
             Op::WriteZeroes { .. } => "write_zeroes",
+            Op::PeerState { .. } => "peer_state",
         }
     }
 }

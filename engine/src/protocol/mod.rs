@@ -15,4 +15,7 @@ pub use codec::{DecodeError, MAX_FRAME_BODY, MAX_IO_BYTES, Message};
 pub use handshake::{HandshakeError, PROTOCOL_VERSION, Secret, SecretError, handshake};
 pub use io::{FrameError, FrameReader, FrameWriter};
 pub use message::{Op, Reply, Request, Response, Role, WireError};
-pub use types::{Epoch, IdError, ProtocolVersion, ReplicaId, RequestId, VolumeId};
+pub use types::{
+    ArbiterVersion, ArbiterVersionTooLong, Epoch, IdError, ProtocolVersion, ReplicaId, RequestId,
+    VolumeId,
+};

@@ -126,6 +126,44 @@ impl FromStr for Epoch {
     }
 }
 
+/// The version of the arbiter's record a frontend decided on, carried to the
+/// replicas with an in-sync change so that their logs and metadata can name
+/// the decision. Opaque (a counter for the file arbiter, a resourceVersion
+/// for Kubernetes); at most [`MAX_ARBITER_VERSION_LEN`] bytes of UTF-8 so
+/// that it fits its length byte on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ArbiterVersion(String);
+
+/// Longest [`ArbiterVersion`] accepted, in bytes.
+pub const MAX_ARBITER_VERSION_LEN: usize = 255;
+
+/// Why a string is not a valid [`ArbiterVersion`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("arbiter version of {len} bytes is longer than {MAX_ARBITER_VERSION_LEN}")]
+pub struct ArbiterVersionTooLong {
+    pub len: usize,
+}
+
+impl ArbiterVersion {
+    pub fn new(v: impl Into<String>) -> Result<Self, ArbiterVersionTooLong> {
+        let v = v.into();
+        if v.len() > MAX_ARBITER_VERSION_LEN {
+            return Err(ArbiterVersionTooLong { len: v.len() });
+        }
+        Ok(Self(v))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ArbiterVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Identifies one request on one connection, so that responses can come
 /// back in any order (pipelining). Chosen by the client; unique among the
 /// requests it has in flight.

@@ -27,7 +27,7 @@ use crate::protocol::{
 };
 
 use super::pool::{Pool, PoolError};
-use super::volume::Volume;
+use super::volume::{PeerChange, Volume};
 
 /// Requests of one connection being executed at once.
 pub const MAX_IN_FLIGHT: usize = 512;
@@ -231,6 +231,23 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
                     Some(result)
                 }
                 (ConnState::Open(_), Op::Open { .. }) => Some(Err(WireError::AlreadyOpen)),
+                // In order with the connection's requests: the frontend sends
+                // it with no write in flight and waits for the answer.
+                (
+                    ConnState::Open(v),
+                    Op::PeerState {
+                        peer,
+                        in_sync,
+                        arbiter_version,
+                    },
+                ) => {
+                    let change = PeerChange {
+                        peer,
+                        in_sync,
+                        arbiter_version,
+                    };
+                    Some(v.peer_state(epoch, change).await)
+                }
                 (ConnState::AwaitingOpen, _) => Some(Err(WireError::NotOpen)),
                 (ConnState::Open(_), op) => {
                     batch.push((id, epoch, op));

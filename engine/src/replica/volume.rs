@@ -17,6 +17,7 @@
 //! for: when a newer frontend's `Open` is answered, no request of an older
 //! epoch can land any more.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -25,7 +26,9 @@ use bytes::BytesMut;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::metrics::{IoOp, OpHandles};
-use crate::protocol::{Epoch, MAX_IO_BYTES, Op, Reply, VolumeId, WireError};
+use crate::protocol::{
+    ArbiterVersion, Epoch, MAX_IO_BYTES, Op, ReplicaId, Reply, VolumeId, WireError,
+};
 use crate::storage::{Storage, StorageError, blocking};
 
 use super::meta::{self, Metadata};
@@ -102,6 +105,31 @@ enum MetaCommand {
         epoch: Epoch,
         reply: oneshot::Sender<Result<Epoch, WireError>>,
     },
+    PeerState {
+        epoch: Epoch,
+        change: PeerChange,
+        reply: oneshot::Sender<Result<Reply, WireError>>,
+    },
+}
+
+/// What the frontend said about this replica's peer (`Op::PeerState`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerChange {
+    pub peer: ReplicaId,
+    pub in_sync: bool,
+    pub arbiter_version: ArbiterVersion,
+}
+
+/// Whether this replica believes its peer gets every write. Held by the
+/// metadata owner, in memory: the dirty bitmap makes the out-of-sync state
+/// durable (the regions written while it holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerTracking {
+    InSync,
+    OutOfSync {
+        since_epoch: Epoch,
+        arbiter_version: ArbiterVersion,
+    },
 }
 
 /// Owns the metadata area of one volume; the only writer of it.
@@ -110,6 +138,7 @@ struct MetaOwner {
     storage: Arc<dyn Storage>,
     current: Metadata,
     gate: Arc<EpochGate>,
+    peers: BTreeMap<ReplicaId, PeerTracking>,
 }
 
 impl MetaOwner {
@@ -120,8 +149,51 @@ impl MetaOwner {
                     let r = self.raise_epoch(epoch).await;
                     let _ = reply.send(r);
                 }
+                MetaCommand::PeerState {
+                    epoch,
+                    change,
+                    reply,
+                } => {
+                    let _ = reply.send(self.peer_state(epoch, change));
+                }
             }
         }
+    }
+
+    /// Records the peer's state. The epoch is checked here, where epoch
+    /// raises are serialised, so a stale frontend cannot change it.
+    fn peer_state(&mut self, epoch: Epoch, change: PeerChange) -> Result<Reply, WireError> {
+        let current = self.current.epoch;
+        if epoch < current {
+            return Err(WireError::StaleEpoch {
+                seen: epoch,
+                current,
+            });
+        }
+        if epoch > current {
+            return Err(WireError::EpochNotOpened {
+                seen: epoch,
+                current,
+            });
+        }
+        let tracking = if change.in_sync {
+            PeerTracking::InSync
+        } else {
+            PeerTracking::OutOfSync {
+                since_epoch: epoch,
+                arbiter_version: change.arbiter_version.clone(),
+            }
+        };
+        tracing::info!(
+            volume = %self.id,
+            peer = %change.peer,
+            in_sync = change.in_sync,
+            arbiter_version = %change.arbiter_version,
+            epoch = epoch.0,
+            "peer state changed"
+        );
+        self.peers.insert(change.peer, tracking);
+        Ok(Reply::Done)
     }
 
     async fn raise_epoch(&mut self, epoch: Epoch) -> Result<Epoch, WireError> {
@@ -174,6 +246,7 @@ impl Volume {
             storage: meta_storage,
             current,
             gate: gate.clone(),
+            peers: BTreeMap::new(),
         };
         tokio::spawn(owner.run(rx));
         Arc::new(Self {
@@ -249,6 +322,24 @@ impl Volume {
         })
     }
 
+    /// Handles `PeerState`: the metadata owner records whether the peer
+    /// gets every write, at exactly the current epoch.
+    pub async fn peer_state(&self, epoch: Epoch, change: PeerChange) -> Result<Reply, WireError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || WireError::Io {
+            message: format!("metadata task of volume {} is gone", self.id),
+        };
+        self.meta_tx
+            .send(MetaCommand::PeerState {
+                epoch,
+                change,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
     /// Checks bounds; `carries_data` requests (read, write) are also held
     /// to the protocol's maximum I/O size.
     fn check_range(&self, offset: u64, len: u64, carries_data: bool) -> Result<(), WireError> {
@@ -274,7 +365,7 @@ impl Volume {
     pub fn execute_blocking(&self, epoch: Epoch, op: Op) -> Result<Reply, WireError> {
         let started = Instant::now();
         let (io_op, bytes) = match &op {
-            Op::Open { .. } => (IoOp::Open, 0),
+            Op::Open { .. } | Op::PeerState { .. } => (IoOp::Open, 0),
             Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
             Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
             Op::Flush => (IoOp::Flush, 0),
@@ -291,6 +382,12 @@ impl Volume {
         let data = &self.data;
         let r = match op {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
+            // Handled by the connection through `peer_state`, never here.
+            Op::PeerState { .. } => {
+                return Err(WireError::Io {
+                    message: "peer state is not a data request".to_owned(),
+                });
+            }
             Op::Read { offset, len } => {
                 self.check_range(offset, u64::from(len), true)?;
                 let mut buf = BytesMut::zeroed(len as usize);
@@ -357,5 +454,42 @@ mod tests {
             gate.enter(Epoch(3)),
             Err(WireError::EpochNotOpened { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn peer_state_is_recorded_only_at_the_current_epoch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = super::super::Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, 1 << 20).expect("create");
+        let opened = pool.open_volume(&id).expect("open");
+        let metrics = crate::metrics::Metrics::new("test");
+        let volume = Volume::start(
+            Arc::new(opened.data),
+            Arc::new(opened.meta_storage),
+            opened.meta,
+            metrics.handles("v1", ""),
+        );
+        volume.open(Epoch(3), None).await.expect("open at 3");
+        let change = PeerChange {
+            peer: ReplicaId::new("a").expect("valid"),
+            in_sync: false,
+            arbiter_version: ArbiterVersion::new("7").expect("valid"),
+        };
+        assert_eq!(
+            volume.peer_state(Epoch(2), change.clone()).await,
+            Err(WireError::StaleEpoch {
+                seen: Epoch(2),
+                current: Epoch(3)
+            })
+        );
+        assert_eq!(
+            volume.peer_state(Epoch(4), change.clone()).await,
+            Err(WireError::EpochNotOpened {
+                seen: Epoch(4),
+                current: Epoch(3)
+            })
+        );
+        assert_eq!(volume.peer_state(Epoch(3), change).await, Ok(Reply::Done));
     }
 }
