@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod process;
 pub mod protocol;
 pub mod replica;
+pub mod resync;
 pub mod storage;
 pub mod units;
 

@@ -60,6 +60,17 @@ struct ReplicaArgs {
     /// Speak another protocol version (tests of version refusal only).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
+    // --- resync (engine/src/resync.rs) ---
+    /// A peer replica as NAME=HOST:PORT: where to resync it to when this
+    /// replica's dirty bitmap tracks it.
+    #[arg(long = "peer", value_parser = parse_replica)]
+    peers: Vec<ReplicaSpec>,
+    /// Resync rate limit per volume, bytes per second (K/M/G suffixes).
+    #[arg(long, env = "TWINVOL_RESYNC_RATE", value_parser = parse_size)]
+    resync_rate: Option<u64>,
+    /// Resyncs copying at once on this server.
+    #[arg(long, env = "TWINVOL_RESYNC_MAX", default_value_t = twinvol_engine::resync::DEFAULT_MAX_CONCURRENT)]
+    resync_max: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +197,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 },
                 metrics_listen: a.metrics_listen,
                 ready_file: a.ready_file,
+                resync: twinvol_engine::resync::ResyncConfig {
+                    peers: a.peers,
+                    rate_limit: a.resync_rate,
+                    max_concurrent: a.resync_max,
+                    ..Default::default()
+                },
             };
             Ok(replica_service::run(opts, shutdown_signal()).await?)
         }

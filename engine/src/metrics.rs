@@ -72,6 +72,21 @@ pub struct Metrics {
     errors: Family<IoLabels, Counter>,
     replica_state: Family<ReplicaStateLabels, Gauge>,
     connections: Gauge,
+    resync: ResyncFamilies,
+}
+
+/// The resync's figures on a replica server (see `crate::resync`).
+struct ResyncFamilies {
+    remaining: Family<ResyncLabels, Gauge>,
+    copied: Family<ResyncLabels, Gauge>,
+    state: Family<ReplicaStateLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResyncLabels {
+    pub volume: String,
+    /// The peer replica being resynchronised.
+    pub replica: String,
 }
 
 impl Metrics {
@@ -109,7 +124,28 @@ impl Metrics {
             "Open protocol connections",
             connections.clone(),
         );
+        let resync = ResyncFamilies {
+            remaining: Family::default(),
+            copied: Family::default(),
+            state: Family::default(),
+        };
+        registry.register(
+            "resync_bytes_remaining",
+            "Bytes still dirty for the out-of-sync peer, per volume and peer",
+            resync.remaining.clone(),
+        );
+        registry.register(
+            "resync_bytes_copied",
+            "Bytes copied to the peer by resyncs since the process started",
+            resync.copied.clone(),
+        );
+        registry.register(
+            "resync_state",
+            "1 for the current state of each volume's resync",
+            resync.state.clone(),
+        );
         Arc::new(Self {
+            resync,
             registry,
             latency,
             bytes,
@@ -145,6 +181,31 @@ impl Metrics {
             self.replica_state
                 .get_or_create(&labels)
                 .set(i64::from(*s == state));
+        }
+    }
+
+    /// Sets the resync figures of `volume` towards `peer`.
+    pub fn set_resync(&self, volume: &str, peer: &str, remaining: u64, copied: u64, state: &str) {
+        let labels = ResyncLabels {
+            volume: volume.to_owned(),
+            replica: peer.to_owned(),
+        };
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.resync
+            .remaining
+            .get_or_create(&labels)
+            .set(clamp(remaining));
+        self.resync.copied.get_or_create(&labels).set(clamp(copied));
+        for s in crate::resync::STATE_NAMES {
+            let l = ReplicaStateLabels {
+                volume: volume.to_owned(),
+                replica: peer.to_owned(),
+                state: s.to_owned(),
+            };
+            self.resync
+                .state
+                .get_or_create(&l)
+                .set(i64::from(s == state));
         }
     }
 

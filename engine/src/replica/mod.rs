@@ -2,10 +2,12 @@
 //! directory and serves them over the replication protocol.
 //!
 //! `pool` owns the directory layout and volume creation, `meta` the on-disk
-//! metadata format, `volume` an open volume (epoch gate, data I/O) and
+//! metadata format, `logs` the activity log and dirty bitmap of an open
+//! volume, `volume` an open volume (epoch gate, data I/O) and
 //! `server` the listener and its connections, `service` the process
 //! around it (metrics endpoint, ready file, shutdown).
 
+pub mod logs;
 pub mod meta;
 pub mod pool;
 pub mod server;

@@ -1,6 +1,7 @@
 //! A pool directory: where a replica server keeps its volumes, one
 //! subdirectory per volume holding `data` (exactly the volume's bytes,
-//! preallocated) and `meta` (see [`super::meta`]).
+//! preallocated), `meta` (see [`super::meta`]; its reserved area holds the
+//! activity log) and `bitmap` (the dirty bitmap, see [`crate::bitmap`]).
 //!
 //! Creation is crash-safe: both files are built and synced in a hidden
 //! `.<id>.creating` directory that is renamed into place at the end, so a
@@ -58,6 +59,7 @@ pub struct OpenedVolume {
     pub data: FileStorage,
     pub meta_storage: FileStorage,
     pub meta: Metadata,
+    pub bitmap_storage: FileStorage,
 }
 
 /// A pool directory.
@@ -118,6 +120,23 @@ impl Pool {
         self.volume_dir(volume).join("meta")
     }
 
+    /// The volumes in the pool (complete volume directories), sorted.
+    pub fn volumes(&self) -> Result<Vec<VolumeId>, PoolError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).map_err(fs_err("list", &self.dir))? {
+            let e = e.map_err(fs_err("list", &self.dir))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Ok(id) = VolumeId::new(name)
+                && e.path().join("meta").is_file()
+            {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Creates volume `volume` of `size` bytes (blocking).
     pub fn create_volume(&self, volume: &VolumeId, size: u64) -> Result<(), PoolError> {
         if size == 0 || !size.is_multiple_of(SIZE_ALIGN) {
@@ -145,6 +164,9 @@ impl Pool {
         data.sync()?;
         let m = FileStorage::create_new(&tmp.join("meta"))?;
         meta::create(&m, volume.clone(), size)?;
+        super::logs::create_activity_log(&m, size)?;
+        let b = FileStorage::create_new(&tmp.join(crate::bitmap::FILE_NAME))?;
+        super::logs::create_bitmap(&b, size)?;
         sync_dir(&tmp)?;
         std::fs::rename(&tmp, &dest).map_err(fs_err("rename", &tmp))?;
         sync_dir(&self.dir)
@@ -180,10 +202,22 @@ impl Pool {
                 m.size
             )));
         }
+        let bitmap_path = dir.join(crate::bitmap::FILE_NAME);
+        let bitmap_storage = if bitmap_path.exists() {
+            FileStorage::open(&bitmap_path)?
+        } else {
+            // A volume created before the dirty bitmap existed: its peer is
+            // in sync (nothing tracked), so an empty bitmap is the truth.
+            let b = FileStorage::create_new(&bitmap_path)?;
+            super::logs::create_bitmap(&b, m.size)?;
+            sync_dir(&dir)?;
+            b
+        };
         Ok(OpenedVolume {
             data,
             meta_storage,
             meta: m,
+            bitmap_storage,
         })
     }
 }

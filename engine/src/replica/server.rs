@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OnceCell, Semaphore, mpsc};
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
@@ -26,6 +26,9 @@ use crate::protocol::{
     Role, Secret, VolumeId, WireError, handshake,
 };
 
+use crate::resync::{ResyncConfig, ResyncManager};
+
+use super::logs::VolumeLogs;
 use super::pool::{Pool, PoolError};
 use super::volume::{PeerChange, Volume};
 
@@ -67,9 +70,12 @@ struct Shared {
     secret: Secret,
     version: ProtocolVersion,
     metrics: Arc<Metrics>,
+    resync: Arc<ResyncManager>,
     /// Volumes opened so far; never removed (a replica serves few volumes,
-    /// and one `Volume` per volume is what makes its epoch gate unique).
-    volumes: Mutex<HashMap<VolumeId, Arc<Volume>>>,
+    /// and one `Volume` per volume is what makes its epoch gate and its
+    /// logs unique). A cell per volume so that concurrent first opens
+    /// open the files once, without a lock held across the open.
+    volumes: Mutex<HashMap<VolumeId, Arc<OnceCell<Arc<Volume>>>>>,
 }
 
 /// A bound replica server.
@@ -80,8 +86,19 @@ pub struct ReplicaServer {
 }
 
 impl ReplicaServer {
-    /// Checks the pool and binds the listener.
+    /// Checks the pool and binds the listener; no peer addresses, so no
+    /// resync (see [`ReplicaServer::bind_with_resync`]).
     pub async fn bind(config: ReplicaConfig, metrics: Arc<Metrics>) -> Result<Self, ReplicaError> {
+        Self::bind_with_resync(config, ResyncConfig::default(), metrics).await
+    }
+
+    /// Checks the pool and binds the listener; resyncs peers as `resync`
+    /// says.
+    pub async fn bind_with_resync(
+        config: ReplicaConfig,
+        resync: ResyncConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ReplicaError> {
         let pool = Pool::open(&config.pool)?;
         let listener =
             TcpListener::bind(config.listen)
@@ -98,6 +115,13 @@ impl ReplicaServer {
             listener,
             addr,
             shared: Arc::new(Shared {
+                resync: ResyncManager::new(
+                    resync,
+                    config.secret.clone(),
+                    config.protocol_version,
+                    pool.dir(),
+                    metrics.clone(),
+                ),
                 pool,
                 secret: config.secret,
                 version: config.protocol_version,
@@ -115,6 +139,20 @@ impl ReplicaServer {
     /// Serves until the task is dropped.
     pub async fn run(self) -> Result<(), ReplicaError> {
         tracing::info!(pool = %self.shared.pool.dir().display(), addr = %self.addr, "replica serving");
+        // Open every volume now, so that a resync interrupted by a crash
+        // resumes without waiting for a frontend.
+        match self.shared.pool.volumes() {
+            Ok(ids) => {
+                for id in ids {
+                    if let Err(e) = volume_handle(&self.shared, &id).await {
+                        tracing::warn!(volume = %id, error = %e, "cannot open volume at startup");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot list the pool's volumes")
+            }
+        }
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(x) => x,
@@ -338,9 +376,13 @@ async fn write_responses(
 
 /// The shared `Volume` for `id`, opening its files on first use.
 async fn volume_handle(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>, WireError> {
-    if let Some(v) = lock(&shared.volumes).get(id) {
-        return Ok(v.clone());
-    }
+    let cell = lock(&shared.volumes).entry(id.clone()).or_default().clone();
+    cell.get_or_try_init(|| open_volume(shared, id))
+        .await
+        .cloned()
+}
+
+async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>, WireError> {
     let pool = shared.pool.clone();
     let vid = id.clone();
     let opened = tokio::task::spawn_blocking(move || pool.open_volume(&vid))
@@ -359,20 +401,28 @@ async fn volume_handle(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume
             return Err(WireError::Io { message });
         }
     };
-    let mut volumes = lock(&shared.volumes);
-    // Another connection may have opened it meanwhile: keep the first.
-    let v = volumes
-        .entry(id.clone())
-        .or_insert_with(|| {
-            Volume::start(
-                Arc::new(opened.data),
-                Arc::new(opened.meta_storage),
-                opened.meta,
-                shared.metrics.handles(id.as_str(), ""),
-            )
-        })
-        .clone();
-    Ok(v)
+    let meta_storage: Arc<dyn crate::storage::Storage> = Arc::new(opened.meta_storage);
+    let logs = VolumeLogs::open(
+        id.as_str(),
+        opened.meta.size,
+        meta_storage.clone(),
+        Arc::new(opened.bitmap_storage),
+    )
+    .await
+    .map_err(|e| {
+        let message = crate::error_chain(&e);
+        tracing::error!(volume = %id, error = %message, "cannot open the volume's activity log or dirty bitmap");
+        WireError::Io { message }
+    })?;
+    let volume = Volume::start(
+        Arc::new(opened.data),
+        meta_storage,
+        opened.meta,
+        logs,
+        shared.metrics.handles(id.as_str(), ""),
+    );
+    shared.resync.watch(volume.clone());
+    Ok(volume)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use crate::metrics::{self, Metrics};
 use crate::process::{ReadyFileError, write_ready_file};
 
+use crate::resync::ResyncConfig;
+
 use super::server::{ReplicaConfig, ReplicaError, ReplicaServer};
 
 /// The replica process's options beyond the server's own.
@@ -16,6 +18,8 @@ pub struct ReplicaProcess {
     pub server: ReplicaConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub ready_file: Option<PathBuf>,
+    /// Where the peers are and how to resync them.
+    pub resync: ResyncConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +42,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ReplicaProcessError> {
     let metrics = Metrics::new("twinvol_replica");
-    let server = ReplicaServer::bind(opts.server, metrics.clone()).await?;
+    let server = ReplicaServer::bind_with_resync(opts.server, opts.resync, metrics.clone()).await?;
     let addr = server.local_addr();
     let mut ready = vec![("listen", addr.to_string())];
     let metrics_task = match opts.metrics_listen {

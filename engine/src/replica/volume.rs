@@ -8,7 +8,11 @@
 //! - the metadata area belongs to one task ([`MetaOwner`]); raising the epoch
 //!   is a message to it, answered only after the new metadata is durable;
 //! - data I/O is positional and goes straight to storage on the blocking
-//!   pool.
+//!   pool; a write first records itself in the activity log and, while the
+//!   peer is out of sync, in the dirty bitmap ([`super::logs`]), both
+//!   durable before the data write starts (no I/O in the common case);
+//! - `PeerState` is handled by the metadata owner, which durably starts or
+//!   stops dirty tracking before answering.
 //!
 //! Fencing is exact: a data request counts itself in flight *before* it
 //! checks the epoch, and raising the epoch sets the new value *before* it
@@ -31,6 +35,7 @@ use crate::protocol::{
 };
 use crate::storage::{Storage, StorageError, blocking};
 
+use super::logs::VolumeLogs;
 use super::meta::{self, Metadata};
 
 /// The epoch and the data requests in flight, shared by the volume and its
@@ -98,6 +103,11 @@ pub struct Volume {
     gate: Arc<EpochGate>,
     meta_tx: mpsc::Sender<MetaCommand>,
     metrics: OpHandles,
+    logs: Arc<VolumeLogs>,
+    /// Smoothed latency of foreground writes in µs (for resync back-off).
+    write_latency_us: AtomicU64,
+    /// Foreground writes done (for resync back-off).
+    writes_done: AtomicU64,
 }
 
 enum MetaCommand {
@@ -121,8 +131,8 @@ pub struct PeerChange {
 }
 
 /// Whether this replica believes its peer gets every write. Held by the
-/// metadata owner, in memory: the dirty bitmap makes the out-of-sync state
-/// durable (the regions written while it holds).
+/// metadata owner: in memory for now; the dirty bitmap makes the
+/// out-of-sync state durable (the regions written while it holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerTracking {
     InSync,
@@ -139,6 +149,7 @@ struct MetaOwner {
     current: Metadata,
     gate: Arc<EpochGate>,
     peers: BTreeMap<ReplicaId, PeerTracking>,
+    logs: Arc<VolumeLogs>,
 }
 
 impl MetaOwner {
@@ -154,7 +165,7 @@ impl MetaOwner {
                     change,
                     reply,
                 } => {
-                    let _ = reply.send(self.peer_state(epoch, change));
+                    let _ = reply.send(self.peer_state(epoch, change).await);
                 }
             }
         }
@@ -162,7 +173,7 @@ impl MetaOwner {
 
     /// Records the peer's state. The epoch is checked here, where epoch
     /// raises are serialised, so a stale frontend cannot change it.
-    fn peer_state(&mut self, epoch: Epoch, change: PeerChange) -> Result<Reply, WireError> {
+    async fn peer_state(&mut self, epoch: Epoch, change: PeerChange) -> Result<Reply, WireError> {
         let current = self.current.epoch;
         if epoch < current {
             return Err(WireError::StaleEpoch {
@@ -175,6 +186,20 @@ impl MetaOwner {
                 seen: epoch,
                 current,
             });
+        }
+        // Durable before the answer: no write is acknowledged without the
+        // peer before its regions are tracked.
+        let logged = if change.in_sync {
+            self.logs.peer_rejoined(self.id.as_str()).await
+        } else {
+            self.logs
+                .peer_left(self.id.as_str(), change.peer.clone(), epoch)
+                .await
+        };
+        if let Err(e) = logged {
+            let message = crate::error_chain(&e);
+            tracing::error!(volume = %self.id, error = %message, "cannot record the peer's state");
+            return Err(WireError::Io { message });
         }
         let tracking = if change.in_sync {
             PeerTracking::InSync
@@ -234,6 +259,7 @@ impl Volume {
         data: Arc<dyn Storage>,
         meta_storage: Arc<dyn Storage>,
         current: Metadata,
+        logs: Arc<VolumeLogs>,
         metrics: OpHandles,
     ) -> Arc<Self> {
         let gate = Arc::new(EpochGate::default());
@@ -247,6 +273,7 @@ impl Volume {
             current,
             gate: gate.clone(),
             peers: BTreeMap::new(),
+            logs: logs.clone(),
         };
         tokio::spawn(owner.run(rx));
         Arc::new(Self {
@@ -256,7 +283,32 @@ impl Volume {
             gate,
             meta_tx,
             metrics,
+            logs,
+            write_latency_us: AtomicU64::new(0),
+            writes_done: AtomicU64::new(0),
         })
+    }
+
+    /// The volume's activity log and dirty bitmap.
+    pub fn logs(&self) -> &Arc<VolumeLogs> {
+        &self.logs
+    }
+
+    /// Foreground writes done so far.
+    pub fn writes_done(&self) -> u64 {
+        self.writes_done.load(Ordering::Relaxed)
+    }
+
+    /// Smoothed latency of foreground writes, in µs (0: none yet).
+    pub fn write_latency_us(&self) -> u64 {
+        self.write_latency_us.load(Ordering::Relaxed)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` for the resync, outside the
+    /// epoch gate (the resync is this replica's own work, not a request).
+    /// Blocking.
+    pub fn read_local(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        self.data.read_at(buf, offset)
     }
 
     pub fn id(&self) -> &VolumeId {
@@ -374,6 +426,14 @@ impl Volume {
         };
         let r = self.execute_inner(epoch, op);
         self.metrics.record(io_op, started, bytes, r.is_ok());
+        if matches!(io_op, IoOp::Write | IoOp::WriteZeroes | IoOp::Trim) {
+            let us = started.elapsed().as_micros() as u64;
+            let old = self.write_latency_us.load(Ordering::Relaxed);
+            // EWMA, 1/8 weight: cheap, racy updates are harmless.
+            let new = if old == 0 { us } else { old - old / 8 + us / 8 };
+            self.write_latency_us.store(new, Ordering::Relaxed);
+            self.writes_done.fetch_add(1, Ordering::Relaxed);
+        }
         r
     }
 
@@ -400,6 +460,7 @@ impl Volume {
                 data: bytes,
             } => {
                 self.check_range(offset, bytes.len() as u64, true)?;
+                let _logged = self.logs.before_write(offset, bytes.len() as u64)?;
                 data.write_at(&bytes, offset)
                     .and_then(|()| if fua { data.sync() } else { Ok(()) })
                     .map(|()| Reply::Done)
@@ -407,10 +468,12 @@ impl Volume {
             Op::Flush => data.sync().map(|()| Reply::Done),
             Op::Trim { offset, len } => {
                 self.check_range(offset, u64::from(len), false)?;
+                let _logged = self.logs.before_write(offset, u64::from(len))?;
                 data.punch(offset, u64::from(len)).map(|()| Reply::Done)
             }
             Op::WriteZeroes { offset, len, fua } => {
                 self.check_range(offset, u64::from(len), false)?;
+                let _logged = self.logs.before_write(offset, u64::from(len))?;
                 data.zero(offset, u64::from(len))
                     .and_then(|()| if fua { data.sync() } else { Ok(()) })
                     .map(|()| Reply::Done)
@@ -464,10 +527,20 @@ mod tests {
         pool.create_volume(&id, 1 << 20).expect("create");
         let opened = pool.open_volume(&id).expect("open");
         let metrics = crate::metrics::Metrics::new("test");
+        let meta_storage: Arc<dyn Storage> = Arc::new(opened.meta_storage);
+        let logs = VolumeLogs::open(
+            "v1",
+            opened.meta.size,
+            meta_storage.clone(),
+            Arc::new(opened.bitmap_storage),
+        )
+        .await
+        .expect("logs");
         let volume = Volume::start(
             Arc::new(opened.data),
-            Arc::new(opened.meta_storage),
+            meta_storage,
             opened.meta,
+            logs,
             metrics.handles("v1", ""),
         );
         volume.open(Epoch(3), None).await.expect("open at 3");

@@ -1,0 +1,438 @@
+//! The two logs a replica volume keeps for resync (design invariant 5): the
+//! activity log (extents with writes in flight, in the metadata file at
+//! [`meta::ACTIVITY_LOG_OFFSET`]) and the dirty bitmap (regions the
+//! out-of-sync peer misses, in the volume's `bitmap` file).
+//!
+//! [`VolumeLogs`] owns both for one open volume and is the only place that
+//! decides what they mean together:
+//!
+//! - at startup ([`VolumeLogs::open`]): activity-log extents recovered while
+//!   the bitmap tracks a peer are marked dirty (so resync copies them), then
+//!   released; while in sync they are kept pinned and reported as possibly
+//!   divergent (a new frontend must reconcile them); a lost log while
+//!   tracking, or an untrusted bitmap, means a full copy — said in the log
+//!   and in [`FullCopy`];
+//! - on the write path ([`VolumeLogs::before_write`]): the activity log entry,
+//!   then (peer out of sync) the bitmap mark, both durable before the data
+//!   write starts; the guards are dropped after the data write;
+//! - on `PeerState` ([`VolumeLogs::peer_left`], [`VolumeLogs::peer_rejoined`]):
+//!   tracking is started durably before the answer, so that no write acked
+//!   without the peer goes unrecorded; the extents in the activity log at
+//!   that moment are marked dirty too (writes that completed here just
+//!   before the frontend gave up on the peer may be missing there).
+//!
+//! Why recovered activity-log extents are marked even while tracking,
+//! although every tracked write marks its regions before it writes: a copy
+//! may read a write from this replica's page cache that a power loss then
+//! takes back, while its cleared bit reached the disk. Re-copying the
+//! extents that had recent writes closes that gap (the notes of the
+//! activity log ask for it); the cost is bounded by the log's size.
+//!
+//! A failed activity-log update poisons the log: every later write of the
+//! volume fails until the replica restarts (which runs recovery). That is
+//! the "fatal for the volume" the activity log asks for.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::activity_log::{
+    ActivityLog, AlConfig, AlError, DEFAULT_EXTENT_SIZE, DEFAULT_MAX_ACTIVE, Recovery, WriteGuard,
+};
+use crate::bitmap::{
+    self, Bitmap, BitmapError, BitmapState, DEFAULT_GRANULARITY, Geometry, GeometryError,
+    Granularity, MarkGuard,
+};
+use crate::protocol::{Epoch, ReplicaId, WireError};
+use crate::storage::Storage;
+
+use super::meta;
+
+/// Why the logs of a volume could not be opened or updated.
+#[derive(Debug, thiserror::Error)]
+pub enum LogsError {
+    #[error("volume of {size} bytes cannot have a dirty bitmap")]
+    Geometry {
+        size: u64,
+        #[source]
+        source: GeometryError,
+    },
+    #[error(transparent)]
+    ActivityLog(#[from] AlError),
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+}
+
+/// Why the next resync must copy the whole volume (shown in logs and status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullCopy(pub String);
+
+/// The geometry of the dirty bitmap of a volume of `size` bytes.
+pub fn geometry(size: u64) -> Result<Geometry, LogsError> {
+    let g = Granularity::new(DEFAULT_GRANULARITY)
+        .map_err(|source| LogsError::Geometry { size, source })?;
+    Geometry::new(size, g).map_err(|source| LogsError::Geometry { size, source })
+}
+
+/// Where the activity log of a volume of `size` bytes lives: in the meta
+/// file's reserved area.
+pub fn al_config(size: u64) -> Result<AlConfig, LogsError> {
+    Ok(AlConfig::new(
+        size,
+        DEFAULT_EXTENT_SIZE,
+        DEFAULT_MAX_ACTIVE,
+        meta::ACTIVITY_LOG_OFFSET,
+    )?)
+}
+
+/// Held from before a data write until it is done.
+pub struct WriteGuards {
+    _mark: Option<MarkGuard>,
+    _al: Option<WriteGuard>,
+}
+
+/// The activity log and dirty bitmap of one open volume.
+pub struct VolumeLogs {
+    al: ActivityLog,
+    bitmap: Bitmap,
+    /// Mirrors "the bitmap tracks a peer" for the hot path (no lock).
+    tracking: AtomicBool,
+    /// The frontend said the peer is back in the in-sync set.
+    peer_in_sync: AtomicBool,
+    runtime: tokio::runtime::Handle,
+    full_copy: std::sync::Mutex<Option<FullCopy>>,
+    /// Extents recovered while in sync: possibly divergent, pinned until a
+    /// new frontend reconciles them.
+    unreconciled: std::sync::Mutex<Vec<std::ops::Range<u64>>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VolumeLogs {
+    /// Opens both logs and runs startup recovery. `volume` names it in logs.
+    pub async fn open(
+        volume: &str,
+        size: u64,
+        meta_storage: Arc<dyn Storage>,
+        bitmap_storage: Arc<dyn Storage>,
+    ) -> Result<Arc<Self>, LogsError> {
+        let (al, recovery) = ActivityLog::open(meta_storage, al_config(size)?).await?;
+        let bitmap = Bitmap::open(bitmap_storage, geometry(size)?).await?;
+        let logs = Arc::new(Self {
+            tracking: AtomicBool::new(false),
+            peer_in_sync: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
+            full_copy: std::sync::Mutex::new(None),
+            unreconciled: std::sync::Mutex::new(Vec::new()),
+            al,
+            bitmap,
+        });
+        logs.recover(volume, recovery).await?;
+        Ok(logs)
+    }
+
+    async fn recover(&self, volume: &str, recovery: Recovery) -> Result<(), LogsError> {
+        let cfg = self.al.config();
+        match (self.bitmap.state(), recovery) {
+            (BitmapState::Tracking { peer, since }, Recovery::Extents(ext)) => {
+                for e in &ext {
+                    let r = cfg.byte_range(*e);
+                    if r.end > r.start {
+                        drop(self.bitmap.mark(r.start, r.end - r.start).await?);
+                    }
+                }
+                self.bitmap.persist().await?;
+                self.al.release_recovered();
+                tracing::info!(
+                    volume, peer = %peer, since = since.0,
+                    recovered_extents = ext.len(),
+                    dirty_bytes = self.bitmap.dirty_bytes(),
+                    "dirty bitmap loaded; activity-log extents marked dirty for resync"
+                );
+                self.tracking.store(true, Ordering::SeqCst);
+            }
+            (BitmapState::Tracking { peer, since }, Recovery::Lost { slot0, slot1 }) => {
+                let why = format!(
+                    "the activity log is unreadable (slot 0: {slot0}; slot 1: {slot1}), so writes in flight at the crash are unknown"
+                );
+                tracing::warn!(volume, peer = %peer, reason = %why, "full resync needed");
+                self.bitmap.reset_all_dirty(peer, since).await?;
+                *lock(&self.full_copy) = Some(FullCopy(why));
+                self.tracking.store(true, Ordering::SeqCst);
+            }
+            (BitmapState::Clean, Recovery::Extents(ext)) => {
+                if !ext.is_empty() {
+                    tracing::warn!(
+                        volume,
+                        extents = ext.len(),
+                        bytes = ext.len() as u64 * cfg.extent_size(),
+                        "activity-log extents had writes in flight at the last stop: possibly divergent until the next frontend reconciles them"
+                    );
+                }
+                *lock(&self.unreconciled) = ext.iter().map(|e| cfg.byte_range(*e)).collect();
+            }
+            (BitmapState::Clean, Recovery::Lost { slot0, slot1 }) => {
+                tracing::warn!(
+                    volume, %slot0, %slot1,
+                    "activity log unreadable while in sync: the replicas may differ anywhere written last; a full resync is advised"
+                );
+                *lock(&self.full_copy) = Some(FullCopy(
+                    "the activity log was unreadable at startup".to_owned(),
+                ));
+            }
+            (BitmapState::Untrusted(reason), recovery) => {
+                if let Recovery::Extents(ext) = &recovery {
+                    *lock(&self.unreconciled) = ext.iter().map(|e| cfg.byte_range(*e)).collect();
+                }
+                tracing::warn!(
+                    volume, %reason,
+                    "dirty bitmap cannot be trusted: the next resync copies the whole volume"
+                );
+                *lock(&self.full_copy) =
+                    Some(FullCopy(format!("dirty bitmap untrusted: {reason}")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bitmap
+    }
+
+    /// Why the resync must be (or is) a full copy, if it must.
+    pub fn full_copy(&self) -> Option<FullCopy> {
+        lock(&self.full_copy).clone()
+    }
+
+    /// Whether the peer is out of sync and tracked.
+    pub fn is_tracking(&self) -> bool {
+        self.tracking.load(Ordering::SeqCst)
+    }
+
+    /// Whether the frontend told us the peer is back in the in-sync set.
+    pub fn peer_in_sync(&self) -> bool {
+        self.peer_in_sync.load(Ordering::SeqCst)
+    }
+
+    /// Activity-log extents recovered while in sync, not yet reconciled.
+    pub fn unreconciled(&self) -> Vec<std::ops::Range<u64>> {
+        lock(&self.unreconciled).clone()
+    }
+
+    /// Records the write of `len` bytes at `offset` before it starts: the
+    /// activity log, then the bitmap when the peer is out of sync. Blocking
+    /// (call it on the blocking pool); no I/O in the common case.
+    pub fn before_write(&self, offset: u64, len: u64) -> Result<WriteGuards, WireError> {
+        if len == 0 {
+            return Ok(WriteGuards {
+                _mark: None,
+                _al: None,
+            });
+        }
+        self.runtime.block_on(async {
+            let al = self.al.begin_write(offset, len).await.map_err(|e| {
+                tracing::error!(error = %crate::error_chain(&e), "activity log failed: volume refuses writes until restarted");
+                WireError::Io { message: crate::error_chain(&e) }
+            })?;
+            let mark = if self.is_tracking() {
+                match self.bitmap.mark(offset, len).await {
+                    Ok(m) => Some(m),
+                    // Tracking stopped meanwhile: the peer gets every write.
+                    Err(BitmapError::NotTracking { .. }) => None,
+                    Err(e) => {
+                        tracing::error!(error = %crate::error_chain(&e), "dirty bitmap mark failed");
+                        return Err(WireError::Io { message: crate::error_chain(&e) });
+                    }
+                }
+            } else {
+                None
+            };
+            Ok(WriteGuards { _mark: mark, _al: Some(al) })
+        })
+    }
+
+    /// The peer left the in-sync set at `epoch`: durably start tracking it
+    /// (a full copy if no trustworthy bitmap exists for it) before answering.
+    pub async fn peer_left(
+        &self,
+        volume: &str,
+        peer: ReplicaId,
+        epoch: Epoch,
+    ) -> Result<(), LogsError> {
+        self.peer_in_sync.store(false, Ordering::SeqCst);
+        let full = match self.bitmap.state() {
+            BitmapState::Clean => self.full_copy(),
+            BitmapState::Tracking { peer: p, .. } if p == peer => {
+                self.tracking.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+            BitmapState::Tracking { peer: p, .. } => Some(FullCopy(format!(
+                "the bitmap tracked replica {p}, not {peer} (a replaced replica)"
+            ))),
+            BitmapState::Untrusted(reason) => {
+                Some(FullCopy(format!("dirty bitmap untrusted: {reason}")))
+            }
+        };
+        match full {
+            None => {
+                self.bitmap.start_tracking(peer.clone(), epoch).await?;
+                // Writes this replica completed just before the frontend
+                // gave up on the peer may have missed it (the frontend held
+                // their acks, but their data is here). They are in the
+                // activity log's extents: mark those too, durably, before
+                // answering. Conservative; no I/O when already marked.
+                let cfg = self.al.config();
+                for e in self.al.active() {
+                    let r = cfg.byte_range(e);
+                    if r.end > r.start {
+                        drop(self.bitmap.mark(r.start, r.end - r.start).await?);
+                    }
+                }
+            }
+            Some(FullCopy(why)) => {
+                tracing::warn!(volume, peer = %peer, reason = %why, "full resync: every region marked dirty");
+                self.bitmap.reset_all_dirty(peer.clone(), epoch).await?;
+                *lock(&self.full_copy) = Some(FullCopy(why));
+            }
+        }
+        self.tracking.store(true, Ordering::SeqCst);
+        tracing::info!(volume, peer = %peer, epoch = epoch.0, "tracking dirty regions for the out-of-sync peer");
+        Ok(())
+    }
+
+    /// The peer is back in the in-sync set: stop tracking once nothing is
+    /// dirty (at once if the resync is done, else when it finishes).
+    pub async fn peer_rejoined(&self, volume: &str) -> Result<(), LogsError> {
+        self.peer_in_sync.store(true, Ordering::SeqCst);
+        self.stop_if_clean(volume).await
+    }
+
+    /// Stops tracking if the peer is in sync and no region is dirty.
+    pub async fn stop_if_clean(&self, volume: &str) -> Result<(), LogsError> {
+        if self.peer_in_sync() && self.is_tracking() && self.bitmap.dirty_count() == 0 {
+            self.bitmap.stop_tracking().await?;
+            self.tracking.store(false, Ordering::SeqCst);
+            *lock(&self.full_copy) = None;
+            tracing::info!(volume, "peer in sync again: dirty tracking stopped");
+        }
+        Ok(())
+    }
+}
+
+/// Creates the bitmap file of a new volume (blocking).
+pub fn create_bitmap(storage: &dyn Storage, size: u64) -> Result<(), super::PoolError> {
+    let g = geometry(size).map_err(|e| super::PoolError::BadSize {
+        size,
+        reason: match e {
+            LogsError::Geometry { .. } => "too large for a dirty bitmap",
+            _ => "invalid",
+        },
+    })?;
+    bitmap::create(storage, g)?;
+    Ok(())
+}
+
+/// Creates the empty activity log of a new volume in its meta file
+/// (blocking).
+pub fn create_activity_log(storage: &dyn Storage, size: u64) -> Result<(), super::PoolError> {
+    let cfg = al_config(size).map_err(|_| super::PoolError::BadSize {
+        size,
+        reason: "invalid for an activity log",
+    })?;
+    ActivityLog::create(storage, cfg)?;
+    storage.sync()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::VolumeId;
+    use crate::replica::Pool;
+
+    const SIZE: u64 = 16 << 20;
+
+    async fn open(pool: &Pool, id: &VolumeId) -> Arc<VolumeLogs> {
+        let v = pool.open_volume(id).expect("open volume");
+        VolumeLogs::open(
+            id.as_str(),
+            v.meta.size,
+            Arc::new(v.meta_storage),
+            Arc::new(v.bitmap_storage),
+        )
+        .await
+        .expect("open logs")
+    }
+
+    fn peer() -> ReplicaId {
+        ReplicaId::new("a").expect("valid")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn writes_while_the_peer_is_out_are_dirty_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        assert!(!logs.is_tracking());
+        logs.peer_left("v1", peer(), Epoch(2)).await.expect("left");
+        assert!(logs.is_tracking());
+        let l = logs.clone();
+        tokio::task::spawn_blocking(move || {
+            drop(l.before_write(5 << 20, 4096).expect("logged"));
+        })
+        .await
+        .expect("join");
+        assert_eq!(logs.bitmap().dirty_count(), 1);
+        drop(logs);
+        // A crash: reopened, the region is dirty, plus the activity log's
+        // extent of the write (4 MiB), and tracking goes on.
+        let logs = open(&pool, &id).await;
+        assert!(logs.is_tracking());
+        assert_eq!(
+            logs.bitmap().state(),
+            BitmapState::Tracking {
+                peer: peer(),
+                since: Epoch(2)
+            }
+        );
+        assert_eq!(logs.bitmap().dirty_bytes(), 4 << 20);
+        assert_eq!(logs.full_copy(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn extents_written_before_the_peer_left_are_marked_when_it_leaves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        let l = logs.clone();
+        tokio::task::spawn_blocking(move || drop(l.before_write(0, 4096).expect("logged")))
+            .await
+            .expect("join");
+        assert_eq!(logs.bitmap().dirty_count(), 0, "in sync: nothing marked");
+        logs.peer_left("v1", peer(), Epoch(1)).await.expect("left");
+        assert_eq!(logs.bitmap().dirty_bytes(), 4 << 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replaced_peer_gets_a_full_copy_and_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        logs.peer_left("v1", peer(), Epoch(1)).await.expect("left");
+        let other = ReplicaId::new("c").expect("valid");
+        logs.peer_left("v1", other, Epoch(2)).await.expect("left");
+        assert_eq!(logs.bitmap().dirty_bytes(), SIZE);
+        let why = logs.full_copy().expect("full copy").0;
+        assert!(why.contains("replaced"), "{why}");
+        // Back in sync only once nothing is dirty.
+        logs.peer_rejoined("v1").await.expect("rejoined");
+        assert!(logs.is_tracking());
+    }
+}

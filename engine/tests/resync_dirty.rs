@@ -1,0 +1,429 @@
+//! Resync with real replica processes: replica a is out (killed) while
+//! writes go to replica b alone (b told by `PeerState` that a left, as the
+//! frontend does after the arbiter's swap); a returns; b copies exactly the
+//! dirty regions to a by itself; both data files end byte-identical and
+//! hold every acknowledged write. Also: b killed -9 in the middle of the
+//! resync resumes from its persisted bitmap after a restart.
+//!
+//! The test drives the replica protocol directly (the library's replica
+//! client), standing in for the frontend, so that it checks the replica
+//! side alone.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{MIB, digest, engine_bin, run_with_deadline, tail, wait_until};
+use twinvol_engine::frontend::ReplicaSpec;
+use twinvol_engine::frontend::connection::{ReplicaHandle, SessionParams};
+use twinvol_engine::metrics::Metrics;
+use twinvol_engine::protocol::{
+    ArbiterVersion, Epoch, Op, PROTOCOL_VERSION, ReplicaId, Reply, Secret, VolumeId,
+};
+
+const SIZE: u64 = 64 * MIB;
+const REGION: u64 = 64 * 1024;
+const EXTENT: u64 = 4 * MIB;
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// A replica process, killed (SIGKILL to its group) on drop.
+struct ReplicaProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ReplicaProc {
+    fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group created for this child.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ReplicaProc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.log.display(), tail(&self.log, 40));
+        }
+    }
+}
+
+struct Site {
+    name: &'static str,
+    pool: PathBuf,
+    addr: String,
+}
+
+impl Site {
+    fn data(&self) -> PathBuf {
+        self.pool.join("v1").join("data")
+    }
+    fn status_file(&self) -> PathBuf {
+        self.pool.join("v1").join("resync-status.json")
+    }
+}
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+fn setup(root: &Path) -> (Site, Site, PathBuf) {
+    let secret = root.join("secret");
+    std::fs::write(&secret, "resync-test-secret-0123456789abcdef\n").expect("secret");
+    let mk = |name: &'static str| {
+        let pool = root.join(format!("pool-{name}"));
+        std::fs::create_dir(&pool).expect("pool");
+        let mut c = Command::new(engine_bin());
+        c.args(["volume", "create", "--pool"]).arg(&pool).args([
+            "--volume",
+            "v1",
+            "--size",
+            &SIZE.to_string(),
+        ]);
+        let out = run_with_deadline(c, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Site {
+            name,
+            pool,
+            addr: free_addr(),
+        }
+    };
+    (mk("a"), mk("b"), secret)
+}
+
+fn start(site: &Site, secret: &Path, extra: &[String], root: &Path) -> ReplicaProc {
+    let log = root.join(format!("replica-{}.log", site.name));
+    let out = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("log");
+    let err = out.try_clone().expect("clone");
+    let child = Command::new(engine_bin())
+        .args(["replica", "--pool"])
+        .arg(&site.pool)
+        .args(["--listen", &site.addr, "--secret-file"])
+        .arg(secret)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env_remove("TWINVOL_LOG_JSON")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .expect("spawn replica");
+    let p = ReplicaProc { child, log };
+    let ok = wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&site.addr).ok()
+    });
+    assert!(ok.is_some(), "replica {} not listening", site.name);
+    p
+}
+
+fn status(site: &Site) -> Option<serde_json::Value> {
+    let t = std::fs::read_to_string(site.status_file()).ok()?;
+    serde_json::from_str(&t).ok()
+}
+
+fn field(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+async fn connect(site: &Site, secret: &Path, epoch: u64) -> ReplicaHandle {
+    let params = SessionParams {
+        volume: VolumeId::new("v1").expect("id"),
+        epoch: Epoch(epoch),
+        secret: Secret::from_file(secret).expect("secret"),
+        protocol_version: PROTOCOL_VERSION,
+    };
+    let spec = ReplicaSpec {
+        id: ReplicaId::new(site.name).expect("id"),
+        addr: site.addr.clone(),
+    };
+    let m = Metrics::new("test");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        ReplicaHandle::connect(spec, params, m.handles("v1", site.name)),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect")
+}
+
+async fn call(h: &ReplicaHandle, op: Op) -> Reply {
+    tokio::time::timeout(Duration::from_secs(20), h.call(op))
+        .await
+        .expect("answer in time")
+        .expect("request ok")
+}
+
+/// Writes `len` bytes of `fill` at `offset` to every handle and to the
+/// model of what must be on disk.
+async fn write(hs: &[&ReplicaHandle], model: &mut [u8], offset: u64, len: usize, fill: u8) {
+    let data = Bytes::from(vec![fill; len]);
+    for h in hs {
+        let r = call(
+            h,
+            Op::Write {
+                offset,
+                fua: false,
+                data: data.clone(),
+            },
+        )
+        .await;
+        assert_eq!(r, Reply::Done);
+    }
+    model[offset as usize..offset as usize + len].fill(fill);
+}
+
+fn peer_state(in_sync: bool) -> Op {
+    Op::PeerState {
+        peer: ReplicaId::new("a").expect("id"),
+        in_sync,
+        arbiter_version: ArbiterVersion::new("7").expect("version"),
+    }
+}
+
+/// Writes made while a is out: scattered small writes and a few larger
+/// ones. Returns the dirty regions and the extents touched.
+async fn degraded_writes(
+    b: &ReplicaHandle,
+    model: &mut [u8],
+    count: u64,
+    span: u64,
+) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let regions_in_span = span / REGION;
+    let mut regions = BTreeSet::new();
+    let mut extents = BTreeSet::new();
+    for i in 0..count {
+        let (offset, len) = if i % 10 == 0 {
+            (((i * 7) % (span / MIB - 1)) * MIB, 256 * 1024)
+        } else {
+            ((i * 7919 % regions_in_span) * REGION + 4096 * (i % 3), 4096)
+        };
+        write(&[b], model, offset, len as usize, (i % 251) as u8 + 1).await;
+        for r in offset / REGION..(offset + len).div_ceil(REGION) {
+            regions.insert(r);
+        }
+        for e in offset / EXTENT..(offset + len).div_ceil(EXTENT) {
+            extents.insert(e);
+        }
+    }
+    (regions, extents)
+}
+
+fn assert_identical(a: &Site, b: &Site, model: &[u8]) {
+    let bytes_b = std::fs::read(b.data()).expect("read b");
+    assert!(bytes_b == model, "replica b lost an acknowledged write");
+    assert_eq!(digest(&a.data()), digest(&b.data()), "replicas differ");
+}
+
+#[test]
+fn resync_copies_only_dirty_regions_and_replicas_end_identical() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (a, b, secret) = setup(root.path());
+    let peer_arg = vec!["--peer".to_owned(), format!("a={}", a.addr)];
+    let mut pa = start(&a, &secret, &[], root.path());
+    let pb = start(&b, &secret, &peer_arg, root.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+
+    let (dirty, _extents) = rt.block_on(async {
+        let ha = connect(&a, &secret, 1).await;
+        let hb = connect(&b, &secret, 1).await;
+        write(&[&ha, &hb], &mut model, 0, 4 * MIB as usize, 0x11).await;
+        // The frontend's degraded mode: the arbiter swap, then PeerState.
+        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+        drop(ha);
+        pa.kill();
+        degraded_writes(&hb, &mut model, 200, SIZE).await
+    });
+    // Dirty: the regions written while a was out, and the extent written
+    // just before (in b's activity log when a left: marked, see
+    // replica::logs).
+    let mut dirty = dirty;
+    dirty.extend(0..EXTENT / REGION);
+    let dirty_bytes = dirty.len() as u64 * REGION;
+    let before = status(&b).expect("status file");
+    assert_eq!(field(&before, "copied_bytes"), 0);
+
+    let started = Instant::now();
+    let _pa = start(&a, &secret, &[], root.path());
+    let done = wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
+    });
+    let done = done.unwrap_or_else(|| panic!("resync not done: {:?}", status(&b)));
+    let took = started.elapsed();
+    let copied = field(&done, "copied_bytes");
+    eprintln!(
+        "dirty regions {} ({dirty_bytes} bytes), copied {copied} bytes, resync done {took:?} after a returned",
+        dirty.len()
+    );
+    assert!(
+        copied <= dirty_bytes,
+        "copied {copied} > dirty {dirty_bytes}"
+    );
+    assert_eq!(copied, dirty_bytes, "every dirty region is copied once");
+
+    // The frontend's rejoin: arbiter ReturnToInSync, then PeerState.
+    rt.block_on(async {
+        let hb = connect(&b, &secret, 1).await;
+        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
+        call(&hb, Op::Flush).await;
+    });
+    let log = std::fs::read_to_string(&pb.log).expect("log");
+    assert!(log.contains("resync v1 → a:"), "progress line missing");
+    assert!(
+        log.contains("dirty tracking stopped"),
+        "tracking not stopped"
+    );
+    assert_identical(&a, &b, &model);
+}
+
+#[test]
+fn resync_resumes_after_the_surviving_replica_is_killed() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (a, b, secret) = setup(root.path());
+    // Slow enough to be caught in the middle.
+    let args = vec![
+        "--peer".to_owned(),
+        format!("a={}", a.addr),
+        "--resync-rate".into(),
+        "2M".into(),
+    ];
+    let mut pa = start(&a, &secret, &[], root.path());
+    let mut pb = start(&b, &secret, &args, root.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+    let (dirty, extents) = rt.block_on(async {
+        let ha = connect(&a, &secret, 1).await;
+        let hb = connect(&b, &secret, 1).await;
+        write(&[&ha, &hb], &mut model, 0, MIB as usize, 0x22).await;
+        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+        drop(ha);
+        pa.kill();
+        // Within the first half: the copy after the restart (dirty regions
+        // plus the activity log's extents) stays below a full copy.
+        let r = degraded_writes(&hb, &mut model, 400, SIZE / 2).await;
+        call(&hb, Op::Flush).await;
+        r
+    });
+    let mut dirty = dirty;
+    dirty.extend(0..EXTENT / REGION);
+    let dirty_bytes = dirty.len() as u64 * REGION;
+    // Extents with writes since b started: what its activity log may hold.
+    let mut extents = extents;
+    extents.insert(0);
+    let al_bytes = extents.len() as u64 * EXTENT;
+
+    let _pa = start(&a, &secret, &[], root.path());
+    let mid = wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "copying" && field(s, "attempt_copied_bytes") >= MIB)
+    })
+    .unwrap_or_else(|| panic!("resync did not start: {:?}", status(&b)));
+    let copied_first = field(&mid, "copied_bytes");
+    assert!(field(&mid, "remaining_bytes") > 0, "{mid}");
+    pb.kill();
+    eprintln!("killed b after {copied_first}+ bytes copied of {dirty_bytes} dirty");
+    std::fs::remove_file(b.status_file()).expect("remove status");
+
+    let started = Instant::now();
+    let pb2 = start(&b, &secret, &args, root.path());
+    let done = wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
+    })
+    .unwrap_or_else(|| panic!("resumed resync not done: {:?}", status(&b)));
+    let copied_second = field(&done, "copied_bytes");
+    eprintln!(
+        "after restart: copied {copied_second} bytes in {:?} (dirty {dirty_bytes}, activity-log bound {al_bytes})",
+        started.elapsed()
+    );
+    assert!(
+        copied_second <= dirty_bytes + al_bytes,
+        "copied {copied_second} > dirty {dirty_bytes} + activity log {al_bytes}"
+    );
+    assert!(copied_second < SIZE, "a full copy after the restart");
+    rt.block_on(async {
+        let hb = connect(&b, &secret, 1).await;
+        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
+    });
+    let log = std::fs::read_to_string(&pb2.log).expect("log");
+    assert!(log.contains("dirty bitmap loaded"), "no recovery logged");
+    assert_identical(&a, &b, &model);
+}
+
+#[test]
+fn foreground_writes_during_the_resync_converge() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (a, b, secret) = setup(root.path());
+    let args = vec![
+        "--peer".to_owned(),
+        format!("a={}", a.addr),
+        "--resync-rate".into(),
+        "4M".into(),
+    ];
+    let mut pa = start(&a, &secret, &[], root.path());
+    let _pb = start(&b, &secret, &args, root.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+    rt.block_on(async {
+        let ha = connect(&a, &secret, 1).await;
+        let hb = connect(&b, &secret, 1).await;
+        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+        drop(ha);
+        pa.kill();
+        degraded_writes(&hb, &mut model, 300, SIZE).await;
+    });
+    let _pa = start(&a, &secret, &[], root.path());
+    wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "copying" && field(s, "attempt_copied_bytes") > 0)
+    })
+    .unwrap_or_else(|| panic!("resync did not start: {:?}", status(&b)));
+    // While it copies, the frontend sends new writes to both replicas (acks
+    // from b alone would do; a converges either way), overlapping regions
+    // being copied.
+    rt.block_on(async {
+        let ha = connect(&a, &secret, 1).await;
+        let hb = connect(&b, &secret, 1).await;
+        for i in 0..200u64 {
+            let offset = (i * 104_729 % (SIZE / 4096 - 16)) * 4096;
+            write(
+                &[&hb, &ha],
+                &mut model,
+                offset,
+                16 * 1024,
+                (i % 200) as u8 + 7,
+            )
+            .await;
+        }
+    });
+    let done = wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
+    })
+    .unwrap_or_else(|| panic!("resync not done: {:?}", status(&b)));
+    eprintln!(
+        "copied {} bytes, {} regions copied again after overlapping writes",
+        field(&done, "copied_bytes"),
+        field(&done, "recopied_regions")
+    );
+    rt.block_on(async {
+        let hb = connect(&b, &secret, 1).await;
+        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
+    });
+    assert_identical(&a, &b, &model);
+}
