@@ -60,8 +60,8 @@ use bytes::BytesMut;
 use tokio::sync::Semaphore;
 
 use crate::bitmap::{BitmapError, BitmapState, RegionIndex};
-use crate::frontend::ReplicaSpec;
 use crate::frontend::connection::{CallError, ConnectError, ReplicaHandle, SessionParams};
+use crate::frontend::{ReplicaSpec, ReplicaState};
 use crate::metrics::Metrics;
 use crate::protocol::{MAX_IO_BYTES, Op, ProtocolVersion, ReplicaId, Reply, Secret, VolumeId};
 use crate::replica::Volume;
@@ -120,6 +120,11 @@ pub enum ResyncError {
     },
     #[error("peer replica {peer} did not answer within {timeout:?}")]
     Timeout { peer: ReplicaId, timeout: Duration },
+    #[error("lost the connection to peer replica {peer} ({state})")]
+    PeerLost {
+        peer: ReplicaId,
+        state: &'static str,
+    },
     #[error("peer replica {peer} failed a resync request")]
     Peer {
         peer: ReplicaId,
@@ -335,9 +340,7 @@ impl Supervisor {
                     continue;
                 }
                 _ => {
-                    if !matches!(self.status.state, ResyncState::Done) {
-                        self.set_state(ResyncState::Idle);
-                    }
+                    self.set_state(ResyncState::Idle);
                     tokio::time::sleep(POLL).await;
                     continue;
                 }
@@ -573,7 +576,30 @@ struct Copy {
 
 impl Copy {
     async fn call(&self, op: Op) -> Result<(), ResyncError> {
-        match tokio::time::timeout(PEER_IO_TIMEOUT, self.handle.call(op)).await {
+        // The client reconnects and holds requests while the peer is away;
+        // the resync rather fails at once and retries from the bitmap.
+        let mut state = self.handle.watch_state();
+        let lost = async {
+            loop {
+                let s = *state.borrow_and_update();
+                if matches!(s, ReplicaState::Disconnected | ReplicaState::Fenced) {
+                    return s;
+                }
+                if state.changed().await.is_err() {
+                    return ReplicaState::Disconnected;
+                }
+            }
+        };
+        let answered = tokio::select! {
+            r = tokio::time::timeout(PEER_IO_TIMEOUT, self.handle.call(op)) => r,
+            s = lost => {
+                return Err(ResyncError::PeerLost {
+                    peer: self.peer.clone(),
+                    state: s.name(),
+                });
+            }
+        };
+        match answered {
             Ok(Ok(Reply::Done)) => Ok(()),
             Ok(Ok(_)) => Err(ResyncError::Peer {
                 peer: self.peer.clone(),

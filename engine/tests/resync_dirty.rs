@@ -227,6 +227,19 @@ async fn degraded_writes(
     (regions, extents)
 }
 
+/// `GET /metrics` over plain HTTP/1.0.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 fn assert_identical(a: &Site, b: &Site, model: &[u8]) {
     let bytes_b = std::fs::read(b.data()).expect("read b");
     assert!(bytes_b == model, "replica b lost an acknowledged write");
@@ -237,7 +250,13 @@ fn assert_identical(a: &Site, b: &Site, model: &[u8]) {
 fn resync_copies_only_dirty_regions_and_replicas_end_identical() {
     let root = tempfile::tempdir().expect("tempdir");
     let (a, b, secret) = setup(root.path());
-    let peer_arg = vec!["--peer".to_owned(), format!("a={}", a.addr)];
+    let metrics_addr = free_addr();
+    let peer_arg = vec![
+        "--peer".to_owned(),
+        format!("a={}", a.addr),
+        "--metrics-listen".into(),
+        metrics_addr.clone(),
+    ];
     let mut pa = start(&a, &secret, &[], root.path());
     let pb = start(&b, &secret, &peer_arg, root.path());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -279,6 +298,14 @@ fn resync_copies_only_dirty_regions_and_replicas_end_identical() {
         "copied {copied} > dirty {dirty_bytes}"
     );
     assert_eq!(copied, dirty_bytes, "every dirty region is copied once");
+    let m = scrape(&metrics_addr);
+    for want in [
+        "twinvol_replica_resync_bytes_remaining{volume=\"v1\",replica=\"a\"} 0".to_owned(),
+        format!("twinvol_replica_resync_bytes_copied{{volume=\"v1\",replica=\"a\"}} {copied}"),
+        "twinvol_replica_resync_state{volume=\"v1\",replica=\"a\",state=\"done\"} 1".to_owned(),
+    ] {
+        assert!(m.contains(&want), "{want} not in metrics:\n{m}");
+    }
 
     // The frontend's rejoin: arbiter ReturnToInSync, then PeerState.
     rt.block_on(async {
