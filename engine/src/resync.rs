@@ -633,3 +633,55 @@ fn resync_state_name(s: &ResyncState) -> &'static str {
 
 /// All state names, for the state gauge.
 pub const STATE_NAMES: [&str; 6] = ["idle", "waiting", "connecting", "copying", "done", "failed"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_shows_progress_eta_and_why_a_full_copy() {
+        let mut s = ResyncStatus {
+            volume: "v1".into(),
+            peer: Some("b".into()),
+            state: ResyncState::Copying,
+            full_copy: None,
+            dirty_bytes_at_start: 40 << 20,
+            copied_bytes: 25 << 19,
+            attempt_copied_bytes: 25 << 19,
+            remaining_bytes: (40 << 20) - (25 << 19),
+            recopied_regions: 0,
+            elapsed_ms: 1000,
+            eta_ms: Some(2200),
+            completed: 0,
+        };
+        assert_eq!(s.line(), "resync v1 → b: 12.5 MiB / 40.0 MiB, 31%, ETA 3 s");
+        s.full_copy = Some("dirty bitmap untrusted: a write of the bitmap failed earlier".into());
+        s.eta_ms = None;
+        assert!(s.line().ends_with(
+            "ETA ? (full copy: dirty bitmap untrusted: a write of the bitmap failed earlier)"
+        ));
+    }
+
+    #[test]
+    fn status_serialises_its_state_flat() {
+        let s = ResyncStatus {
+            volume: "v1".into(),
+            peer: None,
+            state: ResyncState::Failed {
+                error: "no address".into(),
+            },
+            full_copy: None,
+            dirty_bytes_at_start: 0,
+            copied_bytes: 0,
+            attempt_copied_bytes: 0,
+            remaining_bytes: 0,
+            recopied_regions: 0,
+            elapsed_ms: 0,
+            eta_ms: None,
+            completed: 0,
+        };
+        let v = serde_json::to_value(&s).expect("json");
+        assert_eq!(v["state"], "failed");
+        assert_eq!(v["error"], "no address");
+    }
+}

@@ -454,3 +454,56 @@ fn foreground_writes_during_the_resync_converge() {
     });
     assert_identical(&a, &b, &model);
 }
+
+#[test]
+fn a_new_frontend_epoch_during_the_resync_is_followed() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (a, b, secret) = setup(root.path());
+    let args = vec![
+        "--peer".to_owned(),
+        format!("a={}", a.addr),
+        "--resync-rate".into(),
+        "4M".into(),
+    ];
+    let mut pa = start(&a, &secret, &[], root.path());
+    let pb = start(&b, &secret, &args, root.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+    rt.block_on(async {
+        let ha = connect(&a, &secret, 1).await;
+        let hb = connect(&b, &secret, 1).await;
+        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+        drop(ha);
+        pa.kill();
+        degraded_writes(&hb, &mut model, 200, SIZE).await;
+    });
+    let _pa = start(&a, &secret, &[], root.path());
+    wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "copying" && field(s, "attempt_copied_bytes") > 0)
+    })
+    .unwrap_or_else(|| panic!("resync did not start: {:?}", status(&b)));
+    // A new frontend opens both replicas at epoch 2: the resync's session
+    // with a (epoch 1) is fenced; it must reconnect at epoch 2 and finish.
+    rt.block_on(async {
+        let hb = connect(&b, &secret, 2).await;
+        let ha = connect(&a, &secret, 2).await;
+        write(&[&hb, &ha], &mut model, 8 * MIB, 64 * 1024, 0x5a).await;
+    });
+    let done = wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
+    })
+    .unwrap_or_else(|| panic!("resync not done: {:?}", status(&b)));
+    assert!(field(&done, "completed") >= 1);
+    rt.block_on(async {
+        let hb = connect(&b, &secret, 2).await;
+        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
+    });
+    let log = std::fs::read_to_string(&pb.log).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("resync started") && l.contains("epoch=2")),
+        "the resync did not reconnect at the new epoch:\n{}",
+        tail(&pb.log, 30)
+    );
+    assert_identical(&a, &b, &model);
+}

@@ -289,6 +289,10 @@ impl VolumeLogs {
                         drop(self.bitmap.mark(r.start, r.end - r.start).await?);
                     }
                 }
+                // Extents recovered while in sync are among them: now
+                // durably dirty, they may leave the log.
+                self.al.release_recovered();
+                lock(&self.unreconciled).clear();
             }
             Some(FullCopy(why)) => {
                 tracing::warn!(volume, peer = %peer, reason = %why, "full resync: every region marked dirty");
