@@ -145,8 +145,12 @@ fn field(v: &serde_json::Value, k: &str) -> u64 {
 }
 
 async fn connect(site: &Site, secret: &Path, epoch: u64) -> ReplicaHandle {
+    connect_volume(site, secret, epoch, "v1").await
+}
+
+async fn connect_volume(site: &Site, secret: &Path, epoch: u64, volume: &str) -> ReplicaHandle {
     let params = SessionParams {
-        volume: VolumeId::new("v1").expect("id"),
+        volume: VolumeId::new(volume).expect("id"),
         epoch: Epoch(epoch),
         secret: Secret::from_file(secret).expect("secret"),
         protocol_version: PROTOCOL_VERSION,
@@ -158,7 +162,7 @@ async fn connect(site: &Site, secret: &Path, epoch: u64) -> ReplicaHandle {
     let m = Metrics::new("test");
     tokio::time::timeout(
         Duration::from_secs(20),
-        ReplicaHandle::connect(spec, params, m.handles("v1", site.name)),
+        ReplicaHandle::connect(spec, params, m.handles(volume, site.name)),
     )
     .await
     .expect("connect in time")
@@ -506,4 +510,74 @@ fn a_new_frontend_epoch_during_the_resync_is_followed() {
         tail(&pb.log, 30)
     );
     assert_identical(&a, &b, &model);
+}
+
+#[test]
+fn resyncs_beyond_the_limit_wait_for_a_slot() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (a, b, secret) = setup(root.path());
+    for site in [&a, &b] {
+        let mut c = Command::new(engine_bin());
+        c.args(["volume", "create", "--pool"])
+            .arg(&site.pool)
+            .args(["--volume", "v2", "--size", &SIZE.to_string()]);
+        let out = run_with_deadline(c, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let args = vec![
+        "--peer".to_owned(),
+        format!("a={}", a.addr),
+        "--resync-rate".into(),
+        "4M".into(),
+        "--resync-max".into(),
+        "1".into(),
+    ];
+    let mut pa = start(&a, &secret, &[], root.path());
+    let _pb = start(&b, &secret, &args, root.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut models = [vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]];
+    rt.block_on(async {
+        for (vol, model) in ["v1", "v2"].into_iter().zip(models.iter_mut()) {
+            let hb = connect_volume(&b, &secret, 1, vol).await;
+            assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+            write(&[&hb], model, 16 * MIB, 4 * MIB as usize, 0x33).await;
+        }
+    });
+    pa.kill();
+    let status_of = |vol: &str| -> Option<serde_json::Value> {
+        let t = std::fs::read_to_string(b.pool.join(vol).join("resync-status.json")).ok()?;
+        serde_json::from_str(&t).ok()
+    };
+    let _pa = start(&a, &secret, &[], root.path());
+    // One copies, the other waits for the slot.
+    let both = wait_until(DEADLINE, || {
+        let (s1, s2) = (status_of("v1")?, status_of("v2")?);
+        let states = [s1["state"].clone(), s2["state"].clone()];
+        (states.contains(&"copying".into()) && states.contains(&"waiting".into())).then_some(())
+    });
+    assert!(
+        both.is_some(),
+        "never one copying and one waiting: {:?} {:?}",
+        status_of("v1"),
+        status_of("v2")
+    );
+    let done = wait_until(DEADLINE, || {
+        let (s1, s2) = (status_of("v1")?, status_of("v2")?);
+        (s1["state"] == "done" && s2["state"] == "done").then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "{:?} {:?}",
+        status_of("v1"),
+        status_of("v2")
+    );
+    for (vol, model) in ["v1", "v2"].into_iter().zip(models.iter()) {
+        let da = std::fs::read(a.pool.join(vol).join("data")).expect("a");
+        let db = std::fs::read(b.pool.join(vol).join("data")).expect("b");
+        assert!(db == *model && da == db, "{vol} differs");
+    }
 }
