@@ -38,12 +38,30 @@
 //! - **Rejoin.** When no region is dirty the resync is `Done`; the frontend
 //!   (lease holder) does the arbiter's `ReturnToInSync`, adds the replica
 //!   back to its write set and sends `PeerState { in_sync: true }`, upon
-//!   which this replica stops tracking (`VolumeLogs::peer_rejoined`). Hook
-//!   wanted from the frontend owner: while the resync runs the frontend
-//!   should already send every new write to the returning replica too
-//!   (acks still depend only on the in-sync set), and it needs to learn
-//!   "done" — today from the status file or the log line; a
-//!   `ResyncStatus` request would be the protocol way.
+//!   which this replica stops tracking (`VolumeLogs::peer_rejoined`; if
+//!   writes dirtied regions since, once the resync has copied them).
+//!
+//! # Hooks wanted from the frontend / protocol owner
+//!
+//! 1. While the resync runs, the frontend sends every new write to the
+//!    returning replica too (opening it at its epoch; acks depend only on
+//!    the in-sync set, errors from it only log). Without this the peer
+//!    falls behind again between `Done` and the rejoin.
+//! 2. The frontend learns `Done` through a request, e.g.
+//!    `Op::ResyncStatus` → `Reply::Resync { state, copied_bytes,
+//!    remaining_bytes, eta_ms }` (fields of [`ResyncStatus`]), polled on the
+//!    in-sync replica's connection; on `Done` it does the arbiter's
+//!    `ReturnToInSync` and sends `PeerState { peer, in_sync: true }`. Today
+//!    `Done` is visible in `resync-status.json`, the log and the metrics.
+//! 3. Optionally `Op::StartResync { peer, addr }` so the lease holder can
+//!    point a replica at its peer instead of `--peer`.
+//! 4. After a frontend crash with both replicas in sync, activity-log
+//!    extents recovered on both are possibly divergent: the new frontend
+//!    picks a source replica and sends it `PeerState { peer: other,
+//!    in_sync: false }` (after the arbiter swap): that marks its recovered
+//!    extents dirty and this resync copies them. The other replica's own
+//!    recovered extents are not covered by that (it needs a query for
+//!    them, e.g. an `Op::RecoveredExtents`, to be marked on the source).
 //!
 //! # Progress
 //!
@@ -544,11 +562,7 @@ impl Supervisor {
             writes_seen = writes_now;
             let slow = Duration::from_micros(self.volume.write_latency_us())
                 > self.mgr.config.latency_target;
-            backoff = if busy && slow {
-                (backoff * 2).clamp(Duration::from_millis(10), MAX_BACKOFF)
-            } else {
-                Duration::ZERO
-            };
+            backoff = next_backoff(backoff, busy, slow);
             if !backoff.is_zero() {
                 tokio::time::sleep(backoff).await;
             }
@@ -620,6 +634,16 @@ impl Copy {
     }
 }
 
+/// The pause after a batch: doubling (10 ms .. 1 s) while foreground
+/// writes happen and are slower than the target, none otherwise.
+fn next_backoff(prev: Duration, busy: bool, slow: bool) -> Duration {
+    if busy && slow {
+        (prev * 2).clamp(Duration::from_millis(10), MAX_BACKOFF)
+    } else {
+        Duration::ZERO
+    }
+}
+
 fn resync_state_name(s: &ResyncState) -> &'static str {
     match s {
         ResyncState::Idle => "idle",
@@ -660,6 +684,17 @@ mod tests {
         assert!(s.line().ends_with(
             "ETA ? (full copy: dirty bitmap untrusted: a write of the bitmap failed earlier)"
         ));
+    }
+
+    #[test]
+    fn backs_off_only_while_foreground_writes_are_slow() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_backoff(Duration::ZERO, true, true), ms(10));
+        assert_eq!(next_backoff(ms(10), true, true), ms(20));
+        assert_eq!(next_backoff(ms(800), true, true), MAX_BACKOFF);
+        // Idle volume (a stale slow average) or fast writes: full speed.
+        assert_eq!(next_backoff(ms(800), false, true), Duration::ZERO);
+        assert_eq!(next_backoff(ms(800), true, false), Duration::ZERO);
     }
 
     #[test]
