@@ -581,3 +581,66 @@ fn resyncs_beyond_the_limit_wait_for_a_slot() {
         assert!(db == *model && da == db, "{vol} differs");
     }
 }
+
+#[test]
+fn a_replaced_peer_gets_a_full_copy_that_says_why() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (a, b, secret) = setup(root.path());
+    // The replica that returns at a's address is a new one, "c".
+    let args = vec!["--peer".to_owned(), format!("c={}", a.addr)];
+    let mut pa = start(&a, &secret, &[], root.path());
+    let pb = start(&b, &secret, &args, root.path());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+    rt.block_on(async {
+        let hb = connect(&b, &secret, 1).await;
+        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+        pa.kill();
+        degraded_writes(&hb, &mut model, 50, SIZE).await;
+        let replaced = Op::PeerState {
+            peer: ReplicaId::new("c").expect("id"),
+            in_sync: false,
+            arbiter_version: ArbiterVersion::new("8").expect("version"),
+        };
+        assert_eq!(call(&hb, replaced).await, Reply::Done);
+    });
+    // A blank replica at a's place.
+    std::fs::remove_dir_all(a.pool.join("v1")).expect("wipe a");
+    let mut c = Command::new(engine_bin());
+    c.args(["volume", "create", "--pool"]).arg(&a.pool).args([
+        "--volume",
+        "v1",
+        "--size",
+        &SIZE.to_string(),
+    ]);
+    assert!(
+        run_with_deadline(c, Duration::from_secs(60))
+            .status
+            .success()
+    );
+    let started = Instant::now();
+    let _pc = start(&a, &secret, &[], root.path());
+    let done = wait_until(DEADLINE, || {
+        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
+    })
+    .unwrap_or_else(|| panic!("full resync not done: {:?}", status(&b)));
+    eprintln!(
+        "full copy of {SIZE} bytes done {:?} after the new replica started",
+        started.elapsed()
+    );
+    assert_eq!(field(&done, "copied_bytes"), SIZE);
+    let why = done["full_copy"].as_str().unwrap_or_default().to_owned();
+    assert!(why.contains("replaced"), "status does not say why: {done}");
+    let log = std::fs::read_to_string(&pb.log).expect("log");
+    assert!(log.contains("full resync"), "log does not say so");
+    rt.block_on(async {
+        let hb = connect(&b, &secret, 1).await;
+        let back = Op::PeerState {
+            peer: ReplicaId::new("c").expect("id"),
+            in_sync: true,
+            arbiter_version: ArbiterVersion::new("9").expect("version"),
+        };
+        assert_eq!(call(&hb, back).await, Reply::Done);
+    });
+    assert_identical(&a, &b, &model);
+}
