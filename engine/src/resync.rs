@@ -53,9 +53,13 @@
 //!    in-sync replica's connection; on `Done` it does the arbiter's
 //!    `ReturnToInSync` and sends `PeerState { peer, in_sync: true }`. Today
 //!    `Done` is visible in `resync-status.json`, the log and the metrics.
-//! 3. Optionally `Op::StartResync { peer, addr }` so the lease holder can
+//! 3. After (re)connecting to the in-sync replica while its peer is out of
+//!    the in-sync set, send `PeerState { in_sync: false }` again
+//!    (idempotent): a replica whose bitmap could not be trusted after a
+//!    crash resumes only then, with a full copy.
+//! 4. Optionally `Op::StartResync { peer, addr }` so the lease holder can
 //!    point a replica at its peer instead of `--peer`.
-//! 4. After a frontend crash with both replicas in sync, activity-log
+//! 5. After a frontend crash with both replicas in sync, activity-log
 //!    extents recovered on both are possibly divergent: the new frontend
 //!    picks a source replica and sends it `PeerState { peer: other,
 //!    in_sync: false }` (after the arbiter swap): that marks its recovered

@@ -28,6 +28,12 @@
 //! extents that had recent writes closes that gap (the notes of the
 //! activity log ask for it); the cost is bounded by the log's size.
 //!
+//! Who may push data to whom is decided only by a `Tracking` header, which
+//! only `PeerState { in_sync: false }` (sent after the arbiter's swap)
+//! creates. An untrusted bitmap therefore starts no copy by itself — the
+//! replica might be the stale one — it waits for the frontend to say again
+//! that the peer is out (idempotent), and then copies everything.
+//!
 //! A failed activity-log update poisons the log: every later write of the
 //! volume fails until the replica restarts (which runs recovery). That is
 //! the "fatal for the volume" the activity log asks for.
