@@ -4,10 +4,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use twinvol_engine::frontend::service::{self as frontend_service, FrontendProcess};
+use twinvol_engine::arbiter::{FileArbiter, FrontendId};
+use twinvol_engine::frontend::lease::{LeaseConfig, now_ms};
+use twinvol_engine::frontend::service::{
+    self as frontend_service, ArbiterOptions, FrontendProcess,
+};
 use twinvol_engine::frontend::{MirrorConfig, ReplicaSpec};
 use twinvol_engine::process::shutdown_signal;
 use twinvol_engine::protocol::{
@@ -37,7 +42,30 @@ enum Command {
         command: VolumeCommand,
     },
     /// Mirror a volume on two replicas and export it (NBD, FUSE file).
-    Frontend(FrontendArgs),
+    Frontend(Box<FrontendArgs>),
+    /// Manage a volume's file-backed arbiter record.
+    Arbiter {
+        #[command(subcommand)]
+        command: ArbiterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ArbiterCommand {
+    /// Create the record of a new volume: both replicas in sync, epoch 0.
+    Create {
+        /// The record file (refused if it exists).
+        #[arg(long)]
+        path: PathBuf,
+        /// A replica of the volume; give exactly two.
+        #[arg(long = "replica", required = true)]
+        replicas: Vec<ReplicaId>,
+    },
+    /// Print the record: epoch, in-sync set, lease holder and expiry.
+    Show {
+        #[arg(long)]
+        path: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -103,9 +131,33 @@ struct FrontendArgs {
     /// File holding the shared secret (the same as the replicas').
     #[arg(long, env = "TWINVOL_SECRET_FILE")]
     secret_file: PathBuf,
-    /// The volume epoch of this frontend; replicas refuse older ones.
-    #[arg(long, env = "TWINVOL_EPOCH")]
-    epoch: u64,
+    /// The volume epoch of this frontend; replicas refuse older ones
+    /// (without an arbiter; with one, the lease gives the epoch).
+    #[arg(
+        long,
+        env = "TWINVOL_EPOCH",
+        required_unless_present = "arbiter",
+        conflicts_with = "arbiter"
+    )]
+    epoch: Option<u64>,
+    /// The file-backed arbiter record of the volume (see `arbiter create`):
+    /// lease, epoch and in-sync set come from it, and a lost replica is
+    /// dropped from the in-sync set through it.
+    #[arg(long, env = "TWINVOL_ARBITER", requires = "frontend_id")]
+    arbiter: Option<PathBuf>,
+    /// This frontend's name as the lease holder (node and instance).
+    #[arg(long, env = "TWINVOL_FRONTEND_ID")]
+    frontend_id: Option<String>,
+    /// How long a lease lasts without renewal (renewed every third).
+    #[arg(long, env = "TWINVOL_LEASE_DURATION", default_value = "10s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// Wait this much beyond another holder's expiry before taking over.
+    #[arg(long, env = "TWINVOL_LEASE_MARGIN", default_value = "2s", value_parser = parse_duration)]
+    lease_margin: Duration,
+    /// A replica that does not answer within this is dropped from the
+    /// in-sync set (with an arbiter).
+    #[arg(long, env = "TWINVOL_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    replica_timeout: Duration,
     /// Export over NBD on this unix socket.
     #[arg(long)]
     nbd_unix: Option<PathBuf>,
@@ -127,6 +179,22 @@ struct FrontendArgs {
     /// Speak another protocol version (tests of version refusal only).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
+}
+
+/// `1500ms`, `10s`, `2m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -175,6 +243,21 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Arbiter {
+            command: ArbiterCommand::Create { path, replicas },
+        } => {
+            anyhow::ensure!(replicas.len() == 2, "give exactly two --replica");
+            let a = FileArbiter::create(&path, replicas.into_iter().collect())?;
+            println!("{}", a.read_blocking()?.summary(now_ms()));
+            Ok(())
+        }
+        Command::Arbiter {
+            command: ArbiterCommand::Show { path },
+        } => {
+            let a = FileArbiter::open(&path)?;
+            println!("{}", a.read_blocking()?.summary(now_ms()));
+            Ok(())
+        }
         Command::Volume {
             command: VolumeCommand::Create { pool, volume, size },
         } => {
@@ -207,6 +290,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(replica_service::run(opts, shutdown_signal()).await?)
         }
         Command::Frontend(a) => {
+            let a = *a;
             let secret = Secret::from_file(&a.secret_file)?;
             let fuse_file_name = a.fuse_file_name.unwrap_or_else(|| a.volume.to_string());
             let opts = FrontendProcess {
@@ -214,7 +298,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     volume: a.volume,
                     replicas: a.replicas,
                     local: a.local,
-                    epoch: Epoch(a.epoch),
+                    epoch: Epoch(a.epoch.unwrap_or(0)),
                     secret,
                     protocol_version: version(a.protocol_version),
                 },
@@ -224,6 +308,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 fuse_file_name,
                 metrics_listen: a.metrics_listen,
                 ready_file: a.ready_file,
+                arbiter: a.arbiter.map(|path| ArbiterOptions {
+                    path,
+                    lease: LeaseConfig {
+                        holder: FrontendId(a.frontend_id.unwrap_or_default()),
+                        duration: a.lease_duration,
+                        margin: a.lease_margin,
+                    },
+                    replica_timeout: a.replica_timeout,
+                    acquire_timeout: Duration::from_secs(600),
+                }),
             };
             Ok(frontend_service::run(opts, shutdown_signal()).await?)
         }

@@ -190,6 +190,39 @@ impl VolumeRecord {
         Ok(next)
     }
 
+    /// What `twinvol-engine arbiter show` prints: one `key: value` per
+    /// line, the lease's expiry relative to `now_ms`.
+    pub fn summary(&self, now_ms: u64) -> String {
+        let list = |set: &BTreeSet<ReplicaId>| {
+            set.iter()
+                .map(ReplicaId::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let out_of_sync: BTreeSet<ReplicaId> =
+            self.replicas.difference(&self.in_sync).cloned().collect();
+        let lease = match &self.lease {
+            None => "none".to_owned(),
+            Some(l) => {
+                let until = l.renewed_at_ms.saturating_add(duration_ms(l.duration));
+                if until > now_ms {
+                    format!("{} (expires in {} ms)", l.holder, until - now_ms)
+                } else {
+                    format!("{} (expired {} ms ago)", l.holder, now_ms - until)
+                }
+            }
+        };
+        format!(
+            "version: {}\nepoch: {}\nreplicas: {}\nin_sync: {}\nout_of_sync: {}\nlease: {}",
+            self.version,
+            self.epoch,
+            list(&self.replicas),
+            list(&self.in_sync),
+            list(&out_of_sync),
+            lease
+        )
+    }
+
     fn known(&self, replica: &ReplicaId) -> Result<(), Rejected> {
         if self.replicas.contains(replica) {
             Ok(())
@@ -236,6 +269,20 @@ mod tests {
             margin: Duration::from_secs(2),
             now_ms,
         }
+    }
+
+    #[test]
+    fn the_summary_names_the_out_of_sync_replica_and_the_lease_expiry() {
+        let held = fresh()
+            .apply(acquire("fe-1", 1_000), v(2))
+            .unwrap()
+            .apply(Change::RemoveFromInSync(r("a")), v(3))
+            .unwrap();
+        let s = held.summary(4_000);
+        assert!(s.contains("epoch: 1"), "{s}");
+        assert!(s.contains("in_sync: b\n"), "{s}");
+        assert!(s.contains("out_of_sync: a\n"), "{s}");
+        assert!(s.contains("lease: fe-1 (expires in 7000 ms)"), "{s}");
     }
 
     #[test]

@@ -20,8 +20,8 @@
 //! with backoff, logging each failed attempt; meanwhile new requests wait
 //! in the channel (I/O waits). A replica that answers with a newer epoch
 //! fences this frontend for good (`Fenced`). Degraded operation — dropping
-//! the replica from the in-sync set through the arbiter — is the next
-//! issue's work and plugs in at the state transitions here.
+//! the replica from the in-sync set through the arbiter — is the mirror's
+//! (`frontend::failover`): it times calls out and reports the loss.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,16 +54,26 @@ pub enum ReplicaState {
     Disconnected,
     /// It has seen a newer epoch: another frontend owns the volume. Final.
     Fenced,
+    /// Removed from the in-sync set through the arbiter: gets no writes
+    /// until the resync returns it (set by the mirror, not the connection).
+    OutOfSync,
 }
 
 impl ReplicaState {
-    pub const ALL: [&'static str; 4] = ["connecting", "in_sync", "disconnected", "fenced"];
+    pub const ALL: [&'static str; 5] = [
+        "connecting",
+        "in_sync",
+        "disconnected",
+        "fenced",
+        "out_of_sync",
+    ];
     pub fn name(self) -> &'static str {
         match self {
             ReplicaState::Connecting => "connecting",
             ReplicaState::InSync => "in_sync",
             ReplicaState::Disconnected => "disconnected",
             ReplicaState::Fenced => "fenced",
+            ReplicaState::OutOfSync => "out_of_sync",
         }
     }
 }
@@ -164,6 +174,8 @@ pub enum CallError {
     ConnectionLost { replica: ReplicaId },
     #[error("replica {replica} is fenced: a newer frontend owns the volume")]
     Fenced { replica: ReplicaId },
+    #[error("replica {replica} did not answer within {after:?}")]
+    TimedOut { replica: ReplicaId, after: Duration },
     #[error("replica {replica}: its connection task has stopped")]
     Stopped { replica: ReplicaId },
     #[error("replica {replica}: unexpected reply to {op}")]

@@ -4,14 +4,23 @@
 //! (or a FUA write) completes only when both made it durable. Reads go to
 //! the replica marked local, else to the first in-sync one.
 //!
+//! With an arbiter ([`Mirror::enable_failover`]) every replica call has a
+//! timeout; a replica that fails or times out is reported to the fail-over
+//! task (`frontend::failover`) and the write is held until the replica is
+//! out of the in-sync set, then re-sent to the survivor alone (so that the
+//! survivor, told first that its peer left, records it as dirty). Nothing is
+//! acknowledged while the lease is not valid. Without an arbiter nothing is
+//! ever dropped: I/O waits for both replicas.
+//!
 //! Exports (NBD, FUSE) see the mirror only through [`BlockBackend`].
 //! Requests larger than the protocol's [`MAX_IO_BYTES`] are split.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{IoOp, Metrics, OpHandles};
 use crate::protocol::{
@@ -22,6 +31,9 @@ use super::backend::{BackendError, BlockBackend, check_range};
 use super::connection::{
     CallError, ConnectError, ReplicaHandle, ReplicaSpec, ReplicaState, SessionParams,
 };
+use super::failover::{Failover, Membership, Suspect};
+use super::lease::LeaseGuard;
+use crate::arbiter::{Arbiter, FrontendId};
 
 /// How a mirror is set up.
 #[derive(Debug, Clone)]
@@ -67,9 +79,20 @@ pub enum MirrorError {
 pub struct Mirror {
     volume: VolumeId,
     size: u64,
-    replicas: [ReplicaHandle; 2],
+    replicas: [Arc<ReplicaHandle>; 2],
     local: usize,
     metrics: OpHandles,
+    epoch: Epoch,
+    membership: watch::Sender<Membership>,
+    /// Set by [`Mirror::enable_failover`].
+    degrade: Option<Degrade>,
+}
+
+/// The mirror's side of degraded operation.
+struct Degrade {
+    suspects: mpsc::UnboundedSender<Suspect>,
+    lease: Arc<LeaseGuard>,
+    timeout: Duration,
 }
 
 impl Mirror {
@@ -119,17 +142,83 @@ impl Mirror {
                 b_size: rb.size(),
             });
         }
-        for r in [&ra, &rb] {
-            spawn_state_gauge(r, metrics.clone(), config.volume.clone());
+        let (membership, _) = watch::channel(Membership {
+            in_sync: [true, true],
+            fenced: None,
+        });
+        for (i, r) in [&ra, &rb].into_iter().enumerate() {
+            spawn_state_gauge(
+                r,
+                i,
+                membership.subscribe(),
+                metrics.clone(),
+                config.volume.clone(),
+            );
         }
         tracing::info!(volume = %config.volume, size = ra.size(), epoch = config.epoch.0, local = %config.local, "mirror connected to both replicas");
         Ok(Self {
             size: ra.size(),
             metrics: metrics.handles(vol, ""),
             volume: config.volume,
-            replicas: [ra, rb],
+            replicas: [Arc::new(ra), Arc::new(rb)],
             local,
+            epoch: config.epoch,
+            membership,
+            degrade: None,
         })
+    }
+
+    /// Turns on degraded operation: replica calls time out after `timeout`,
+    /// lost replicas leave the in-sync set through `arbiter`, and nothing is
+    /// acknowledged unless `lease` is valid.
+    pub fn enable_failover<A: Arbiter>(
+        &mut self,
+        arbiter: Arc<A>,
+        me: FrontendId,
+        lease: Arc<LeaseGuard>,
+        timeout: Duration,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = Failover {
+            arbiter,
+            me,
+            epoch: self.epoch,
+            lease: lease.clone(),
+            replicas: self.replicas.clone(),
+            membership: self.membership.clone(),
+        };
+        tokio::spawn(task.run(rx));
+        self.degrade = Some(Degrade {
+            suspects: tx,
+            lease,
+            timeout,
+        });
+    }
+
+    /// The in-sync set as this frontend applies it (for the resync and
+    /// status).
+    pub fn membership(&self) -> watch::Receiver<Membership> {
+        self.membership.subscribe()
+    }
+
+    /// Stops sending writes to `replica` (the arbiter has it out of sync).
+    pub fn mark_out_of_sync(&self, replica: &ReplicaId) {
+        if let Some(i) = self.replicas.iter().position(|r| r.id() == replica) {
+            self.membership.send_modify(|m| m.in_sync[i] = false);
+            tracing::warn!(volume = %self.volume, replica = %replica, "replica is out of sync at the arbiter: no writes go to it until the resync returns it");
+        }
+    }
+
+    /// The resync's hook: once the arbiter's `ReturnToInSync` of `replica`
+    /// succeeded (and the replica holds every write), writes go to it again.
+    /// The caller must make sure no write is in flight that the copy missed.
+    pub fn return_to_in_sync(&self, replica: &ReplicaId) -> bool {
+        let Some(i) = self.replicas.iter().position(|r| r.id() == replica) else {
+            return false;
+        };
+        self.membership.send_modify(|m| m.in_sync[i] = true);
+        tracing::info!(volume = %self.volume, replica = %replica, "replica back in the in-sync set");
+        true
     }
 
     pub fn volume(&self) -> &VolumeId {
@@ -141,40 +230,147 @@ impl Mirror {
         let order = [self.local, 1 - self.local];
         order
             .iter()
-            .map(|&i| (self.replicas[i].id().clone(), self.replicas[i].state()))
+            .map(|&i| (self.replicas[i].id().clone(), self.state_of(i)))
             .collect()
     }
 
-    /// The replica reads go to: the local one if in sync, else the other if
-    /// in sync, else the local one (the read then waits for it).
-    fn read_replica(&self) -> &ReplicaHandle {
-        let local = &self.replicas[self.local];
-        let other = &self.replicas[1 - self.local];
-        if local.state() != ReplicaState::InSync && other.state() == ReplicaState::InSync {
-            other
+    fn state_of(&self, i: usize) -> ReplicaState {
+        if self.membership.borrow().in_sync[i] {
+            self.replicas[i].state()
         } else {
-            local
+            ReplicaState::OutOfSync
         }
+    }
+
+    /// Calls replica `i`, with the fail-over timeout if degraded operation
+    /// is on.
+    async fn call(&self, i: usize, op: Op) -> Result<Reply, CallError> {
+        match &self.degrade {
+            None => self.replicas[i].call(op).await,
+            Some(d) => match tokio::time::timeout(d.timeout, self.replicas[i].call(op)).await {
+                Ok(r) => r,
+                Err(_) => Err(CallError::TimedOut {
+                    replica: self.replicas[i].id().clone(),
+                    after: d.timeout,
+                }),
+            },
+        }
+    }
+
+    /// Whether `e` means the replica is gone (rather than refusing this
+    /// request) and degraded operation may drop it.
+    fn is_loss(&self, e: &CallError) -> bool {
+        self.degrade.is_some()
+            && matches!(
+                e,
+                CallError::ConnectionLost { .. }
+                    | CallError::TimedOut { .. }
+                    | CallError::Stopped { .. }
+            )
+    }
+
+    /// The last check before an acknowledgement: the lease.
+    fn may_ack(&self) -> Result<(), BackendError> {
+        match &self.degrade {
+            Some(d) if !d.lease.valid() => Err(BackendError::Fenced {
+                reason: "the lease is not valid (not renewed in time, or taken over)".to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The replicas reads may go to, best first: in-sync ones only, the
+    /// local one first unless its connection is down and the other's is up.
+    fn read_order(&self) -> Vec<usize> {
+        let m = self.membership.borrow().in_sync;
+        let (l, o) = (self.local, 1 - self.local);
+        let up = |i: usize| self.replicas[i].state() == ReplicaState::InSync;
+        let mut order = if !up(l) && up(o) {
+            vec![o, l]
+        } else {
+            vec![l, o]
+        };
+        order.retain(|&i| m[i]);
+        order
     }
 
     async fn read_chunk(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
-        match self.read_replica().call(Op::Read { offset, len }).await {
-            Ok(Reply::Data(d)) if d.len() == len as usize => Ok(d),
-            Ok(_) => Err(BackendError::Io(format!(
-                "replica returned a malformed reply to a read of {len} bytes at {offset}"
-            ))),
-            Err(e) => Err(backend_error(e)),
+        let mut last = None;
+        for i in self.read_order() {
+            let started = Instant::now();
+            match self.call(i, Op::Read { offset, len }).await {
+                Ok(Reply::Data(d)) if d.len() == len as usize => {
+                    self.may_ack()?;
+                    return Ok(d);
+                }
+                Ok(_) => {
+                    return Err(BackendError::Io(format!(
+                        "replica returned a malformed reply to a read of {len} bytes at {offset}"
+                    )));
+                }
+                Err(e) if self.is_loss(&e) => {
+                    self.suspect(i, started);
+                    last = Some(e);
+                }
+                Err(e) => return Err(backend_error(e)),
+            }
+        }
+        Err(last.map_or_else(
+            || BackendError::Fenced {
+                reason: "no in-sync replica".to_owned(),
+            },
+            backend_error,
+        ))
+    }
+
+    fn suspect(&self, index: usize, since: Instant) {
+        if let Some(d) = &self.degrade {
+            let _ = d.suspects.send(Suspect { index, since });
         }
     }
 
-    /// Sends `op` to both replicas at once; done when both are.
+    /// Sends `op` to every in-sync replica at once; done when all are. A
+    /// lost replica holds the request until it left the in-sync set, then
+    /// the request is sent again to the new set.
     async fn both(&self, op: Op) -> Result<(), BackendError> {
-        let (a, b) = tokio::join!(self.replicas[0].call(op.clone()), self.replicas[1].call(op));
-        match (a, b) {
-            (Ok(_), Ok(_)) => Ok(()),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(volume = %self.volume, error = %e, "mirrored request failed");
-                Err(backend_error(e))
+        let mut rx = self.membership.subscribe();
+        loop {
+            let m = rx.borrow_and_update().clone();
+            if let Some(reason) = m.fenced {
+                return Err(BackendError::Fenced { reason });
+            }
+            let started = Instant::now();
+            let one = |i: usize| {
+                let op = op.clone();
+                async move {
+                    if m.in_sync[i] {
+                        Some(self.call(i, op).await)
+                    } else {
+                        None
+                    }
+                }
+            };
+            let (a, b) = tokio::join!(one(0), one(1));
+            let mut lost = false;
+            for (i, r) in [a, b].into_iter().enumerate() {
+                match r {
+                    None | Some(Ok(_)) => {}
+                    Some(Err(e)) if self.is_loss(&e) => {
+                        self.suspect(i, started);
+                        lost = true;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(volume = %self.volume, error = %e, "mirrored request failed");
+                        return Err(backend_error(e));
+                    }
+                }
+            }
+            if !lost {
+                return self.may_ack();
+            }
+            // Held: no acknowledgement until the in-sync set changed.
+            if rx.changed().await.is_err() {
+                return Err(BackendError::Io("the mirror is shutting down".to_owned()));
             }
         }
     }
@@ -184,20 +380,37 @@ impl Mirror {
     }
 }
 
-fn spawn_state_gauge(r: &ReplicaHandle, metrics: Arc<Metrics>, volume: VolumeId) {
+fn spawn_state_gauge(
+    r: &ReplicaHandle,
+    index: usize,
+    mut membership: watch::Receiver<Membership>,
+    metrics: Arc<Metrics>,
+    volume: VolumeId,
+) {
     let mut rx = r.watch_state();
     let id = r.id().clone();
     tokio::spawn(async move {
+        let mut last = None;
         loop {
-            let state = *rx.borrow_and_update();
+            let conn = *rx.borrow_and_update();
+            let state = if membership.borrow_and_update().in_sync[index] {
+                conn
+            } else {
+                ReplicaState::OutOfSync
+            };
+            if last != Some(state) {
+                tracing::info!(volume = %volume, replica = %id, state = state.name(), "replica state");
+                last = Some(state);
+            }
             metrics.set_replica_state(
                 volume.as_str(),
                 id.as_str(),
                 &ReplicaState::ALL,
                 state.name(),
             );
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                r = membership.changed() => if r.is_err() { return },
             }
         }
     });

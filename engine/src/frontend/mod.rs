@@ -3,7 +3,9 @@
 
 pub mod backend;
 pub mod connection;
+pub mod failover;
 pub mod fuse;
+pub mod lease;
 pub mod mirror;
 pub mod nbd;
 pub mod service;

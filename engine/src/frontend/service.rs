@@ -4,7 +4,12 @@
 //!
 //! On shutdown the exports stop first (the FUSE file is unmounted, the NBD
 //! socket removed), then the mirror is flushed so that nothing written
-//! through it is left only in the replicas' page caches.
+//! through it is left only in the replicas' page caches, then the lease (if
+//! any) is released so that the next frontend need not wait for it.
+//!
+//! With an arbiter, the frontend first acquires the lease (which bumps the
+//! epoch it then opens the replicas with), renews it in the background and
+//! turns on degraded operation in the mirror.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,11 +19,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
+use crate::arbiter::{ArbiterError, FileArbiter};
 use crate::metrics::{self, Metrics};
 use crate::process::{ReadyFileError, write_ready_file};
 
 use super::backend::BlockBackend;
 use super::fuse::{self, FuseError, FuseExport};
+use super::lease::{self, LeaseConfig, LeaseError};
 use super::mirror::{Mirror, MirrorConfig, MirrorError};
 use super::nbd::{self, NbdError};
 
@@ -37,6 +44,20 @@ pub struct FrontendProcess {
     pub fuse_file_name: String,
     pub metrics_listen: Option<SocketAddr>,
     pub ready_file: Option<PathBuf>,
+    /// Lease, epoch and in-sync set from this arbiter; `None`: the
+    /// mirror's configured epoch and no degraded operation.
+    pub arbiter: Option<ArbiterOptions>,
+}
+
+/// How the frontend uses the file-backed arbiter.
+#[derive(Debug, Clone)]
+pub struct ArbiterOptions {
+    pub path: PathBuf,
+    pub lease: LeaseConfig,
+    /// A replica silent this long is dropped from the in-sync set.
+    pub replica_timeout: Duration,
+    /// Give up acquiring the lease after this long.
+    pub acquire_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +88,10 @@ pub enum FrontendError {
     Ready(#[from] ReadyFileError),
     #[error("an export task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Arbiter(#[from] ArbiterError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// Runs a frontend until `shutdown` completes or an export fails.
@@ -93,7 +118,39 @@ pub async fn run(
         });
     }
 
-    let mirror = Arc::new(Mirror::connect(opts.mirror.clone(), metrics).await?);
+    let mut config = opts.mirror.clone();
+    let mut lease = None;
+    if let Some(a) = &opts.arbiter {
+        let arbiter = Arc::new(FileArbiter::open(&a.path)?);
+        let (record, guard) = lease::acquire(arbiter.as_ref(), &a.lease, a.acquire_timeout).await?;
+        config.epoch = record.epoch;
+        let in_sync: Vec<String> = record.in_sync.iter().map(|r| r.to_string()).collect();
+        tracing::info!(epoch = record.epoch.0, in_sync = ?in_sync, "using the arbiter's epoch");
+        tasks.spawn({
+            let (arbiter, cfg, guard) = (arbiter.clone(), a.lease.clone(), guard.clone());
+            async move {
+                lease::renew(arbiter, cfg, guard).await;
+                Ok(())
+            }
+        });
+        lease = Some((arbiter, guard, record));
+    }
+    let mut mirror = Mirror::connect(config, metrics).await?;
+    if let (Some(a), Some((arbiter, guard, record))) = (&opts.arbiter, &lease) {
+        mirror.enable_failover(
+            arbiter.clone(),
+            a.lease.holder.clone(),
+            guard.clone(),
+            a.replica_timeout,
+        );
+        // Replicas the record already has out of sync get no writes.
+        for (id, _) in mirror.replica_states() {
+            if !record.in_sync.contains(&id) {
+                mirror.mark_out_of_sync(&id);
+            }
+        }
+    }
+    let mirror = Arc::new(mirror);
     ready.push(("size", mirror.size().to_string()));
 
     if let Some(path) = opts.nbd_unix.clone() {
@@ -139,6 +196,14 @@ pub async fn run(
         Ok(Ok(())) => tracing::info!("final flush done"),
         Ok(Err(e)) => tracing::warn!(error = %e, "final flush failed"),
         Err(_) => tracing::warn!("final flush timed out"),
+    }
+    if let (Some(a), Some((arbiter, _, _))) = (&opts.arbiter, &lease) {
+        match lease::release(arbiter.as_ref(), &a.lease.holder).await {
+            Ok(()) => tracing::info!("lease released"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot release the lease; the next frontend waits for it to expire")
+            }
+        }
     }
     result
 }

@@ -46,6 +46,10 @@ pub struct StackOptions {
     pub volume: String,
     /// Serve `/metrics` on every process.
     pub metrics: bool,
+    /// Create a file-backed arbiter record (`arbiter create`) and run
+    /// frontends with `--arbiter` (lease, epoch, degraded operation)
+    /// instead of `--epoch`.
+    pub arbiter: bool,
 }
 
 impl Default for StackOptions {
@@ -58,6 +62,7 @@ impl Default for StackOptions {
             epoch: 1,
             volume: "v1".into(),
             metrics: false,
+            arbiter: false,
         }
     }
 }
@@ -328,6 +333,24 @@ impl Stack {
                 addr: String::new(),
             });
         }
+        if opts.arbiter {
+            std::fs::create_dir(stack.root.path().join("arbiter")).expect("arbiter dir");
+            let out = run_with_deadline(
+                {
+                    let mut c = Command::new(engine_bin());
+                    c.args(["arbiter", "create", "--path"])
+                        .arg(stack.arbiter_path())
+                        .args(["--replica", "a", "--replica", "b"]);
+                    c
+                },
+                Duration::from_secs(60),
+            );
+            assert!(
+                out.status.success(),
+                "arbiter create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         for i in 0..2 {
             stack.start_replica(i);
         }
@@ -394,9 +417,17 @@ impl Stack {
             "a".into(),
             "--secret-file".into(),
             self.secret.display().to_string(),
-            "--epoch".into(),
-            epoch.to_string(),
         ];
+        if self.opts.arbiter {
+            args.extend([
+                "--arbiter".into(),
+                self.arbiter_path().display().to_string(),
+                "--frontend-id".into(),
+                format!("fe-{}", self.frontends_started),
+            ]);
+        } else {
+            args.extend(["--epoch".into(), epoch.to_string()]);
+        }
         for r in &self.replicas {
             args.push("--replica".into());
             args.push(format!("{}={}", r.name, r.addr));
@@ -418,9 +449,22 @@ impl Stack {
     /// Starts the stack's frontend at `epoch` (stopping a previous one
     /// first) and waits until its exports serve.
     pub fn start_frontend(&mut self, epoch: u64) {
+        let epoch_args = [];
+        self.start_frontend_inner(epoch, &epoch_args);
+    }
+
+    /// Starts the stack's frontend (with `arbiter`: its epoch comes from
+    /// the lease) with `extra` arguments, as [`Stack::start_frontend`].
+    pub fn start_frontend_with(&mut self, extra: &[&str]) {
+        let epoch = self.opts.epoch;
+        self.start_frontend_inner(epoch, extra);
+    }
+
+    fn start_frontend_inner(&mut self, epoch: u64, extra: &[&str]) {
         self.kill_frontend();
         self.frontends_started += 1;
         let mut args = self.frontend_args(epoch);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         args.push("--nbd-unix".into());
         args.push(self.nbd_socket().display().to_string());
         if self.opts.nbd_tcp {
@@ -461,6 +505,25 @@ impl Stack {
             p.kill();
         }
         self.unmount_fuse();
+    }
+
+    /// The arbiter record file (with `arbiter`).
+    pub fn arbiter_path(&self) -> PathBuf {
+        self.root.path().join("arbiter").join("v1.json")
+    }
+
+    /// `twinvol-engine arbiter show` of the stack's record.
+    pub fn arbiter_show(&self) -> String {
+        let mut c = Command::new(engine_bin());
+        c.args(["arbiter", "show", "--path"])
+            .arg(self.arbiter_path());
+        let out = run_with_deadline(c, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "arbiter show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn nbd_socket(&self) -> PathBuf {
