@@ -190,7 +190,7 @@ pub fn wait_until<T>(deadline: Duration, mut cond: impl FnMut() -> Option<T>) ->
 
 /// Starts `args` and waits for its ready file; panics with the log if it
 /// exits first or the deadline passes.
-fn start_proc(name: &str, mut args: Vec<String>, dir: &Path) -> Proc {
+pub fn start_proc(name: &str, mut args: Vec<String>, dir: &Path) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let ready_path = dir.join(format!("{name}.ready"));
     let _ = std::fs::remove_file(&ready_path);
@@ -524,6 +524,11 @@ impl Stack {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The running frontend's pid (for SIGSTOP/SIGCONT).
+    pub fn frontend_pid(&self) -> Option<i32> {
+        self.frontend.as_ref().map(Proc::pid)
     }
 
     pub fn nbd_socket(&self) -> PathBuf {
