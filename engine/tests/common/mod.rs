@@ -46,6 +46,10 @@ pub struct StackOptions {
     pub volume: String,
     /// Serve `/metrics` on every process.
     pub metrics: bool,
+    /// Run each replica in its own network namespace (`tv-<random>-a/b`)
+    /// behind a veth pair to the host, so that a test can cut a site's
+    /// link ([`Stack::cut_site`]). Needs root.
+    pub netns: bool,
     /// Create a file-backed arbiter record (`arbiter create`) and run
     /// frontends with `--arbiter` (lease, epoch, degraded operation)
     /// instead of `--epoch`.
@@ -63,6 +67,7 @@ impl Default for StackOptions {
             volume: "v1".into(),
             metrics: false,
             arbiter: false,
+            netns: false,
         }
     }
 }
@@ -133,17 +138,27 @@ pub struct Stack {
     pub frontend: Option<Proc>,
     secret: PathBuf,
     frontends_started: u32,
+    /// Network namespaces of the sites (removed after the processes).
+    sites: Vec<SiteNet>,
 }
 
-fn spawn_logged(name: &str, args: &[String], log: &Path) -> Child {
+fn spawn_logged(name: &str, args: &[String], log: &Path, netns: Option<&str>) -> Child {
     let out = File::options()
         .create(true)
         .append(true)
         .open(log)
         .unwrap_or_else(|e| panic!("cannot open log {}: {e}", log.display()));
     let err = out.try_clone().expect("clone log handle");
-    Command::new(engine_bin())
-        .args(args)
+    let mut cmd = match netns {
+        // `ip netns exec` execs the engine in place: same pid, same group.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, engine_bin()]);
+            c
+        }
+        None => Command::new(engine_bin()),
+    };
+    cmd.args(args)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -190,13 +205,18 @@ pub fn wait_until<T>(deadline: Duration, mut cond: impl FnMut() -> Option<T>) ->
 
 /// Starts `args` and waits for its ready file; panics with the log if it
 /// exits first or the deadline passes.
-pub fn start_proc(name: &str, mut args: Vec<String>, dir: &Path) -> Proc {
+pub fn start_proc(name: &str, args: Vec<String>, dir: &Path) -> Proc {
+    start_proc_in(name, args, dir, None)
+}
+
+/// As [`start_proc`], inside network namespace `netns` if given.
+pub fn start_proc_in(name: &str, mut args: Vec<String>, dir: &Path, netns: Option<&str>) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let ready_path = dir.join(format!("{name}.ready"));
     let _ = std::fs::remove_file(&ready_path);
     args.push("--ready-file".into());
     args.push(ready_path.display().to_string());
-    let mut child = spawn_logged(name, &args, &log);
+    let mut child = spawn_logged(name, &args, &log, netns);
     let ready = wait_until(READY_DEADLINE, || {
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
@@ -304,7 +324,14 @@ impl Stack {
             frontend: None,
             secret,
             frontends_started: 0,
+            sites: vec![],
         };
+        if opts.netns {
+            let tag = random_tag();
+            for (i, name) in ["a", "b"].into_iter().enumerate() {
+                stack.sites.push(SiteNet::create(&tag, name, i as u8));
+            }
+        }
         for name in ["a", "b"] {
             let pool = stack.root.path().join(format!("pool-{name}"));
             std::fs::create_dir(&pool).expect("pool dir");
@@ -372,10 +399,13 @@ impl Stack {
     /// address as before if it had one.
     pub fn start_replica(&mut self, i: usize) {
         let r = &self.replicas[i];
-        let listen = if r.addr.is_empty() {
-            "127.0.0.1:0".to_owned()
-        } else {
+        let site = self.sites.get(i).map(|s| (s.ns.clone(), s.ns_ip.clone()));
+        let listen = if !r.addr.is_empty() {
             r.addr.clone()
+        } else if let Some((_, ip)) = &site {
+            format!("{ip}:0")
+        } else {
+            "127.0.0.1:0".to_owned()
         };
         let mut args = vec![
             "replica".to_owned(),
@@ -390,7 +420,12 @@ impl Stack {
             args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
         }
         let name = format!("replica-{}", r.name);
-        let proc = start_proc(&name, args, self.root.path());
+        let proc = start_proc_in(
+            &name,
+            args,
+            self.root.path(),
+            site.as_ref().map(|(ns, _)| ns.as_str()),
+        );
         let r = &mut self.replicas[i];
         r.addr = proc
             .ready_value("listen")
@@ -526,6 +561,13 @@ impl Stack {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Cuts (`up = false`) or restores site `i`'s link: the host side of
+    /// its veth goes down or up (with `netns`).
+    pub fn set_site_link(&self, i: usize, up: bool) {
+        let site = self.sites.get(i).expect("stack started with netns");
+        ip(&["link", "set", &site.host_if, if up { "up" } else { "down" }]);
+    }
+
     /// The running frontend's pid (for SIGSTOP/SIGCONT).
     pub fn frontend_pid(&self) -> Option<i32> {
         self.frontend.as_ref().map(Proc::pid)
@@ -650,5 +692,88 @@ impl Drop for Stack {
         for i in 0..self.replicas.len() {
             self.kill_replica(i);
         }
+    }
+}
+
+/// One site's network namespace and veth pair; removed on drop.
+pub struct SiteNet {
+    pub ns: String,
+    pub host_if: String,
+    pub ns_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn random_tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:06x}",
+        (nanos ^ std::process::id().rotate_left(12)) & 0xff_ffff
+    )
+}
+
+impl SiteNet {
+    /// `tv-<tag>-<name>` with a veth `tv<tag><name>` on the host, and a
+    /// /30 of 10.<x>.<y>.0 derived from the tag.
+    fn create(tag: &str, name: &str, index: u8) -> SiteNet {
+        let n = u32::from_str_radix(tag, 16).unwrap_or(0);
+        let x = 100 + (n % 100) as u8;
+        let y = ((n >> 8) as u8 & 0x7f) * 2 + index;
+        let site = SiteNet {
+            ns: format!("tv-{tag}-{name}"),
+            host_if: format!("tv{tag}{name}"),
+            ns_ip: format!("10.{x}.{y}.2"),
+        };
+        let peer = format!("tv{tag}{name}p");
+        ip(&["netns", "add", &site.ns]);
+        // From here on, Drop removes what exists.
+        ip(&[
+            "link",
+            "add",
+            &site.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &site.ns]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.{x}.{y}.1/30"),
+            "dev",
+            &site.host_if,
+        ]);
+        ip(&["link", "set", &site.host_if, "up"]);
+        let inside = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", &site.ns, "ip"];
+            a.extend_from_slice(args);
+            ip(&a);
+        };
+        inside(&["addr", "add", &format!("{}/30", site.ns_ip), "dev", &peer]);
+        inside(&["link", "set", &peer, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        site
+    }
+}
+
+impl Drop for SiteNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
