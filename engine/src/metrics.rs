@@ -73,6 +73,19 @@ pub struct Metrics {
     replica_state: Family<ReplicaStateLabels, Gauge>,
     connections: Gauge,
     resync: ResyncFamilies,
+    failover: FailoverFamilies,
+}
+
+/// A frontend's degraded-operation figures (see `crate::frontend::failover`).
+struct FailoverFamilies {
+    count: Family<VolumeLabels, Counter>,
+    pause: Family<VolumeLabels, Histogram, fn() -> Histogram>,
+    lease_remaining: Family<VolumeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabels {
+    pub volume: String,
 }
 
 /// The resync's figures on a replica server (see `crate::resync`).
@@ -144,7 +157,28 @@ impl Metrics {
             "1 for the current state of each volume's resync",
             resync.state.clone(),
         );
+        let failover = FailoverFamilies {
+            count: Family::default(),
+            pause: Family::new_with_constructor(latency_histogram),
+            lease_remaining: Family::default(),
+        };
+        registry.register(
+            "failovers",
+            "Replicas taken out of the in-sync set by this frontend",
+            failover.count.clone(),
+        );
+        registry.register(
+            "failover_pause_seconds",
+            "I/O pause at a replica loss: from the failed call to the writes resuming on the survivor",
+            failover.pause.clone(),
+        );
+        registry.register(
+            "lease_remaining_seconds",
+            "Time left on this frontend's lease (0: expired or fenced, no acknowledgements)",
+            failover.lease_remaining.clone(),
+        );
         Arc::new(Self {
+            failover,
             resync,
             registry,
             latency,
@@ -207,6 +241,29 @@ impl Metrics {
                 .get_or_create(&l)
                 .set(i64::from(s == state));
         }
+    }
+
+    /// Counts a fail-over of `volume` and its I/O pause.
+    pub fn record_failover(&self, volume: &str, pause: std::time::Duration) {
+        let l = VolumeLabels {
+            volume: volume.to_owned(),
+        };
+        self.failover.count.get_or_create(&l).inc();
+        self.failover
+            .pause
+            .get_or_create(&l)
+            .observe(pause.as_secs_f64());
+    }
+
+    /// Sets the time left on the lease of `volume`'s frontend.
+    pub fn set_lease_remaining(&self, volume: &str, remaining: std::time::Duration) {
+        let l = VolumeLabels {
+            volume: volume.to_owned(),
+        };
+        self.failover
+            .lease_remaining
+            .get_or_create(&l)
+            .set(remaining.as_secs_f64());
     }
 
     pub fn connections(&self) -> &Gauge {

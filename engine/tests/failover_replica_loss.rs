@@ -50,6 +50,7 @@ fn killing_a_replica_mid_fio_resumes_writes_on_the_survivor_within_two_seconds()
     let mut stack = Stack::start(StackOptions {
         size: 64 * MIB,
         arbiter: true,
+        metrics: true,
         ..StackOptions::default()
     });
     assert!(stack.arbiter_show().contains("in_sync: a,b"));
@@ -111,6 +112,26 @@ fn killing_a_replica_mid_fio_resumes_writes_on_the_survivor_within_two_seconds()
         show.contains("in_sync: b\n") && show.contains("out_of_sync: a\n"),
         "{show}"
     );
+    let metrics = http_get(&stack.frontend_metrics_addr().expect("metrics"));
+    for line in [
+        "twinvol_frontend_failovers_total{volume=\"v1\"} 1",
+        "twinvol_frontend_failover_pause_seconds_count{volume=\"v1\"} 1",
+        "twinvol_frontend_replica_state{volume=\"v1\",replica=\"a\",state=\"out_of_sync\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
+    }
+    assert!(metrics.contains("twinvol_frontend_lease_remaining_seconds{volume=\"v1\"}"));
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// Runs qemu-io with `cmds` on `uri` in the background.

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::arbiter::{Arbiter, ArbiterError, Change, FrontendId, VolumeRecord};
-use crate::protocol::{ArbiterVersion, Epoch, Op, ReplicaId};
+use crate::metrics::Metrics;
+use crate::protocol::{ArbiterVersion, Epoch, Op, ReplicaId, VolumeId};
 
 use super::connection::ReplicaHandle;
 use super::lease::{LeaseGuard, RateLimit};
@@ -100,6 +101,8 @@ pub struct Failover<A> {
     pub lease: Arc<LeaseGuard>,
     pub replicas: [Arc<ReplicaHandle>; 2],
     pub membership: watch::Sender<Membership>,
+    pub metrics: Arc<Metrics>,
+    pub volume: VolumeId,
 }
 
 impl<A: Arbiter> Failover<A> {
@@ -175,6 +178,7 @@ impl<A: Arbiter> Failover<A> {
         }
         self.membership.send_modify(|m| m.in_sync[s.index] = false);
         let pause = s.since.elapsed();
+        self.metrics.record_failover(self.volume.as_str(), pause);
         tracing::warn!(replica = %lost, survivor = %survivor, version = %record.version, pause_ms = pause.as_millis() as u64, "replica out of sync: writes resumed on the survivor alone");
     }
 

@@ -177,6 +177,7 @@ impl Mirror {
         me: FrontendId,
         lease: Arc<LeaseGuard>,
         timeout: Duration,
+        metrics: Arc<Metrics>,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = Failover {
@@ -186,6 +187,8 @@ impl Mirror {
             lease: lease.clone(),
             replicas: self.replicas.clone(),
             membership: self.membership.clone(),
+            metrics,
+            volume: self.volume.clone(),
         };
         tokio::spawn(task.run(rx));
         self.degrade = Some(Degrade {

@@ -130,19 +130,38 @@ pub async fn run(
             let (arbiter, cfg, guard) = (arbiter.clone(), a.lease.clone(), guard.clone());
             async move {
                 lease::renew(arbiter, cfg, guard).await;
+                // Fenced for good: the exports stay up, failing I/O, until
+                // the process is stopped.
+                std::future::pending::<()>().await;
                 Ok(())
             }
         });
         lease = Some((arbiter, guard, record));
     }
-    let mut mirror = Mirror::connect(config, metrics).await?;
+    let mut mirror = Mirror::connect(config, metrics.clone()).await?;
     if let (Some(a), Some((arbiter, guard, record))) = (&opts.arbiter, &lease) {
         mirror.enable_failover(
             arbiter.clone(),
             a.lease.holder.clone(),
             guard.clone(),
             a.replica_timeout,
+            metrics.clone(),
         );
+        tasks.spawn({
+            let (guard, metrics, volume) =
+                (guard.clone(), metrics.clone(), mirror.volume().clone());
+            async move {
+                // The gauge is a view of the guard, refreshed twice a second.
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                while guard.state() != lease::LeaseState::Fenced {
+                    tick.tick().await;
+                    metrics.set_lease_remaining(volume.as_str(), guard.remaining());
+                }
+                metrics.set_lease_remaining(volume.as_str(), Duration::ZERO);
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
         // Replicas the record already has out of sync get no writes.
         for (id, _) in mirror.replica_states() {
             if !record.in_sync.contains(&id) {
