@@ -2,12 +2,12 @@
 # The twinvol demo, engine level (until the cluster demo replaces it): two
 # "sites" as network namespaces, a replica server in each, a mirroring
 # frontend on the host exporting the volume as a FUSE file, a loop device and
-# an ext4 filesystem on it. It writes files, then checks that both sites hold
-# byte-identical copies.
-#
-# The site-loss half of the demo (cut site A, keep writing, bring A back,
-# resync only what changed) needs fail-over and resync in the engine (issue 5).
-# Until those exist this script says so and exits non-zero: no fake success.
+# an ext4 filesystem on it, a file-backed arbiter holding the in-sync set and
+# the frontend's lease. It writes files, cuts site A's link and keeps writing
+# (the frontend swaps A out through the arbiter and goes on with B alone),
+# brings A back (B copies only the dirty regions to A, with progress), and
+# ends by checking that both sites hold byte-identical copies and that site
+# A's copy alone passes fsck with the same files.
 #
 # Needs root (network namespaces, FUSE, loop devices). Cleans up everything it
 # created, also when interrupted.
@@ -17,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
 export TWINVOL_CACHE=${TWINVOL_CACHE:-/var/cache/twinvol}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$TWINVOL_CACHE/cargo-target}
-SIZE=${TWINVOL_DEMO_SIZE:-1G}
+SIZE=${TWINVOL_DEMO_SIZE:-4G}
 
 t_start=$(date +%s.%N)
 step() { printf '\n[%6.1fs] == %s\n' "$(echo "$(date +%s.%N) - $t_start" | bc)" "$*"; }
@@ -37,6 +37,7 @@ loopdev=""
 cleanup() {
   set +e
   mountpoint -q "$work/mnt" && umount "$work/mnt"
+  mountpoint -q "$work/check" && umount "$work/check"
   [ -n "$loopdev" ] && losetup -d "$loopdev" 2>/dev/null
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
@@ -45,33 +46,38 @@ cleanup() {
     ip netns del "tvdemo-$s" 2>/dev/null
     ip link del "tvdemo-$s" 2>/dev/null
   done
+  ip link del tvdemo-br 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
 
-step "creating two sites: network namespaces tvdemo-a and tvdemo-b"
+step "creating two sites: network namespaces tvdemo-a and tvdemo-b on a bridge"
+ip link del tvdemo-br 2>/dev/null || true
+ip link add tvdemo-br type bridge
+ip addr add 10.77.0.1/24 dev tvdemo-br
+ip link set tvdemo-br up
 for s in a b; do
-  n=$([ "$s" = a ] && echo 1 || echo 2)
+  n=$([ "$s" = a ] && echo 2 || echo 3)
   ip netns del "tvdemo-$s" 2>/dev/null || true
   ip link del "tvdemo-$s" 2>/dev/null || true
   ip netns add "tvdemo-$s"
   ip link add "tvdemo-$s" type veth peer name eth0 netns "tvdemo-$s"
-  ip addr add "10.77.$n.1/24" dev "tvdemo-$s"
-  ip link set "tvdemo-$s" up
-  ip -n "tvdemo-$s" addr add "10.77.$n.2/24" dev eth0
+  ip link set "tvdemo-$s" master tvdemo-br up
+  ip -n "tvdemo-$s" addr add "10.77.0.$n/24" dev eth0
   ip -n "tvdemo-$s" link set eth0 up
   ip -n "tvdemo-$s" link set lo up
-  say "site $s: replica host 10.77.$n.2 (veth tvdemo-$s)"
+  say "site $s: replica host 10.77.0.$n (veth tvdemo-$s on bridge tvdemo-br; the host is 10.77.0.1)"
 done
 
 step "creating volume 'demo' ($SIZE) in each site's pool and starting the replica servers"
 head -c 32 /dev/urandom | base64 > "$work/secret"
 for s in a b; do
-  n=$([ "$s" = a ] && echo 1 || echo 2)
+  n=$([ "$s" = a ] && echo 2 || echo 3)
   mkdir -p "$work/pool-$s"
   "$engine" volume create --pool "$work/pool-$s" --volume demo --size "$SIZE"
+  if [ "$s" = a ]; then peer=b=10.77.0.3:7700; else peer=a=10.77.0.2:7700; fi
   ip netns exec "tvdemo-$s" "$engine" replica --pool "$work/pool-$s" \
-    --listen "10.77.$n.2:7700" --secret-file "$work/secret" \
+    --listen "10.77.0.$n:7700" --secret-file "$work/secret" --peer "$peer" \
     --ready-file "$work/ready-$s" 2>"$work/replica-$s.log" &
   pids+=($!)
 done
@@ -86,16 +92,19 @@ wait_for "$work/ready-a" 20
 wait_for "$work/ready-b" 20
 say "both replicas serving"
 
-step "starting the frontend on the host (epoch 1, reads from site a), exporting a FUSE file"
+step "creating the arbiter record (in-sync set {a, b}), starting the frontend on the host"
+"$engine" arbiter create --path "$work/arbiter.json" --replica a --replica b >/dev/null
 mkdir -p "$work/fuse" "$work/mnt"
-"$engine" frontend --volume demo --replica a=10.77.1.2:7700 --replica b=10.77.2.2:7700 \
-  --local a --secret-file "$work/secret" --epoch 1 --fuse-dir "$work/fuse" \
+"$engine" frontend --volume demo --replica a=10.77.0.2:7700 --replica b=10.77.0.3:7700 \
+  --local a --secret-file "$work/secret" --arbiter "$work/arbiter.json" --frontend-id demo-host \
+  --fuse-dir "$work/fuse" \
   --metrics-listen 127.0.0.1:0 --ready-file "$work/ready-fe" 2>"$work/frontend.log" &
 pids+=($!)
 wait_for "$work/ready-fe" 30
 fuse_file=$(sed -n 's/^fuse_file=//p' "$work/ready-fe")
 metrics=$(sed -n 's/^metrics=//p' "$work/ready-fe")
-say "volume file: $fuse_file"
+say "volume file: $fuse_file (lease held, reads from site a)"
+"$engine" arbiter show --path "$work/arbiter.json" | sed 's/^/           /'
 
 step "loop device (direct I/O) over the FUSE file, mkfs.ext4, mount"
 loopdev=$(losetup --direct-io=on --show -f "$fuse_file")
@@ -116,11 +125,50 @@ if [ -n "$metrics" ]; then
   curl -s "http://$metrics/metrics" 2>/dev/null | grep -E '^twinvol_frontend_io_bytes_total.*op="Write"' | head -4 | sed 's/^/             /' || true
 fi
 
+step "SITE A GOES DARK: cutting its link (ip link set tvdemo-a down), writing on"
+ip link set tvdemo-a down
+t0=$(date +%s.%N)
+mkdir -p "$work/mnt/during-outage"
+for i in $(seq 1 100); do head -c 65536 /dev/urandom > "$work/mnt/during-outage/r$i"; done
+dd if=/dev/urandom of="$work/mnt/during-outage/big" bs=1M count=16 oflag=direct status=none
+sync
+say "wrote 100 files + 16 MiB with site a unreachable, in $(printf '%.1f' "$(echo "$(date +%s.%N) - $t0" | bc)") s"
+grep -h -i 'fail-over\|failover\|swapped' "$work/frontend.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n 2 | cut -c1-220 | sed 's/^/           frontend: /'
+"$engine" arbiter show --path "$work/arbiter.json" | sed 's/^/           /'
+
+step "SITE A RETURNS: link up; site b resyncs the dirty regions (and activity-log extents) to a"
+ip link set tvdemo-a up
+status="$work/pool-b/demo/resync-status.json"
+resync_done() {
+  [ -s "$status" ] && [ "$(jq -r '.state + " " + (.remaining_bytes|tostring)' "$status" 2>/dev/null)" = "done 0" ]
+}
+deadline=$(( $(date +%s) + 180 ))
+seen=0
+until resync_done; do
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "demo: resync did not finish in 180 s" >&2; tail -n 20 "$work/replica-b.log" >&2; exit 1; }
+  n=$(grep -c 'resync demo' "$work/replica-b.log" || true)
+  if [ "$n" -gt "$seen" ]; then
+    grep 'resync demo' "$work/replica-b.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n +$((seen + 1)) | grep -o 'resync demo.*' | cut -c1-160 | sed 's/^/           /'
+    seen=$n
+  fi
+  sleep 0.2
+done
+say "$(jq -r '"resync " + .state + ": copied " + ((.copied_bytes/1048576*10|floor)/10|tostring) + " MiB in " + (.elapsed_ms|tostring) + " ms" + (if .full_copy then " (FULL copy: " + .full_copy + ")" else "" end)' "$status") of a $SIZE volume"
+say "(what changed while a was dark, plus the activity log's extents: regions with"
+say " recent writes, copied too because they may differ — bounded by the log's size)"
+
 step "unmounting, stopping the frontend, comparing the two sites' copies"
 umount "$work/mnt"
 losetup -d "$loopdev"; loopdev=""
 kill "${pids[2]}"; wait "${pids[2]}" 2>/dev/null || true
+# Unmounting wrote a little more (ext4's superblock, journal) to b alone: let
+# the resync copy that too before comparing.
 a="$work/pool-a/demo/data"; b="$work/pool-b/demo/data"
+deadline=$(( $(date +%s) + 60 ))
+until resync_done && cmp -s "$a" "$b"; do
+  [ "$(date +%s)" -lt "$deadline" ] || break
+  sleep 0.5
+done
 if cmp -s "$a" "$b"; then
   say "site a and site b data files are byte-identical ($(stat -c %s "$a") bytes, sha256 $(sha256sum "$a" | cut -c1-16)…)"
 else
@@ -129,16 +177,15 @@ else
   exit 1
 fi
 la=$(losetup --read-only --show -f "$a")
-fsck_out=$(fsck.ext4 -fn "$la" 2>&1) && say "site a's copy alone passes fsck.ext4 -fn" || { echo "$fsck_out" >&2; losetup -d "$la"; exit 1; }
-losetup -d "$la"
-
-step "site loss: cut site a, keep writing, bring a back, resync the dirty regions"
-if "$engine" frontend --help | grep -q -- '--arbiter'; then
-  echo "demo: the engine has an arbiter; the site-loss half of this demo is still to be written" >&2
-  exit 3
+if ! fsck_out=$(fsck.ext4 -fn "$la" 2>&1); then echo "$fsck_out" >&2; losetup -d "$la"; exit 1; fi
+mkdir -p "$work/check"
+mount -o ro,noload "$la" "$work/check"
+before=$(grep -c . "$work/sums")
+if (cd "$work/check" && sha256sum --quiet -c "$work/sums"); then
+  say "site a's copy alone passes fsck.ext4 -fn; its $before files written before the outage have the same checksums"
+else
+  umount "$work/check"; losetup -d "$la"; echo "demo: files differ on site a's copy" >&2; exit 1
 fi
-say "not built yet: fail-over, dirty bitmap and resync arrive with issue 5."
-say "When they do, this step will: cut site a's link (ip link set tvdemo-a down) while"
-say "writing, show the frontend continue on site b within 2 s, bring site a back, show"
-say "resync progress (bytes done / remaining, ETA) and finish with the identical check."
-exit 3
+say "and it holds the $(find "$work/check/during-outage" -type f | wc -l) files written while it was dark"
+umount "$work/check"; losetup -d "$la"
+printf '\n[%6.1fs] demo finished: fail-over with no acknowledged write lost, resync of what changed, identical copies.\n' "$(echo "$(date +%s.%N) - $t_start" | bc)"
