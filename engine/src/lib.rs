@@ -11,6 +11,7 @@ pub mod process;
 pub mod protocol;
 pub mod replica;
 pub mod resync;
+pub mod slot;
 pub mod storage;
 pub mod units;
 

@@ -38,6 +38,8 @@
 //! flight, whichever of the two survives. The extent size is recorded so a
 //! log written with another configuration still recovers as byte ranges.
 
+pub use crate::slot::SlotError;
+use crate::slot::{u32_at, u64_at};
 use crate::storage::{Storage, StorageError};
 
 pub const MAGIC: [u8; 8] = *b"TWVLACTL";
@@ -58,33 +60,6 @@ pub struct Slot {
     pub volume_size: u64,
     pub extent_size: u64,
     pub extents: Vec<u64>,
-}
-
-/// Why a slot is not valid.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SlotError {
-    #[error("never written")]
-    Empty,
-    #[error("bad magic")]
-    BadMagic,
-    #[error("checksum mismatch")]
-    BadChecksum,
-    #[error("format version {0}")]
-    Version(u32),
-    #[error("bad field {0}")]
-    BadField(&'static str),
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
 }
 
 /// Encodes a slot; `extents` must be ascending and at most `MAX_ACTIVE`.

@@ -70,6 +70,8 @@
 //!   initial fill when the torn write did not reach the block's first sector.
 
 use crate::protocol::{Epoch, ReplicaId};
+pub use crate::slot::SlotError;
+use crate::slot::{u32_at, u64_at};
 use crate::storage::{Storage, StorageError};
 
 use super::geometry::Geometry;
@@ -144,31 +146,6 @@ pub struct Header {
     pub granularity: u64,
     pub session: u64,
     pub tracking: Option<Tracking>,
-}
-
-/// Why one header slot is not valid.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SlotError {
-    #[error("bad magic")]
-    BadMagic,
-    #[error("checksum mismatch")]
-    BadChecksum,
-    #[error("format version {0}")]
-    Version(u32),
-    #[error("bad field {0}")]
-    BadField(&'static str),
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
 }
 
 fn seal(b: &mut [u8]) {

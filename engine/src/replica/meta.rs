@@ -49,6 +49,8 @@
 //! mixes two slots in one write.
 
 use crate::protocol::{Epoch, VolumeId};
+pub use crate::slot::SlotError;
+use crate::slot::{u32_at, u64_at};
 use crate::storage::{Storage, StorageError};
 
 pub const MAGIC: [u8; 8] = *b"TWVLMETA";
@@ -116,19 +118,6 @@ pub enum MetaError {
     UnsupportedVersion { target: String, found: u32 },
 }
 
-/// Why one slot is not valid.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SlotError {
-    #[error("bad magic")]
-    BadMagic,
-    #[error("checksum mismatch")]
-    BadChecksum,
-    #[error("format version {0}")]
-    Version(u32),
-    #[error("bad field {0}")]
-    BadField(&'static str),
-}
-
 fn put_id(buf: &mut [u8], at: usize, id: &str) {
     let b = id.as_bytes();
     let n = b.len().min(63);
@@ -142,18 +131,6 @@ fn get_id(buf: &[u8], at: usize) -> Option<String> {
         return None;
     }
     String::from_utf8(buf[at + 1..at + 1 + n].to_vec()).ok()
-}
-
-fn u64_at(buf: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&buf[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn u32_at(buf: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&buf[at..at + 4]);
-    u32::from_le_bytes(a)
 }
 
 /// Encodes `m` as one slot.
