@@ -7,25 +7,13 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{MIB, Stack, StackOptions, wait_until};
+use common::{
+    MIB, Stack, StackOptions, failover_pause_ms, fio, holds_nonzero_byte, qemu_io, wait_until,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn pause_ms(log: &str) -> Option<u64> {
-    let line = log
-        .lines()
-        .find(|l| l.contains("writes resumed on the survivor"))?;
-    let at = line.find("pause_ms=")? + "pause_ms=".len();
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
 
 #[test]
 fn cutting_site_a_link_resumes_writes_on_b_and_a_stays_out_of_sync_when_back() {
@@ -35,67 +23,29 @@ fn cutting_site_a_link_resumes_writes_on_b_and_a_stays_out_of_sync_when_back() {
         netns: true,
         ..StackOptions::default()
     });
-    let mut fio = Command::new("fio")
-        .current_dir(stack.dir())
-        .args([
-            "--name=twinvol-linkcut",
-            "--ioengine=nbd",
-            &format!("--uri={}", stack.nbd_uri()),
-            "--rw=randwrite",
-            "--iodepth=16",
-            "--bs=64k",
-            "--size=32m",
-            "--rate=8m",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_dump=0",
-            "--verify_state_save=0",
-            "--randseed=99",
-            "--output-format=terse",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fio");
+    let fio = fio::Background::spawn(fio::verified_random_writes(
+        stack.dir(),
+        &stack.nbd_uri(),
+        "twinvol-linkcut",
+        99,
+        &["--iodepth=16", "--bs=64k", "--size=32m", "--rate=8m"],
+    ));
     let data = stack.replica_data_paths();
-    let started = wait_until(DEADLINE, || {
-        std::fs::read(&data[1])
-            .ok()
-            .filter(|d| d.iter().any(|&b| b != 0))
-    });
+    let started = wait_until(DEADLINE, || holds_nonzero_byte(&data[1]).then_some(()));
     assert!(started.is_some(), "fio wrote nothing");
     stack.set_site_link(0, false);
-    let status = wait_until(DEADLINE, || fio.try_wait().ok().flatten());
-    let Some(status) = status else {
-        let _ = fio.kill();
-        let _ = fio.wait();
-        panic!("fio did not finish:\n{}", stack.log_tails(30));
-    };
-    let mut out = String::new();
-    if let Some(mut o) = fio.stdout.take() {
-        let _ = o.read_to_string(&mut out);
+    if let Err(e) = fio.finish_clean(DEADLINE) {
+        panic!("{e}\n{}", stack.log_tails(30));
     }
-    let job = out.lines().find(|l| l.starts_with("3;")).unwrap_or("");
-    assert!(
-        status.success() && job.split(';').nth(4) == Some("0"),
-        "fio failed:\n{out}\n{}",
-        stack.log_tails(30)
-    );
-    let log = stack
-        .frontend_log_path()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default();
-    let pause = pause_ms(&log).unwrap_or_else(|| panic!("no fail-over logged:\n{log}"));
+    let log = stack.frontend_log();
+    let pause = failover_pause_ms(&log).unwrap_or_else(|| panic!("no fail-over logged:\n{log}"));
     eprintln!("I/O pause at site A link cut: {pause} ms");
     assert!(pause < 2000, "writes paused {pause} ms");
     assert!(stack.arbiter_show().contains("out_of_sync: a\n"));
 
     // The link returns; A stays out of sync: a new write reaches B only.
     stack.set_site_link(0, true);
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", &stack.nbd_uri()])
-        .args(["-c", "write -P 0x5a 0 65536", "-c", "flush"])
+    let out = qemu_io::command(&stack.nbd_uri(), &["write -P 0x5a 0 65536", "flush"])
         .output()
         .expect("qemu-io");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -12,38 +12,14 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{MIB, Stack, StackOptions, wait_until};
+use common::{
+    MIB, Stack, StackOptions, failover_pause_ms, fio, holds_nonzero_byte, metrics, qemu_io,
+    wait_until,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn log_of(stack: &Stack) -> String {
-    stack
-        .frontend_log_path()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default()
-}
-
-/// The `pause_ms=N` of the frontend's "writes resumed" line.
-fn pause_ms(log: &str) -> Option<u64> {
-    let line = log
-        .lines()
-        .find(|l| l.contains("writes resumed on the survivor"))?;
-    let at = line.find("pause_ms=")? + "pause_ms=".len();
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn any_nonzero(path: &std::path::Path) -> bool {
-    std::fs::read(path)
-        .map(|d| d.iter().any(|&b| b != 0))
-        .unwrap_or(false)
-}
 
 #[test]
 fn killing_a_replica_mid_fio_resumes_writes_on_the_survivor_within_two_seconds() {
@@ -54,54 +30,31 @@ fn killing_a_replica_mid_fio_resumes_writes_on_the_survivor_within_two_seconds()
         ..StackOptions::default()
     });
     assert!(stack.arbiter_show().contains("in_sync: a,b"));
-    let mut fio = Command::new("fio");
-    fio.current_dir(stack.dir())
-        .args([
-            "--name=twinvol-failover",
-            "--ioengine=nbd",
-            &format!("--uri={}", stack.nbd_uri()),
-            "--rw=randwrite",
+    let fio = fio::Background::spawn(fio::verified_random_writes(
+        stack.dir(),
+        &stack.nbd_uri(),
+        "twinvol-failover",
+        77,
+        &[
             "--iodepth=16",
             "--bs=64k",
             "--size=32m",
             // About four seconds of writes: the kill lands in the middle.
             "--rate=8m",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_dump=0",
-            "--verify_state_save=0",
-            "--randseed=77",
-            "--output-format=terse",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut fio = fio.spawn().expect("start fio");
+        ],
+    ));
     let data_b = stack.replica_data_paths()[1].clone();
     assert!(
-        wait_until(DEADLINE, || any_nonzero(&data_b).then_some(())).is_some(),
+        wait_until(DEADLINE, || holds_nonzero_byte(&data_b).then_some(())).is_some(),
         "fio wrote nothing"
     );
     stack.kill_replica(0);
     let killed = Instant::now();
-    let status = wait_until(DEADLINE, || fio.try_wait().ok().flatten());
-    let Some(status) = status else {
-        let _ = fio.kill();
-        let _ = fio.wait();
-        panic!("fio did not finish:\n{}", stack.log_tails(30));
-    };
-    let mut out = String::new();
-    if let Some(mut o) = fio.stdout.take() {
-        let _ = o.read_to_string(&mut out);
+    if let Err(e) = fio.finish_clean(DEADLINE) {
+        panic!("{e}\n{}", stack.log_tails(30));
     }
-    let job = out.lines().find(|l| l.starts_with("3;")).unwrap_or("");
-    assert!(
-        status.success() && job.split(';').nth(4) == Some("0"),
-        "fio failed (verification or I/O error):\n{out}\n{}",
-        stack.log_tails(30)
-    );
-    let log = log_of(&stack);
-    let pause = pause_ms(&log).unwrap_or_else(|| panic!("no fail-over logged:\n{log}"));
+    let log = stack.frontend_log();
+    let pause = failover_pause_ms(&log).unwrap_or_else(|| panic!("no fail-over logged:\n{log}"));
     eprintln!(
         "I/O pause at replica loss: {pause} ms (fio done {:?} after the kill)",
         killed.elapsed()
@@ -112,7 +65,7 @@ fn killing_a_replica_mid_fio_resumes_writes_on_the_survivor_within_two_seconds()
         show.contains("in_sync: b\n") && show.contains("out_of_sync: a\n"),
         "{show}"
     );
-    let metrics = http_get(&stack.frontend_metrics_addr().expect("metrics"));
+    let metrics = metrics::scrape(&stack.frontend_metrics_addr().expect("metrics"));
     for line in [
         "twinvol_frontend_failovers_total{volume=\"v1\"} 1",
         "twinvol_frontend_failover_pause_seconds_count{volume=\"v1\"} 1",
@@ -121,30 +74,6 @@ fn killing_a_replica_mid_fio_resumes_writes_on_the_survivor_within_two_seconds()
         assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
     }
     assert!(metrics.contains("twinvol_frontend_lease_remaining_seconds{volume=\"v1\"}"));
-}
-
-fn http_get(addr: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-/// Runs qemu-io with `cmds` on `uri` in the background.
-fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Child {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start qemu-io")
 }
 
 #[test]
@@ -158,7 +87,7 @@ fn a_frontend_cut_from_its_peer_and_the_arbiter_acknowledges_nothing_after_its_l
     // A short lease so that the test sees it expire.
     stack.start_frontend_with(&["--lease-duration", "3s", "--lease-margin", "1s"]);
     // A write that completes proves the path works.
-    let first = qemu_io(&stack.nbd_uri(), &["write -P 0x11 0 4096", "flush"]);
+    let first = qemu_io::spawn(&stack.nbd_uri(), &["write -P 0x11 0 4096", "flush"]);
     let out = first.wait_with_output().expect("qemu-io");
     assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
 
@@ -170,12 +99,13 @@ fn a_frontend_cut_from_its_peer_and_the_arbiter_acknowledges_nothing_after_its_l
     let cut = Instant::now();
 
     // Every write from now on: none may be acknowledged.
-    let mut writer = qemu_io(
+    let mut writer = qemu_io::spawn(
         &stack.nbd_uri(),
         &["write -P 0x22 8192 4096", "write -P 0x33 16384 4096"],
     );
     let expired = wait_until(DEADLINE, || {
-        log_of(&stack)
+        stack
+            .frontend_log()
             .contains("lease expired: self-fenced")
             .then_some(())
     });
@@ -204,7 +134,7 @@ fn a_frontend_cut_from_its_peer_and_the_arbiter_acknowledges_nothing_after_its_l
         !stdout.contains("wrote"),
         "a write was acknowledged after the lease expired:\n{stdout}"
     );
-    let log = log_of(&stack);
+    let log = stack.frontend_log();
     let arbiter_lines = log
         .lines()
         .filter(|l| l.contains("cannot reach the arbiter") || l.contains("cannot renew"))

@@ -10,26 +10,14 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{MIB, Proc, Stack, StackOptions, start_proc, wait_until};
-
-/// Kills an extra process of the test even when the test panics.
-struct KillOnDrop(Proc);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.0.kill();
-    }
-}
+use common::{
+    KillOnDrop, MIB, Stack, StackOptions, qemu_io, set_flag, start_proc, wait_for_log, wait_until,
+};
 
 const LEASE: &[&str] = &["--lease-duration", "3s", "--lease-margin", "1s"];
 
 fn qemu_io(uri: &str, cmds: &[String]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let mut child = c
+    let mut child = qemu_io::command(uri, cmds)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -39,11 +27,7 @@ fn qemu_io(uri: &str, cmds: &[String]) -> String {
         let _ = child.kill();
     }
     let out = child.wait_with_output().expect("qemu-io output");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    common::output_text(&out)
 }
 
 fn signal(pid: i32, sig: &str) {
@@ -82,11 +66,7 @@ fn a_new_frontend_takes_over_after_the_lease_and_the_old_one_is_refused() {
 
     // The new frontend waits for the lease to run out plus the margin.
     let mut args = stack.frontend_args(0);
-    let id = args
-        .iter()
-        .position(|a| a == "--frontend-id")
-        .expect("arbiter stack");
-    args[id + 1] = "fe-new".into();
+    set_flag(&mut args, "--frontend-id", "fe-new");
     let new_sock = stack.dir().join("new.sock");
     args.extend(LEASE.iter().map(|s| (*s).to_owned()));
     args.extend(["--nbd-unix".into(), new_sock.display().to_string()]);
@@ -122,13 +102,8 @@ fn a_new_frontend_takes_over_after_the_lease_and_the_old_one_is_refused() {
     let out = qemu_io(&old_uri, &["write -P 0x99 0 4096".to_owned()]);
     assert!(!out.contains("wrote"), "the old frontend acked: {out}");
     for log in stack.replica_log_paths() {
-        let refused = wait_until(Duration::from_secs(10), || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|t| t.contains("stale epoch"))
-        });
         assert!(
-            refused.is_some(),
+            wait_for_log(&log, "stale epoch", Duration::from_secs(10)),
             "{} did not refuse the old epoch:\n{}",
             log.display(),
             stack.log_tails(20)

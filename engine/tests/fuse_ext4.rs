@@ -13,31 +13,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{MIB, Stack, StackOptions, run_with_deadline};
+use common::rng::Rng;
+use common::{MIB, Stack, StackOptions, command, run_ok};
 
 /// How long one tool run (mkfs, fsck, mount) may take.
 const TOOL_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Runs a command with a deadline, failing the test with its output if it
-/// fails.
+/// Runs a tool under [`TOOL_DEADLINE`]; its stdout, or the test fails with
+/// its output.
 fn run(cmd: Command) -> String {
-    let described = format!("{cmd:?}");
-    let output = run_with_deadline(cmd, TOOL_DEADLINE);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{described} failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    stdout
-}
-
-/// A command with its arguments.
-fn command<S: AsRef<std::ffi::OsStr>>(program: &str, args: impl IntoIterator<Item = S>) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    cmd
+    run_ok(cmd, TOOL_DEADLINE)
 }
 
 /// A loop device this test attached; detached on drop.
@@ -104,29 +89,6 @@ impl Drop for Mounted {
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
-    }
-}
-
-/// Deterministic pseudo-random numbers (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut buf = vec![0; len];
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-        buf
     }
 }
 

@@ -8,63 +8,25 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{MIB, Stack, StackOptions, run_with_deadline};
+use common::rng::Rng;
+use common::{MIB, Stack, StackOptions, command, fio, qemu_io, run_ok};
 
 /// How long one client run may take before the test fails.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs a client under [`CLIENT_DEADLINE`]; its stdout, or the test fails
+/// with its output.
+fn run(cmd: std::process::Command) -> String {
+    run_ok(cmd, CLIENT_DEADLINE)
+}
 
 fn start_volume(size: u64) -> Stack {
     Stack::start(StackOptions {
         size,
         ..StackOptions::default()
     })
-}
-
-/// Runs a command with a deadline, failing the test with its output if it
-/// fails.
-fn run(cmd: Command) -> String {
-    let described = format!("{cmd:?}");
-    let output = run_with_deadline(cmd, CLIENT_DEADLINE);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{described} failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    stdout
-}
-
-/// A command with its arguments.
-fn command<S: AsRef<std::ffi::OsStr>>(program: &str, args: impl IntoIterator<Item = S>) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    cmd
-}
-
-/// Deterministic pseudo-random numbers (xorshift64*), so a failure can be
-/// replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
 }
 
 fn assert_replicas_equal(replicas: &[PathBuf], expected: &[u8]) {
@@ -127,12 +89,7 @@ fn qemu_io_patterns_read_back_and_land_on_every_replica() {
     }
     writes.push("aio_flush".to_string());
     writes.push("flush".to_string());
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &stack.nbd_uri()]);
-    for w in &writes {
-        cmd.args(["-c", w]);
-    }
-    let out = run(cmd);
+    let out = run(qemu_io::command(&stack.nbd_uri(), &writes));
     assert!(
         !out.contains("failed"),
         "qemu-io reported a failure:\n{out}"
@@ -140,15 +97,14 @@ fn qemu_io_patterns_read_back_and_land_on_every_replica() {
 
     // Read back every written range (as it stands after all the writes),
     // with pattern checks where the range is uniform.
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &stack.nbd_uri()]);
+    let mut reads = Vec::new();
     for (offset, len) in &checks {
         let range = &expected[*offset as usize..(*offset + *len) as usize];
         if range.iter().all(|b| *b == range[0]) {
-            cmd.args(["-c", &format!("read -P {} {offset} {len}", range[0])]);
+            reads.push(format!("read -P {} {offset} {len}", range[0]));
         }
     }
-    let out = run(cmd);
+    let out = run(qemu_io::command(&stack.nbd_uri(), &reads));
     assert!(
         !out.contains("Pattern verification failed") && !out.contains("failed"),
         "qemu-io read back other data:\n{out}"
@@ -186,34 +142,26 @@ fn nbdcopy_copies_a_random_image_in_and_out_identically() {
 fn fio_nbd_engine_random_writes_verify() {
     let size = 256 * MIB;
     let stack = start_volume(size);
-    let mut fio = Command::new("fio");
-    // fio may leave state files in its working directory.
-    fio.current_dir(stack.dir()).args([
-        "--name=twinvol-verify",
-        "--ioengine=nbd",
-        &format!("--uri={}", stack.nbd_uri()),
-        "--rw=randwrite",
-        "--iodepth=32",
-        "--bssplit=4k/40:16k/20:64k/20:256k/10:1m/10",
-        // Four clients at once, each on its own connection and region.
-        "--numjobs=4",
-        "--size=48m",
-        "--offset_increment=48m",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_dump=0",
-        "--verify_state_save=0",
-        "--randseed=4242",
-        "--output-format=terse",
-    ]);
-    let out = run(fio);
+    let out = run(fio::verified_random_writes(
+        stack.dir(),
+        &stack.nbd_uri(),
+        "twinvol-verify",
+        4242,
+        &[
+            "--iodepth=32",
+            "--bssplit=4k/40:16k/20:64k/20:256k/10:1m/10",
+            // Four clients at once, each on its own connection and region.
+            "--numjobs=4",
+            "--size=48m",
+            "--offset_increment=48m",
+        ],
+    ));
     // Terse output: one line per job; field 5 (index 4) is its error code.
-    let jobs: Vec<&str> = out.lines().filter(|l| l.starts_with("3;")).collect();
+    let jobs = fio::terse_jobs(&out);
     assert_eq!(jobs.len(), 4, "fio did not report four jobs:\n{out}");
     for job in jobs {
         assert_eq!(
-            job.split(';').nth(4),
+            fio::terse_error(job),
             Some("0"),
             "fio reported an error:\n{out}"
         );
@@ -254,21 +202,10 @@ fn nbdinfo_and_qemu_io_negotiate_over_unix_and_tcp() {
         assert!(list.contains("export=\"\""), "{list}");
     }
     // Written over TCP, read back over the unix socket.
-    run(command(
-        "qemu-io",
-        ["-f", "raw", &tcp_uri, "-c", "write -P 0x5c 12345 100000"],
-    ));
-    let out = run(command(
-        "qemu-io",
-        [
-            "-f",
-            "raw",
-            &stack.nbd_uri(),
-            "-c",
-            "read -P 0x5c 12345 100000",
-            "-c",
-            "read -P 0 0 12345",
-        ],
+    run(qemu_io::command(&tcp_uri, &["write -P 0x5c 12345 100000"]));
+    let out = run(qemu_io::command(
+        &stack.nbd_uri(),
+        &["read -P 0x5c 12345 100000", "read -P 0 0 12345"],
     ));
     assert!(
         !out.contains("failed"),

@@ -11,7 +11,10 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{MIB, Stack, StackOptions, digest, run_with_deadline};
+use common::{
+    MIB, Stack, StackOptions, create_volume, digest, output_text, qemu_io, run_with_deadline,
+    set_flag,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -42,20 +45,19 @@ fn replica_logs(stack: &Stack) -> String {
 /// Writes a pattern through the stack's NBD export with qemu-io.
 fn qemu_write(stack: &Stack, pattern: u8, offset: u64, len: u64) {
     let out = run_with_deadline(
-        {
-            let mut c = Command::new("qemu-io");
-            c.args(["-f", "raw", &stack.nbd_uri(), "-c"])
-                .arg(format!("write -P {pattern:#x} {offset} {len}"))
-                .args(["-c", "flush"]);
-            c
-        },
+        qemu_io::command(
+            &stack.nbd_uri(),
+            &[
+                format!("write -P {pattern:#x} {offset} {len}"),
+                "flush".into(),
+            ],
+        ),
         DEADLINE,
     );
     assert!(
         out.status.success(),
-        "qemu-io write failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "qemu-io write failed: {}",
+        output_text(&out)
     );
 }
 
@@ -66,11 +68,7 @@ fn wrong_secret_is_refused_on_both_ends_and_touches_no_data() {
     let other = stack.dir().join("other-secret");
     std::fs::write(&other, "a-different-secret-of-enough-length").expect("write secret");
     let mut args = stack.frontend_args(1);
-    let at = args
-        .iter()
-        .position(|a| a == "--secret-file")
-        .expect("secret flag");
-    args[at + 1] = other.display().to_string();
+    set_flag(&mut args, "--secret-file", other.display().to_string());
     let mut cmd = Command::new(common::engine_bin());
     cmd.args(&args)
         .arg("--nbd-unix")
@@ -177,11 +175,7 @@ fn a_newer_frontend_fences_the_old_one() {
     let ready = common::wait_until(DEADLINE, || ready2.exists().then_some(()));
     // The old frontend's writes are now refused: the client sees an error.
     let old = run_with_deadline(
-        {
-            let mut c = Command::new("qemu-io");
-            c.args(["-f", "raw", &stack.nbd_uri(), "-c", "write -P 0x22 0 4096"]);
-            c
-        },
+        qemu_io::command(&stack.nbd_uri(), &["write -P 0x22 0 4096"]),
         DEADLINE,
     );
     let _ = new.kill();
@@ -191,11 +185,7 @@ fn a_newer_frontend_fences_the_old_one() {
         "new frontend not ready:\n{}",
         stack.log_tails(20)
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&old.stdout),
-        String::from_utf8_lossy(&old.stderr)
-    );
+    let text = output_text(&old);
     assert!(
         text.contains("failed") || !old.status.success(),
         "the fenced frontend acknowledged a write: {text}"
@@ -220,28 +210,10 @@ fn size_mismatch_between_replicas_is_refused_naming_both_sizes() {
     let stack = replicas_only();
     // A second volume whose two replicas differ in size.
     for (replica, size) in stack.replicas.iter().zip(["1M", "2M"]) {
-        let out = run_with_deadline(
-            {
-                let mut c = Command::new(common::engine_bin());
-                c.args(["volume", "create", "--pool"])
-                    .arg(&replica.pool)
-                    .args(["--volume", "v2", "--size", size]);
-                c
-            },
-            DEADLINE,
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create_volume(&replica.pool, "v2", size);
     }
     let mut args = stack.frontend_args(1);
-    let at = args
-        .iter()
-        .position(|a| a == "--volume")
-        .expect("volume flag");
-    args[at + 1] = "v2".into();
+    set_flag(&mut args, "--volume", "v2");
     let mut cmd = Command::new(common::engine_bin());
     cmd.args(&args)
         .arg("--nbd-unix")

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{MIB, Stack, StackOptions, wait_until};
+use common::{MIB, Stack, StackOptions, qemu_io, wait_for_log, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -19,30 +18,18 @@ fn io_waits_while_a_replica_restarts_then_completes_on_both() {
     });
     let log = stack.frontend_log_path().expect("frontend log");
     stack.kill_replica(1);
-    let lost = wait_until(DEADLINE, || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|t| t.contains("connection to replica lost"))
-    });
     assert!(
-        lost.is_some(),
+        wait_for_log(&log, "connection to replica lost", DEADLINE),
         "frontend did not notice:\n{}",
         stack.log_tails(20)
     );
 
     // A write issued now waits for replica b.
-    let mut writer = Command::new("qemu-io")
-        .args(["-f", "raw", &stack.nbd_uri()])
-        .args(["-c", "write -P 0x7e 8192 65536", "-c", "flush"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start qemu-io");
-    let waiting = wait_until(DEADLINE, || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|t| t.contains("replica unreachable; I/O waits"))
-    });
-    assert!(waiting.is_some(), "no reconnect attempt logged");
+    let mut writer = qemu_io::spawn(&stack.nbd_uri(), &["write -P 0x7e 8192 65536", "flush"]);
+    assert!(
+        wait_for_log(&log, "replica unreachable; I/O waits", DEADLINE),
+        "no reconnect attempt logged"
+    );
     assert!(
         writer.try_wait().expect("poll").is_none(),
         "the write completed without replica b"

@@ -13,13 +13,11 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{MIB, digest, engine_bin, run_with_deadline, tail, wait_until};
+use common::{KillOnDrop, MIB, create_volume, digest, metrics, start_proc, tail, wait_until};
 use twinvol_engine::frontend::ReplicaSpec;
 use twinvol_engine::frontend::connection::{ReplicaHandle, SessionParams};
 use twinvol_engine::metrics::Metrics;
@@ -31,31 +29,6 @@ const SIZE: u64 = 64 * MIB;
 const REGION: u64 = 64 * 1024;
 const EXTENT: u64 = 4 * MIB;
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// A replica process, killed (SIGKILL to its group) on drop.
-struct ReplicaProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl ReplicaProc {
-    fn kill(&mut self) {
-        // SAFETY: kill(2) on the process group created for this child.
-        unsafe {
-            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ReplicaProc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("--- {} ---\n{}", self.log.display(), tail(&self.log, 40));
-        }
-    }
-}
 
 struct Site {
     name: &'static str,
@@ -83,19 +56,7 @@ fn setup(root: &Path) -> (Site, Site, PathBuf) {
     let mk = |name: &'static str| {
         let pool = root.join(format!("pool-{name}"));
         std::fs::create_dir(&pool).expect("pool");
-        let mut c = Command::new(engine_bin());
-        c.args(["volume", "create", "--pool"]).arg(&pool).args([
-            "--volume",
-            "v1",
-            "--size",
-            &SIZE.to_string(),
-        ]);
-        let out = run_with_deadline(c, Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create_volume(&pool, "v1", &SIZE.to_string());
         Site {
             name,
             pool,
@@ -105,39 +66,51 @@ fn setup(root: &Path) -> (Site, Site, PathBuf) {
     (mk("a"), mk("b"), secret)
 }
 
-fn start(site: &Site, secret: &Path, extra: &[String], root: &Path) -> ReplicaProc {
-    let log = root.join(format!("replica-{}.log", site.name));
-    let out = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .expect("log");
-    let err = out.try_clone().expect("clone");
-    let child = Command::new(engine_bin())
-        .args(["replica", "--pool"])
-        .arg(&site.pool)
-        .args(["--listen", &site.addr, "--secret-file"])
-        .arg(secret)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .env_remove("TWINVOL_LOG_JSON")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .expect("spawn replica");
-    let p = ReplicaProc { child, log };
-    let ok = wait_until(Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&site.addr).ok()
-    });
-    assert!(ok.is_some(), "replica {} not listening", site.name);
-    p
+/// Starts the replica of `site` on its fixed address (so that it returns
+/// where its peer expects it) with `extra` arguments, ready to serve.
+fn start(site: &Site, secret: &Path, extra: &[String], root: &Path) -> KillOnDrop {
+    let mut args = vec![
+        "replica".to_owned(),
+        "--pool".into(),
+        site.pool.display().to_string(),
+        "--listen".into(),
+        site.addr.clone(),
+        "--secret-file".into(),
+        secret.display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    KillOnDrop(start_proc(&format!("replica-{}", site.name), args, root))
+}
+
+/// The resync status of `volume` that `site`'s replica publishes.
+fn status_of(site: &Site, volume: &str) -> Option<serde_json::Value> {
+    let t = std::fs::read_to_string(site.pool.join(volume).join("resync-status.json")).ok()?;
+    serde_json::from_str(&t).ok()
 }
 
 fn status(site: &Site) -> Option<serde_json::Value> {
-    let t = std::fs::read_to_string(site.status_file()).ok()?;
-    serde_json::from_str(&t).ok()
+    status_of(site, "v1")
+}
+
+/// Waits for `site`'s resync status of v1 to satisfy `cond`; otherwise the
+/// test fails, saying `what` with the last status.
+fn wait_for_status(
+    site: &Site,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_until(DEADLINE, || status(site).filter(|s| cond(s)))
+        .unwrap_or_else(|| panic!("{what}: {:?}", status(site)))
+}
+
+/// The resync finished: state done, nothing left to copy.
+fn is_done(s: &serde_json::Value) -> bool {
+    s["state"] == "done" && field(s, "remaining_bytes") == 0
+}
+
+/// The resync is copying and copied at least `bytes` in this attempt.
+fn copying_at_least(s: &serde_json::Value, bytes: u64) -> bool {
+    s["state"] == "copying" && field(s, "attempt_copied_bytes") >= bytes
 }
 
 fn field(v: &serde_json::Value, k: &str) -> u64 {
@@ -203,6 +176,24 @@ fn peer_state(in_sync: bool) -> Op {
     }
 }
 
+/// The frontend's degraded mode as b sees it: the arbiter swapped a out,
+/// so b is told by `PeerState` that a left; then a's session closes and a
+/// dies.
+async fn take_a_out(ha: ReplicaHandle, hb: &ReplicaHandle, pa: &mut KillOnDrop) {
+    assert_eq!(call(hb, peer_state(false)).await, Reply::Done);
+    drop(ha);
+    pa.kill();
+}
+
+/// The frontend's rejoin as b sees it: the arbiter put a back in sync at
+/// `epoch`, so b is told by `PeerState`.
+fn a_back_in_sync(rt: &tokio::runtime::Runtime, b: &Site, secret: &Path, epoch: u64) {
+    rt.block_on(async {
+        let hb = connect(b, secret, epoch).await;
+        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
+    });
+}
+
 /// Writes made while a is out: scattered small writes and a few larger
 /// ones. Returns the dirty regions and the extents touched.
 async fn degraded_writes(
@@ -231,19 +222,6 @@ async fn degraded_writes(
     (regions, extents)
 }
 
-/// `GET /metrics` over plain HTTP/1.0.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 fn assert_identical(a: &Site, b: &Site, model: &[u8]) {
     let bytes_b = std::fs::read(b.data()).expect("read b");
     assert!(bytes_b == model, "replica b lost an acknowledged write");
@@ -270,10 +248,7 @@ fn resync_copies_only_dirty_regions_and_replicas_end_identical() {
         let ha = connect(&a, &secret, 1).await;
         let hb = connect(&b, &secret, 1).await;
         write(&[&ha, &hb], &mut model, 0, 4 * MIB as usize, 0x11).await;
-        // The frontend's degraded mode: the arbiter swap, then PeerState.
-        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
-        drop(ha);
-        pa.kill();
+        take_a_out(ha, &hb, &mut pa).await;
         degraded_writes(&hb, &mut model, 200, SIZE).await
     });
     // Dirty: the regions written while a was out, and the extent written
@@ -287,10 +262,7 @@ fn resync_copies_only_dirty_regions_and_replicas_end_identical() {
 
     let started = Instant::now();
     let _pa = start(&a, &secret, &[], root.path());
-    let done = wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
-    });
-    let done = done.unwrap_or_else(|| panic!("resync not done: {:?}", status(&b)));
+    let done = wait_for_status(&b, "resync not done", is_done);
     let took = started.elapsed();
     let copied = field(&done, "copied_bytes");
     eprintln!(
@@ -302,7 +274,7 @@ fn resync_copies_only_dirty_regions_and_replicas_end_identical() {
         "copied {copied} > dirty {dirty_bytes}"
     );
     assert_eq!(copied, dirty_bytes, "every dirty region is copied once");
-    let m = scrape(&metrics_addr);
+    let m = metrics::scrape(&metrics_addr);
     for want in [
         "twinvol_replica_resync_bytes_remaining{volume=\"v1\",replica=\"a\"} 0".to_owned(),
         format!("twinvol_replica_resync_bytes_copied{{volume=\"v1\",replica=\"a\"}} {copied}"),
@@ -345,9 +317,7 @@ fn resync_resumes_after_the_surviving_replica_is_killed() {
         let ha = connect(&a, &secret, 1).await;
         let hb = connect(&b, &secret, 1).await;
         write(&[&ha, &hb], &mut model, 0, MIB as usize, 0x22).await;
-        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
-        drop(ha);
-        pa.kill();
+        take_a_out(ha, &hb, &mut pa).await;
         // Within the first half: the copy after the restart (dirty regions
         // plus the activity log's extents) stays below a full copy.
         let r = degraded_writes(&hb, &mut model, 400, SIZE / 2).await;
@@ -363,10 +333,7 @@ fn resync_resumes_after_the_surviving_replica_is_killed() {
     let al_bytes = extents.len() as u64 * EXTENT;
 
     let _pa = start(&a, &secret, &[], root.path());
-    let mid = wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "copying" && field(s, "attempt_copied_bytes") >= MIB)
-    })
-    .unwrap_or_else(|| panic!("resync did not start: {:?}", status(&b)));
+    let mid = wait_for_status(&b, "resync did not start", |s| copying_at_least(s, MIB));
     let copied_first = field(&mid, "copied_bytes");
     assert!(field(&mid, "remaining_bytes") > 0, "{mid}");
     pb.kill();
@@ -375,10 +342,7 @@ fn resync_resumes_after_the_surviving_replica_is_killed() {
 
     let started = Instant::now();
     let pb2 = start(&b, &secret, &args, root.path());
-    let done = wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
-    })
-    .unwrap_or_else(|| panic!("resumed resync not done: {:?}", status(&b)));
+    let done = wait_for_status(&b, "resumed resync not done", is_done);
     let copied_second = field(&done, "copied_bytes");
     eprintln!(
         "after restart: copied {copied_second} bytes in {:?} (dirty {dirty_bytes}, activity-log bound {al_bytes})",
@@ -389,78 +353,28 @@ fn resync_resumes_after_the_surviving_replica_is_killed() {
         "copied {copied_second} > dirty {dirty_bytes} + activity log {al_bytes}"
     );
     assert!(copied_second < SIZE, "a full copy after the restart");
-    rt.block_on(async {
-        let hb = connect(&b, &secret, 1).await;
-        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
-    });
+    a_back_in_sync(&rt, &b, &secret, 1);
     let log = std::fs::read_to_string(&pb2.log).expect("log");
     assert!(log.contains("dirty bitmap loaded"), "no recovery logged");
     assert_identical(&a, &b, &model);
 }
 
-#[test]
-fn foreground_writes_during_the_resync_converge() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let (a, b, secret) = setup(root.path());
-    let args = vec![
-        "--peer".to_owned(),
-        format!("a={}", a.addr),
-        "--resync-rate".into(),
-        "4M".into(),
-    ];
-    let mut pa = start(&a, &secret, &[], root.path());
-    let _pb = start(&b, &secret, &args, root.path());
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut model = vec![0u8; SIZE as usize];
-    rt.block_on(async {
-        let ha = connect(&a, &secret, 1).await;
-        let hb = connect(&b, &secret, 1).await;
-        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
-        drop(ha);
-        pa.kill();
-        degraded_writes(&hb, &mut model, 300, SIZE).await;
-    });
-    let _pa = start(&a, &secret, &[], root.path());
-    wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "copying" && field(s, "attempt_copied_bytes") > 0)
-    })
-    .unwrap_or_else(|| panic!("resync did not start: {:?}", status(&b)));
-    // While it copies, the frontend sends new writes to both replicas (acks
-    // from b alone would do; a converges either way), overlapping regions
-    // being copied.
-    rt.block_on(async {
-        let ha = connect(&a, &secret, 1).await;
-        let hb = connect(&b, &secret, 1).await;
-        for i in 0..200u64 {
-            let offset = (i * 104_729 % (SIZE / 4096 - 16)) * 4096;
-            write(
-                &[&hb, &ha],
-                &mut model,
-                offset,
-                16 * 1024,
-                (i % 200) as u8 + 7,
-            )
-            .await;
-        }
-    });
-    let done = wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
-    })
-    .unwrap_or_else(|| panic!("resync not done: {:?}", status(&b)));
-    eprintln!(
-        "copied {} bytes, {} regions copied again after overlapping writes",
-        field(&done, "copied_bytes"),
-        field(&done, "recopied_regions")
-    );
-    rt.block_on(async {
-        let hb = connect(&b, &secret, 1).await;
-        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
-    });
-    assert_identical(&a, &b, &model);
+/// A resync under way at 4 MiB/s (slow enough to be caught copying): a
+/// was taken out, b took `count` degraded writes, a returned, and b has
+/// started copying to it. Fields drop in order: the processes before the
+/// directory holding their pools and logs.
+struct Resyncing {
+    _pa: KillOnDrop,
+    pb: KillOnDrop,
+    rt: tokio::runtime::Runtime,
+    model: Vec<u8>,
+    a: Site,
+    b: Site,
+    secret: PathBuf,
+    _root: tempfile::TempDir,
 }
 
-#[test]
-fn a_new_frontend_epoch_during_the_resync_is_followed() {
+fn resync_under_way(count: u64) -> Resyncing {
     let root = tempfile::tempdir().expect("tempdir");
     let (a, b, secret) = setup(root.path());
     let args = vec![
@@ -476,32 +390,75 @@ fn a_new_frontend_epoch_during_the_resync_is_followed() {
     rt.block_on(async {
         let ha = connect(&a, &secret, 1).await;
         let hb = connect(&b, &secret, 1).await;
-        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
-        drop(ha);
-        pa.kill();
-        degraded_writes(&hb, &mut model, 200, SIZE).await;
+        take_a_out(ha, &hb, &mut pa).await;
+        degraded_writes(&hb, &mut model, count, SIZE).await;
     });
-    let _pa = start(&a, &secret, &[], root.path());
-    wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "copying" && field(s, "attempt_copied_bytes") > 0)
-    })
-    .unwrap_or_else(|| panic!("resync did not start: {:?}", status(&b)));
+    let pa = start(&a, &secret, &[], root.path());
+    wait_for_status(&b, "resync did not start", |s| copying_at_least(s, 1));
+    Resyncing {
+        _pa: pa,
+        pb,
+        rt,
+        model,
+        a,
+        b,
+        secret,
+        _root: root,
+    }
+}
+
+#[test]
+fn foreground_writes_during_the_resync_converge() {
+    let Resyncing {
+        rt,
+        model,
+        a,
+        b,
+        secret,
+        ..
+    } = &mut resync_under_way(300);
+    // While it copies, the frontend sends new writes to both replicas (acks
+    // from b alone would do; a converges either way), overlapping regions
+    // being copied.
+    rt.block_on(async {
+        let ha = connect(a, secret, 1).await;
+        let hb = connect(b, secret, 1).await;
+        for i in 0..200u64 {
+            let offset = (i * 104_729 % (SIZE / 4096 - 16)) * 4096;
+            write(&[&hb, &ha], model, offset, 16 * 1024, (i % 200) as u8 + 7).await;
+        }
+    });
+    let done = wait_for_status(b, "resync not done", is_done);
+    eprintln!(
+        "copied {} bytes, {} regions copied again after overlapping writes",
+        field(&done, "copied_bytes"),
+        field(&done, "recopied_regions")
+    );
+    a_back_in_sync(rt, b, secret, 1);
+    assert_identical(a, b, model);
+}
+
+#[test]
+fn a_new_frontend_epoch_during_the_resync_is_followed() {
+    let Resyncing {
+        pb,
+        rt,
+        model,
+        a,
+        b,
+        secret,
+        ..
+    } = &mut resync_under_way(200);
     // A new frontend opens both replicas at epoch 2: the resync's session
     // with a (epoch 1) is fenced; it must reconnect at epoch 2 and finish.
     rt.block_on(async {
-        let hb = connect(&b, &secret, 2).await;
-        let ha = connect(&a, &secret, 2).await;
-        write(&[&hb, &ha], &mut model, 8 * MIB, 64 * 1024, 0x5a).await;
+        let hb = connect(b, secret, 2).await;
+        let ha = connect(a, secret, 2).await;
+        write(&[&hb, &ha], model, 8 * MIB, 64 * 1024, 0x5a).await;
     });
-    let done = wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
-    })
-    .unwrap_or_else(|| panic!("resync not done: {:?}", status(&b)));
+    let done = wait_for_status(b, "resync not done", is_done);
     assert!(field(&done, "completed") >= 1);
-    rt.block_on(async {
-        let hb = connect(&b, &secret, 2).await;
-        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
-    });
+    a_back_in_sync(rt, b, secret, 2);
     let log = std::fs::read_to_string(&pb.log).expect("log");
     assert!(
         log.lines()
@@ -509,7 +466,7 @@ fn a_new_frontend_epoch_during_the_resync_is_followed() {
         "the resync did not reconnect at the new epoch:\n{}",
         tail(&pb.log, 30)
     );
-    assert_identical(&a, &b, &model);
+    assert_identical(a, b, model);
 }
 
 #[test]
@@ -517,16 +474,7 @@ fn resyncs_beyond_the_limit_wait_for_a_slot() {
     let root = tempfile::tempdir().expect("tempdir");
     let (a, b, secret) = setup(root.path());
     for site in [&a, &b] {
-        let mut c = Command::new(engine_bin());
-        c.args(["volume", "create", "--pool"])
-            .arg(&site.pool)
-            .args(["--volume", "v2", "--size", &SIZE.to_string()]);
-        let out = run_with_deadline(c, Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create_volume(&site.pool, "v2", &SIZE.to_string());
     }
     let args = vec![
         "--peer".to_owned(),
@@ -548,10 +496,7 @@ fn resyncs_beyond_the_limit_wait_for_a_slot() {
         }
     });
     pa.kill();
-    let status_of = |vol: &str| -> Option<serde_json::Value> {
-        let t = std::fs::read_to_string(b.pool.join(vol).join("resync-status.json")).ok()?;
-        serde_json::from_str(&t).ok()
-    };
+    let status_of = |vol: &str| status_of(&b, vol);
     let _pa = start(&a, &secret, &[], root.path());
     // One copies, the other waits for the slot.
     let both = wait_until(DEADLINE, || {
@@ -606,24 +551,10 @@ fn a_replaced_peer_gets_a_full_copy_that_says_why() {
     });
     // A blank replica at a's place.
     std::fs::remove_dir_all(a.pool.join("v1")).expect("wipe a");
-    let mut c = Command::new(engine_bin());
-    c.args(["volume", "create", "--pool"]).arg(&a.pool).args([
-        "--volume",
-        "v1",
-        "--size",
-        &SIZE.to_string(),
-    ]);
-    assert!(
-        run_with_deadline(c, Duration::from_secs(60))
-            .status
-            .success()
-    );
+    create_volume(&a.pool, "v1", &SIZE.to_string());
     let started = Instant::now();
     let _pc = start(&a, &secret, &[], root.path());
-    let done = wait_until(DEADLINE, || {
-        status(&b).filter(|s| s["state"] == "done" && field(s, "remaining_bytes") == 0)
-    })
-    .unwrap_or_else(|| panic!("full resync not done: {:?}", status(&b)));
+    let done = wait_for_status(&b, "full resync not done", is_done);
     eprintln!(
         "full copy of {SIZE} bytes done {:?} after the new replica started",
         started.elapsed()

@@ -6,26 +6,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{MIB, Stack, StackOptions, run_with_deadline};
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
-}
+use common::{MIB, Stack, StackOptions, metrics, output_text, qemu_io, run_with_deadline};
 
 fn is_mounted(dir: &std::path::Path) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -64,32 +48,22 @@ fn every_export_reaches_both_replicas_and_drop_leaves_nothing_behind() {
     let (host, port) = tcp.rsplit_once(':').expect("host:port");
     let uri = format!("nbd://{host}:{port}");
     let out = run_with_deadline(
-        {
-            let mut c = Command::new("qemu-io");
-            c.args(["-f", "raw", &uri])
-                .args(["-c", "read -P 0x00 0 1M"])
-                .args(["-c", "write -P 0xc3 3M 128k"])
-                .args(["-c", "flush"]);
-            c
-        },
+        qemu_io::command(
+            &uri,
+            &["read -P 0x00 0 1M", "write -P 0xc3 3M 128k", "flush"],
+        ),
         Duration::from_secs(60),
     );
     assert!(
         out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("fail"),
-        "qemu-io over TCP: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "qemu-io over TCP: {}",
+        output_text(&out)
     );
     image[3 * MIB as usize..3 * MIB as usize + 128 * 1024].fill(0xc3);
 
     // And over the unix socket, check what FUSE wrote.
     let out = run_with_deadline(
-        {
-            let mut c = Command::new("qemu-io");
-            c.args(["-f", "raw", &stack.nbd_uri()])
-                .args(["-c", "read -P 0xc3 3M 128k"]);
-            c
-        },
+        qemu_io::command(&stack.nbd_uri(), &["read -P 0xc3 3M 128k"]),
         Duration::from_secs(60),
     );
     assert!(
@@ -107,10 +81,7 @@ fn every_export_reaches_both_replicas_and_drop_leaves_nothing_behind() {
         );
     }
 
-    let metrics = http_get(
-        &stack.frontend_metrics_addr().expect("metrics addr"),
-        "/metrics",
-    );
+    let metrics = metrics::scrape(&stack.frontend_metrics_addr().expect("metrics addr"));
     for replica in ["a", "b"] {
         let line = format!(
             "twinvol_frontend_io_latency_seconds_count{{volume=\"v1\",replica=\"{replica}\",op=\"Write\"}}"
