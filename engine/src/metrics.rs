@@ -79,6 +79,7 @@ pub struct Metrics {
 /// A frontend's degraded-operation figures (see `crate::frontend::failover`).
 struct FailoverFamilies {
     count: Family<VolumeLabels, Counter>,
+    rejoins: Family<VolumeLabels, Counter>,
     pause: Family<VolumeLabels, Histogram, fn() -> Histogram>,
     lease_remaining: Family<VolumeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
@@ -159,6 +160,7 @@ impl Metrics {
         );
         let failover = FailoverFamilies {
             count: Family::default(),
+            rejoins: Family::default(),
             pause: Family::new_with_constructor(latency_histogram),
             lease_remaining: Family::default(),
         };
@@ -166,6 +168,11 @@ impl Metrics {
             "failovers",
             "Replicas taken out of the in-sync set by this frontend",
             failover.count.clone(),
+        );
+        registry.register(
+            "rejoins",
+            "Replicas returned to the in-sync set by this frontend after catching up",
+            failover.rejoins.clone(),
         );
         registry.register(
             "failover_pause_seconds",
@@ -253,6 +260,14 @@ impl Metrics {
             .pause
             .get_or_create(&l)
             .observe(pause.as_secs_f64());
+    }
+
+    /// Counts a replica returned to `volume`'s in-sync set.
+    pub fn record_rejoin(&self, volume: &str) {
+        let l = VolumeLabels {
+            volume: volume.to_owned(),
+        };
+        self.failover.rejoins.get_or_create(&l).inc();
     }
 
     /// Sets the time left on the lease of `volume`'s frontend.

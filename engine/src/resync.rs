@@ -35,37 +35,26 @@
 //! - **Throttled.** A rate limit in bytes/s, and a back-off when the
 //!   smoothed latency of foreground writes rises above a target while
 //!   foreground writes are happening.
-//! - **Rejoin.** When no region is dirty the resync is `Done`; the frontend
-//!   (lease holder) does the arbiter's `ReturnToInSync`, adds the replica
-//!   back to its write set and sends `PeerState { in_sync: true }`, upon
-//!   which this replica stops tracking (`VolumeLogs::peer_rejoined`; if
-//!   writes dirtied regions since, once the resync has copied them).
+//! - **Rejoin.** When no region is dirty the resync is `Done`. The lease
+//!   holder drives the rest (`frontend::failover`): it sends the returning
+//!   replica every write while it catches up — flagged `mirrored`, so this
+//!   replica orders them against its copies (`Bitmap::note_write`) without
+//!   marking them, and the copy converges under load —, polls
+//!   `Op::ResyncStatus` on this replica until nothing is dirty, does the
+//!   arbiter's `ReturnToInSync` and sends `PeerState { in_sync: true }`,
+//!   upon which this replica stops tracking (`VolumeLogs::peer_rejoined`).
+//! - **Aborted copies never land late.** A failed attempt aborts its
+//!   connection (RST, `ReplicaHandle::reset`): copies still queued in the
+//!   socket are dropped, so that none reaches the peer after a newer one
+//!   when a cut link comes back.
+//! - **Reconciling after a frontend crash.** A new frontend asks both
+//!   replicas for their activity-log extents (`Op::ActiveExtents`), has one
+//!   leave the in-sync set, marks the extents of both dirty on the other
+//!   (`Op::MarkDirty`): this resync copies them like any dirty region.
 //!
-//! # Hooks wanted from the frontend / protocol owner
-//!
-//! 1. While the resync runs, the frontend sends every new write to the
-//!    returning replica too (opening it at its epoch; acks depend only on
-//!    the in-sync set, errors from it only log). Without this the peer
-//!    falls behind again between `Done` and the rejoin.
-//! 2. The frontend learns `Done` through a request, e.g.
-//!    `Op::ResyncStatus` → `Reply::Resync { state, copied_bytes,
-//!    remaining_bytes, eta_ms }` (fields of [`ResyncStatus`]), polled on the
-//!    in-sync replica's connection; on `Done` it does the arbiter's
-//!    `ReturnToInSync` and sends `PeerState { peer, in_sync: true }`. Today
-//!    `Done` is visible in `resync-status.json`, the log and the metrics.
-//! 3. After (re)connecting to the in-sync replica while its peer is out of
-//!    the in-sync set, send `PeerState { in_sync: false }` again
-//!    (idempotent): a replica whose bitmap could not be trusted after a
-//!    crash resumes only then, with a full copy.
-//! 4. Optionally `Op::StartResync { peer, addr }` so the lease holder can
-//!    point a replica at its peer instead of `--peer`.
-//! 5. After a frontend crash with both replicas in sync, activity-log
-//!    extents recovered on both are possibly divergent: the new frontend
-//!    picks a source replica and sends it `PeerState { peer: other,
-//!    in_sync: false }` (after the arbiter swap): that marks its recovered
-//!    extents dirty and this resync copies them. The other replica's own
-//!    recovered extents are not covered by that (it needs a query for
-//!    them, e.g. an `Op::RecoveredExtents`, to be marked on the source).
+//! Wanted later: `Op::StartResync { peer, addr }`, so that the lease
+//! holder can point a replica at a peer that moved instead of `--peer`
+//! (the node plugin fills `--peer` from the MirroredVolume status).
 //!
 //! # Progress
 //!
@@ -467,7 +456,13 @@ impl Supervisor {
             handle,
             peer: peer.clone(),
         };
-        self.copy_all(&copy).await
+        let r = self.copy_all(&copy).await;
+        if r.is_err() {
+            // Abort the connection: a copy given up on must not land on
+            // the peer later, over a newer one.
+            copy.handle.reset();
+        }
+        r
     }
 
     async fn copy_all(&mut self, copy: &Copy) -> Result<(), ResyncError> {
@@ -525,6 +520,7 @@ impl Supervisor {
                     writes.push(copy.call(Op::Write {
                         offset: off,
                         fua: false,
+                        mirrored: false,
                         data,
                     }));
                     bytes += len;
@@ -542,6 +538,7 @@ impl Supervisor {
             }
             self.status.copied_bytes += bytes;
             self.status.attempt_copied_bytes += bytes;
+            self.volume.note_resync_copied(bytes);
             if last_persist.elapsed() >= PERSIST_EVERY {
                 bitmap.persist().await?;
                 last_persist = Instant::now();

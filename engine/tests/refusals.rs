@@ -99,7 +99,10 @@ fn other_protocol_version_is_refused_naming_both_versions_and_touches_no_data() 
     assert!(!out.status.success(), "frontend must fail: {stderr}");
     assert!(
         stderr.contains("protocol version mismatch")
-            && stderr.contains("version 1,")
+            && stderr.contains(&format!(
+                "version {},",
+                twinvol_engine::protocol::PROTOCOL_VERSION
+            ))
             && stderr.contains("version 99"),
         "frontend error must name both versions: {stderr}"
     );

@@ -609,6 +609,71 @@ impl ActivityLog {
         self.inner.kick(&mut st);
     }
 
+    /// Drops every extent with no write in flight (recovered ones too) and
+    /// makes the smaller log durable: the caller knows those extents hold
+    /// the same data on both replicas (a frontend's final flush on both, or
+    /// the extents recorded as dirty on the resync source). Extents with a
+    /// write in flight stay. Returns how many extents were dropped.
+    pub async fn forget_idle(&self) -> Result<usize, AlError> {
+        let inner = &self.inner;
+        // Take the flusher's place, so that no round writes meanwhile.
+        let (slot, dropped) = loop {
+            {
+                let mut st = inner.lock();
+                if let Some(e) = &st.failed {
+                    return Err(inner.failed(e.clone()));
+                }
+                if !st.flushing {
+                    let before = st.extents.len();
+                    st.extents
+                        .retain(|_, x| x.refs > 0 || x.phase == Phase::Adding);
+                    let dropped = before - st.extents.len();
+                    let mut extents: Vec<u64> = st.extents.keys().copied().collect();
+                    extents.sort_unstable();
+                    st.flushing = true;
+                    break (
+                        Slot {
+                            generation: st.generation + 1,
+                            volume_size: inner.config.volume_size,
+                            extent_size: inner.config.extent_size,
+                            extents,
+                        },
+                        dropped,
+                    );
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        };
+        let storage = inner.storage.clone();
+        let base = inner.config.base;
+        let generation = slot.generation;
+        // The log on disk keeps a superset of the extents in memory at every
+        // point: dropping from memory first is safe.
+        let r = blocking(move || format::write(&*storage, base, &slot)).await;
+        let mut st = inner.lock();
+        st.flushing = false;
+        match r {
+            Ok(()) => {
+                st.generation = generation;
+                inner.kick(&mut st);
+                Ok(dropped)
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                st.failed = Some(e.clone());
+                let queued: Vec<Reply> = st.queue.drain(..).map(|q| q.reply).collect();
+                drop(st);
+                for reply in queued {
+                    let _ = reply.send(Outcome::Failed {
+                        source: e.clone(),
+                        holds_refs: false,
+                    });
+                }
+                Err(inner.failed(e))
+            }
+        }
+    }
+
     /// The extents in the log now (persisted or being added), ascending.
     pub fn active(&self) -> Vec<ExtentIndex> {
         let st = self.inner.lock();

@@ -552,6 +552,37 @@ impl Bitmap {
         Ok(guard)
     }
 
+    /// Registers a write of `len` bytes at `offset` that the peer receives
+    /// too (it is catching up), without marking it: a copy of an
+    /// overlapping region in progress, or begun while the guard lives, is
+    /// not cleared by its `finish` (the copy may carry older data than the
+    /// write the peer got directly), so the region is copied again. No I/O.
+    pub fn note_write(&self, offset: u64, len: u64) -> Result<MarkGuard, BitmapError> {
+        let inner = &self.inner;
+        let regions = inner
+            .geometry
+            .regions(offset, len)
+            .ok_or(BitmapError::OutOfRange {
+                offset,
+                len,
+                volume_size: inner.geometry.volume_size(),
+            })?;
+        let mut st = inner.lock();
+        inner.require_tracking(&st)?;
+        let id = st.next_write;
+        st.next_write += 1;
+        st.writes.insert(id, regions.clone());
+        for r in regions {
+            if let Some(raced) = st.copies.get_mut(&r) {
+                *raced = true;
+            }
+        }
+        Ok(MarkGuard {
+            inner: inner.clone(),
+            id,
+        })
+    }
+
     /// Waits until `regions` are stable, a round since `start.0` failed, or
     /// the session `start.1` ended.
     async fn wait_stable(

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::metrics::{IoOp, OpHandles};
@@ -57,15 +57,19 @@ pub enum ReplicaState {
     /// Removed from the in-sync set through the arbiter: gets no writes
     /// until the resync returns it (set by the mirror, not the connection).
     OutOfSync,
+    /// Out of the in-sync set, catching up: gets every write while the
+    /// resync copies what it missed (set by the mirror).
+    CatchingUp,
 }
 
 impl ReplicaState {
-    pub const ALL: [&'static str; 5] = [
+    pub const ALL: [&'static str; 6] = [
         "connecting",
         "in_sync",
         "disconnected",
         "fenced",
         "out_of_sync",
+        "catching_up",
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -74,6 +78,7 @@ impl ReplicaState {
             ReplicaState::Disconnected => "disconnected",
             ReplicaState::Fenced => "fenced",
             ReplicaState::OutOfSync => "out_of_sync",
+            ReplicaState::CatchingUp => "catching_up",
         }
     }
 }
@@ -196,6 +201,7 @@ pub struct ReplicaHandle {
     size: u64,
     tx: mpsc::Sender<Command>,
     state: watch::Receiver<ReplicaState>,
+    reset: Arc<Notify>,
 }
 
 /// An established, authenticated session with the volume open.
@@ -306,8 +312,10 @@ impl ReplicaHandle {
         let size = session.size;
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
         let (state_tx, state) = watch::channel(ReplicaState::InSync);
+        let reset = Arc::new(Notify::new());
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
+            reset: reset.clone(),
             size,
             spec: spec.clone(),
             params,
@@ -317,17 +325,62 @@ impl ReplicaHandle {
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             next_id: 1,
         };
-        tokio::spawn(owner.run(session).instrument(span));
+        tokio::spawn(owner.run(Some(session)).instrument(span));
         Ok(Self {
             spec,
             size,
             tx,
             state,
+            reset,
         })
+    }
+
+    /// A handle to a replica that could not be reached at startup: the
+    /// owner keeps connecting in the background (state `Connecting`, then
+    /// `InSync`), expecting a volume of `size` bytes; requests wait
+    /// meanwhile (the mirror's timeout decides what that means).
+    pub fn unreachable(
+        spec: ReplicaSpec,
+        params: SessionParams,
+        metrics: OpHandles,
+        size: u64,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
+        let (state_tx, state) = watch::channel(ReplicaState::Connecting);
+        let reset = Arc::new(Notify::new());
+        let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
+        let owner = Owner {
+            reset: reset.clone(),
+            size,
+            spec: spec.clone(),
+            params,
+            rx,
+            state: state_tx,
+            metrics,
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            next_id: 1,
+        };
+        tokio::spawn(owner.run(None).instrument(span));
+        Self {
+            spec,
+            size,
+            tx,
+            state,
+            reset,
+        }
     }
 
     pub fn id(&self) -> &ReplicaId {
         &self.spec.id
+    }
+
+    /// Aborts the current connection (its queued requests are dropped, not
+    /// sent) and reconnects. The mirror calls it when the replica leaves
+    /// the set of replicas that get writes, so that a request it gave up on
+    /// cannot land there later (after a cut link comes back) over a newer
+    /// copy.
+    pub fn reset(&self) {
+        self.reset.notify_one();
     }
 
     pub fn addr(&self) -> &str {
@@ -383,6 +436,7 @@ enum Ended {
 }
 
 struct Owner {
+    reset: Arc<Notify>,
     size: u64,
     spec: ReplicaSpec,
     params: SessionParams,
@@ -396,7 +450,12 @@ struct Owner {
 fn io_op(op: &Op) -> (IoOp, u64) {
     match op {
         // Control requests (rare) share the `open` label.
-        Op::Open { .. } | Op::PeerState { .. } => (IoOp::Open, 0),
+        Op::Open { .. }
+        | Op::PeerState { .. }
+        | Op::ResyncStatus
+        | Op::ActiveExtents
+        | Op::MarkDirty { .. }
+        | Op::ForgetActivity => (IoOp::Open, 0),
         Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
         Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
         Op::Flush => (IoOp::Flush, 0),
@@ -406,7 +465,18 @@ fn io_op(op: &Op) -> (IoOp, u64) {
 }
 
 impl Owner {
-    async fn run(mut self, mut session: Session) {
+    async fn run(mut self, first: Option<Session>) {
+        let mut session = match first {
+            Some(s) => s,
+            None => match self.reconnect().await {
+                Some(s) => {
+                    self.state.send_replace(ReplicaState::InSync);
+                    tracing::info!(addr = %self.spec.addr, "connected to replica");
+                    s
+                }
+                None => return,
+            },
+        };
         loop {
             match self.serve(session).await {
                 (Ended::Closed, _) => return,
@@ -488,6 +558,13 @@ impl Owner {
                 biased;
                 done = &mut completer => {
                     return done.unwrap_or_else(|e| (Ended::Lost(e.to_string()), 0));
+                }
+                () = self.reset.notified() => {
+                    // Abort (RST): whatever is still queued in the socket is
+                    // dropped here, so that no request given up on can reach
+                    // the replica later, after a link comes back.
+                    let _ = writer.get_ref().as_ref().set_zero_linger();
+                    break Ended::Lost("reset by the mirror: the replica left the write set; requests still queued for it are dropped".to_owned());
                 }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break Ended::Closed };

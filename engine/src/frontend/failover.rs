@@ -14,26 +14,88 @@
 //! A frontend that can reach neither the arbiter nor its peer keeps trying,
 //! logging at most once a second, and never guesses: the held writes stay
 //! held and its lease runs out (self-fence).
+//!
+//! The same task brings a replica back (the rejoin, design invariant 5),
+//! one step per tick so that a loss is never kept waiting behind it:
+//! 1. the replica answers again: the task re-reads the record, tells the
+//!    in-sync replica again that its peer is out (`PeerState`, idempotent;
+//!    it starts a full copy if its bitmap was lost), and — the first time
+//!    after this frontend started — marks the returning replica's
+//!    activity-log extents dirty on the in-sync one (what a crashed
+//!    predecessor may have left there);
+//! 2. *catch-up*: every write now goes to the returning replica too and
+//!    must succeed there (if it fails there, the replica stops catching up
+//!    and the write is re-sent to the in-sync one alone, which records it);
+//!    such writes carry the `mirrored` flag, so the in-sync replica does
+//!    not mark them dirty and its resync converges under load;
+//! 3. once the requests sent without it have drained, the task polls the
+//!    in-sync replica's resync (`ResyncStatus`) until nothing is dirty;
+//! 4. it makes the replica in sync locally (writes to it are then required
+//!    and its loss is a fail-over), swaps it back in at the arbiter
+//!    (`ReturnToInSync`, compare-and-swap) — reverting to catch-up if the
+//!    arbiter cannot be reached — and tells the in-sync replica, which stops
+//!    tracking.
+//!
+//! At startup ([`Failover::reconcile_at_start`]), before anything is
+//! served, the new frontend reconciles what its predecessor may have left
+//! half-written: the activity-log extents of the replicas. If any exist, one
+//! replica (the local one if it can) becomes the source: the other leaves
+//! the in-sync set through the arbiter, the extents of both are marked dirty
+//! on the source, both forget them, and the rejoin above copies them.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
 use crate::arbiter::{Arbiter, ArbiterError, Change, FrontendId, VolumeRecord};
 use crate::metrics::Metrics;
-use crate::protocol::{ArbiterVersion, Epoch, Op, ReplicaId, VolumeId};
+use crate::protocol::{
+    ArbiterVersion, ByteRange, Epoch, MAX_RANGES, Op, ReplicaId, Reply, ResyncReport, VolumeId,
+};
 
-use super::connection::ReplicaHandle;
+use super::connection::{CallError, ReplicaHandle, ReplicaState};
 use super::lease::{LeaseGuard, RateLimit};
+
+/// How often the rejoin takes a step.
+const REJOIN_TICK: Duration = Duration::from_millis(100);
+/// Longest wait for one control request of the rejoin or the startup.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a returning replica has to answer a probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the rejoin waits before retrying after a failed step, at most.
+const REJOIN_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Which replicas get writes, as this frontend last agreed with the arbiter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
     /// Indexed like the mirror's replicas.
     pub in_sync: [bool; 2],
+    /// Out of the in-sync set but catching up: gets every write, required
+    /// while this holds (a failure there ends the catch-up).
+    pub catch_up: [bool; 2],
     /// Set when this frontend must not acknowledge anything any more.
     pub fenced: Option<String>,
+}
+
+impl Membership {
+    /// Whether replica `i` is sent writes.
+    pub fn gets_writes(&self, i: usize) -> bool {
+        self.in_sync[i] || self.catch_up[i]
+    }
+
+    /// What to show for replica `i` whose connection is in `conn`.
+    pub fn replica_state(&self, i: usize, conn: ReplicaState) -> ReplicaState {
+        if self.in_sync[i] {
+            conn
+        } else if self.catch_up[i] {
+            ReplicaState::CatchingUp
+        } else {
+            ReplicaState::OutOfSync
+        }
+    }
 }
 
 /// A writer's report that a replica failed or timed out.
@@ -56,6 +118,60 @@ pub enum Decision {
     Fence(String),
 }
 
+/// What to do about returning a caught-up replica, given the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReturnDecision {
+    /// Return it with a swap on this version.
+    Swap,
+    /// The record already has it in sync.
+    AlreadyIn,
+    /// This frontend does not own the volume (or the record contradicts
+    /// it): fence.
+    Fence(String),
+}
+
+/// The pure rule for a return to the in-sync set.
+pub fn decide_return(
+    record: &VolumeRecord,
+    me: &FrontendId,
+    epoch: Epoch,
+    returning: &ReplicaId,
+    source: &ReplicaId,
+) -> ReturnDecision {
+    if let Err(why) = owns(record, me, epoch) {
+        return ReturnDecision::Fence(why);
+    }
+    if !record.in_sync.contains(source) {
+        return ReturnDecision::Fence(format!(
+            "replica {source}, which this frontend copies from, is out of the in-sync set at the arbiter"
+        ));
+    }
+    if record.in_sync.contains(returning) {
+        ReturnDecision::AlreadyIn
+    } else {
+        ReturnDecision::Swap
+    }
+}
+
+/// Whether `me` at `epoch` is the frontend the record names.
+fn owns(record: &VolumeRecord, me: &FrontendId, epoch: Epoch) -> Result<(), String> {
+    if record.epoch != epoch {
+        return Err(format!(
+            "the volume's epoch is {} but this frontend runs at {epoch}",
+            record.epoch
+        ));
+    }
+    match &record.lease {
+        Some(l) if l.holder == *me => Ok(()),
+        other => Err(format!(
+            "the lease is held by {}",
+            other
+                .as_ref()
+                .map_or_else(|| "nobody".to_owned(), |l| l.holder.to_string())
+        )),
+    }
+}
+
 /// The pure fail-over rule.
 pub fn decide(
     record: &VolumeRecord,
@@ -64,22 +180,8 @@ pub fn decide(
     lost: &ReplicaId,
     survivor: &ReplicaId,
 ) -> Decision {
-    if record.epoch != epoch {
-        return Decision::Fence(format!(
-            "the volume's epoch is {} but this frontend runs at {epoch}",
-            record.epoch
-        ));
-    }
-    match &record.lease {
-        Some(l) if l.holder == *me => {}
-        other => {
-            return Decision::Fence(format!(
-                "the lease is held by {}",
-                other
-                    .as_ref()
-                    .map_or_else(|| "nobody".to_owned(), |l| l.holder.to_string())
-            ));
-        }
+    if let Err(why) = owns(record, me, epoch) {
+        return Decision::Fence(why);
     }
     if !record.in_sync.contains(survivor) {
         return Decision::Fence(format!(
@@ -100,101 +202,292 @@ pub struct Failover<A> {
     pub epoch: Epoch,
     pub lease: Arc<LeaseGuard>,
     pub replicas: [Arc<ReplicaHandle>; 2],
+    /// The replica on this frontend's site (the preferred source).
+    pub local: usize,
     pub membership: watch::Sender<Membership>,
+    /// The mirror's count of requests in flight each replica does not get.
+    pub skipping: Arc<[AtomicU64; 2]>,
     pub metrics: Arc<Metrics>,
     pub volume: VolumeId,
 }
 
-impl<A: Arbiter> Failover<A> {
-    /// Handles suspects until the mirror goes away.
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Suspect>) {
-        while let Some(s) = rx.recv().await {
-            let current = self.membership.borrow().clone();
-            if current.fenced.is_some() || !current.in_sync[s.index] {
-                continue;
-            }
-            if !current.in_sync[1 - s.index] {
-                // Never drop the last in-sync replica: hold.
-                continue;
-            }
-            self.remove(s).await;
-            while rx.try_recv().is_ok() {}
+/// Where the return of one out-of-sync replica is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not catching up; started when the replica answers.
+    Idle,
+    /// Gets every write; waiting for requests sent without it to finish.
+    Draining,
+    /// Waiting for the in-sync replica's resync to have nothing dirty.
+    Polling,
+}
+
+struct Rejoin {
+    phase: Phase,
+    /// Not before this (after a failed step).
+    retry_at: Instant,
+    backoff: Duration,
+    /// Its activity-log extents must be marked on the source before it
+    /// catches up (it was out, or unreachable, when this frontend started).
+    reconcile: bool,
+    /// The in-sync replica has not yet been told that this one is back.
+    confirm: Option<ArbiterVersion>,
+    started: Instant,
+    log: RateLimit,
+}
+
+impl Rejoin {
+    fn new() -> Self {
+        Self {
+            phase: Phase::Idle,
+            retry_at: Instant::now(),
+            backoff: Duration::from_millis(200),
+            reconcile: false,
+            confirm: None,
+            started: Instant::now(),
+            log: RateLimit::new(Duration::from_secs(5)),
         }
     }
+}
 
-    async fn remove(&self, s: Suspect) {
-        let lost = self.replicas[s.index].id().clone();
-        let survivor_ix = 1 - s.index;
-        let survivor = self.replicas[survivor_ix].id().clone();
-        tracing::warn!(replica = %lost, "replica did not answer: holding I/O and removing it from the in-sync set through the arbiter");
+/// The running task: the configuration plus the rejoin state.
+pub struct FailoverTask<A> {
+    f: Failover<A>,
+    rejoin: [Rejoin; 2],
+}
+
+impl<A: Arbiter> Failover<A> {
+    /// Before anything is served: applies the record's in-sync set and
+    /// reconciles the activity-log extents a predecessor may have left
+    /// (see the module doc). Retries (logging) until it can decide; fences
+    /// if this frontend turns out not to own the volume.
+    pub async fn reconcile_at_start(self) -> FailoverTask<A> {
+        let mut task = FailoverTask {
+            f: self,
+            rejoin: [Rejoin::new(), Rejoin::new()],
+        };
         let mut log = RateLimit::new(Duration::from_secs(1));
-        let record = loop {
-            match self.try_remove(&lost, &survivor).await {
-                Ok(r) => break r,
+        loop {
+            match task.try_reconcile_at_start().await {
+                Ok(()) => return task,
                 Err(Step::Fence(why)) => {
-                    tracing::error!(reason = %why, "lost the fail-over: fenced, no more acknowledgements");
-                    self.lease.fence();
-                    self.membership.send_modify(|m| m.fenced = Some(why));
-                    return;
+                    task.fence(why);
+                    return task;
                 }
                 Err(Step::Retry(why)) => {
                     if let Some(n) = log.allow() {
-                        tracing::warn!(reason = %why, suppressed = n, "cannot reach the arbiter: I/O held, not guessing");
+                        tracing::warn!(reason = %why, suppressed = n, "cannot reconcile the replicas' activity logs yet; nothing is served until then");
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-        let version = match ArbiterVersion::new(record.version.0.clone()) {
-            Ok(v) => v,
-            Err(e) => {
-                let why = format!("arbiter version unusable: {e}");
-                self.membership.send_modify(|m| m.fenced = Some(why));
-                return;
-            }
-        };
-        // The survivor must track what its peer misses before any write is
-        // acknowledged on it alone.
-        loop {
-            let op = Op::PeerState {
-                peer: lost.clone(),
-                in_sync: false,
-                arbiter_version: version.clone(),
-            };
-            match self.replicas[survivor_ix].call(op).await {
-                Ok(_) => break,
-                Err(e) => {
-                    if let Some(n) = log.allow() {
-                        tracing::warn!(replica = %survivor, error = %e, suppressed = n, "survivor did not take the peer state; I/O held");
-                    }
-                    if matches!(e, super::connection::CallError::Fenced { .. }) {
-                        self.membership
-                            .send_modify(|m| m.fenced = Some(e.to_string()));
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
-        self.membership.send_modify(|m| m.in_sync[s.index] = false);
-        let pause = s.since.elapsed();
-        self.metrics.record_failover(self.volume.as_str(), pause);
-        tracing::warn!(replica = %lost, survivor = %survivor, version = %record.version, pause_ms = pause.as_millis() as u64, "replica out of sync: writes resumed on the survivor alone");
+    }
+}
+
+impl<A: Arbiter> FailoverTask<A> {
+    /// Handles suspects and returning replicas until the mirror goes away.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Suspect>) {
+        let mut tick = tokio::time::interval(REJOIN_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                s = rx.recv() => {
+                    let Some(s) = s else { return };
+                    let current = self.f.membership.borrow().clone();
+                    if current.fenced.is_some() || !current.in_sync[s.index] {
+                        continue;
+                    }
+                    if !current.in_sync[1 - s.index] {
+                        // Never drop the last in-sync replica: hold.
+                        continue;
+                    }
+                    self.remove(s).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = tick.tick() => {
+                    if self.f.membership.borrow().fenced.is_some() {
+                        continue;
+                    }
+                    for i in 0..2 {
+                        self.rejoin_step(i).await;
+                    }
+                }
+            }
+        }
     }
 
-    async fn try_remove(
+    fn fence(&self, why: String) {
+        tracing::error!(reason = %why, "fenced: no more acknowledgements");
+        self.f.lease.fence();
+        self.f.membership.send_modify(|m| m.fenced = Some(why));
+    }
+
+    fn id(&self, i: usize) -> &ReplicaId {
+        self.f.replicas[i].id()
+    }
+
+    /// Sends a control request to replica `i`, with a deadline.
+    async fn ask(&self, i: usize, op: Op) -> Result<Reply, Step> {
+        let name = op.name();
+        match tokio::time::timeout(CONTROL_TIMEOUT, self.f.replicas[i].call(op)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e @ CallError::Fenced { .. })) => Err(Step::Fence(e.to_string())),
+            Ok(Err(e)) => Err(Step::Retry(format!(
+                "{name} on replica {}: {}",
+                self.id(i),
+                crate::error_chain(&e)
+            ))),
+            Err(_) => Err(Step::Retry(format!(
+                "{name} on replica {} did not answer within {CONTROL_TIMEOUT:?}",
+                self.id(i)
+            ))),
+        }
+    }
+
+    async fn peer_state(
         &self,
-        lost: &ReplicaId,
-        survivor: &ReplicaId,
-    ) -> Result<VolumeRecord, Step> {
-        let mut record = self.arbiter.read().await.map_err(Step::from)?;
+        to: usize,
+        peer: usize,
+        in_sync: bool,
+        version: &ArbiterVersion,
+    ) -> Result<(), Step> {
+        self.ask(
+            to,
+            Op::PeerState {
+                peer: self.id(peer).clone(),
+                in_sync,
+                arbiter_version: version.clone(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn active_extents(&self, i: usize) -> Result<Vec<ByteRange>, Step> {
+        match self.ask(i, Op::ActiveExtents).await? {
+            Reply::Extents(r) => Ok(r),
+            other => Err(Step::Retry(format!(
+                "replica {} answered active_extents with {other:?}",
+                self.id(i)
+            ))),
+        }
+    }
+
+    /// Marks `ranges` dirty on replica `source` (which tracks its peer).
+    async fn mark_dirty(&self, source: usize, ranges: &[ByteRange]) -> Result<(), Step> {
+        for chunk in ranges.chunks(MAX_RANGES) {
+            self.ask(
+                source,
+                Op::MarkDirty {
+                    ranges: chunk.to_vec(),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn read_record(&self) -> Result<VolumeRecord, Step> {
+        match tokio::time::timeout(CONTROL_TIMEOUT, self.f.arbiter.read()).await {
+            Ok(r) => r.map_err(Step::from),
+            Err(_) => Err(Step::Retry(format!(
+                "the arbiter did not answer within {CONTROL_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn try_reconcile_at_start(&mut self) -> Result<(), Step> {
+        let record = self.read_record().await?;
+        owns(&record, &self.f.me, self.f.epoch).map_err(Step::Fence)?;
+        let in_sync = [0, 1].map(|i| record.in_sync.contains(self.id(i)));
+        let up = [0, 1].map(|i| self.f.replicas[i].state() == ReplicaState::InSync);
+        match in_sync {
+            [true, true] => {
+                let mut found: [Option<Vec<ByteRange>>; 2] = [None, None];
+                for i in 0..2 {
+                    if up[i] {
+                        match self.active_extents(i).await {
+                            Ok(r) => found[i] = Some(r),
+                            Err(Step::Fence(w)) => return Err(Step::Fence(w)),
+                            Err(Step::Retry(_)) => {}
+                        }
+                    }
+                }
+                let (source, target) = match (&found[0], &found[1]) {
+                    (None, None) => {
+                        return Err(Step::Retry("neither replica answers".to_owned()));
+                    }
+                    (Some(a), Some(b)) if a.is_empty() && b.is_empty() => {
+                        tracing::info!(
+                            "both replicas in sync, no activity-log extents to reconcile"
+                        );
+                        return Ok(());
+                    }
+                    (Some(_), Some(_)) => (self.f.local, 1 - self.f.local),
+                    (Some(_), None) => (0, 1),
+                    (None, Some(_)) => (1, 0),
+                };
+                let ranges = union(found.iter().flatten().flatten().copied());
+                let bytes: u64 = ranges.iter().map(|r| r.len).sum();
+                tracing::warn!(
+                    source = %self.id(source), target = %self.id(target),
+                    target_reachable = found[target].is_some(),
+                    extents = ranges.len(), bytes,
+                    "activity-log extents found: writes of the previous frontend may be on one replica only; the target leaves the in-sync set and the source's resync copies them"
+                );
+                let record = self.swap_out(target, source).await?;
+                let version = arbiter_version(&record)?;
+                self.peer_state(source, target, false, &version).await?;
+                self.mark_dirty(source, &ranges).await?;
+                for (i, f) in found.iter().enumerate() {
+                    if f.is_some() {
+                        self.ask(i, Op::ForgetActivity).await?;
+                    }
+                }
+                self.rejoin[target].reconcile = found[target].is_none();
+                self.f.membership.send_modify(|m| m.in_sync[target] = false);
+                Ok(())
+            }
+            [true, false] | [false, true] => {
+                let source = if in_sync[0] { 0 } else { 1 };
+                let out = 1 - source;
+                if !up[source] {
+                    return Err(Step::Retry(format!(
+                        "the only in-sync replica, {}, does not answer",
+                        self.id(source)
+                    )));
+                }
+                let version = arbiter_version(&record)?;
+                self.f.membership.send_modify(|m| m.in_sync[out] = false);
+                self.peer_state(source, out, false, &version).await?;
+                let ranges = self.active_extents(source).await?;
+                self.mark_dirty(source, &ranges).await?;
+                self.ask(source, Op::ForgetActivity).await?;
+                self.rejoin[out].reconcile = true;
+                tracing::info!(out = %self.id(out), source = %self.id(source), marked_bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "replica out of sync at the arbiter: it rejoins once it answers and has caught up");
+                Ok(())
+            }
+            [false, false] => Err(Step::Fence(
+                "the arbiter has no replica in sync (its record is damaged)".to_owned(),
+            )),
+        }
+    }
+
+    /// Removes `lost` from the in-sync set at the arbiter (compare-and-swap
+    /// on the version read; a conflict is re-read and re-decided).
+    async fn swap_out(&self, lost: usize, survivor: usize) -> Result<VolumeRecord, Step> {
+        let (lost, survivor) = (self.id(lost).clone(), self.id(survivor).clone());
+        let mut record = self.read_record().await?;
         loop {
-            match decide(&record, &self.me, self.epoch, lost, survivor) {
+            match decide(&record, &self.f.me, self.f.epoch, &lost, &survivor) {
                 Decision::Fence(why) => return Err(Step::Fence(why)),
                 Decision::AlreadyOut => return Ok(record),
                 Decision::Swap => {}
             }
             match self
+                .f
                 .arbiter
                 .update(&record.version, Change::RemoveFromInSync(lost.clone()))
                 .await
@@ -206,6 +499,342 @@ impl<A: Arbiter> Failover<A> {
             }
         }
     }
+
+    /// Returns `back` to the in-sync set at the arbiter.
+    async fn swap_in(&self, back: usize, source: usize) -> Result<VolumeRecord, Step> {
+        let (back, source) = (self.id(back).clone(), self.id(source).clone());
+        let mut record = self.read_record().await?;
+        loop {
+            match decide_return(&record, &self.f.me, self.f.epoch, &back, &source) {
+                ReturnDecision::Fence(why) => return Err(Step::Fence(why)),
+                ReturnDecision::AlreadyIn => return Ok(record),
+                ReturnDecision::Swap => {}
+            }
+            let update = self
+                .f
+                .arbiter
+                .update(&record.version, Change::ReturnToInSync(back.clone()));
+            match tokio::time::timeout(CONTROL_TIMEOUT, update).await {
+                Ok(Ok(next)) => return Ok(next),
+                Ok(Err(ArbiterError::Conflict { current, .. })) => record = *current,
+                Ok(Err(ArbiterError::Rejected(e))) => return Err(Step::Fence(e.to_string())),
+                Ok(Err(e)) => return Err(Step::from(e)),
+                Err(_) => {
+                    return Err(Step::Retry(format!(
+                        "the arbiter did not answer within {CONTROL_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn remove(&mut self, s: Suspect) {
+        let lost = self.id(s.index).clone();
+        let survivor_ix = 1 - s.index;
+        let survivor = self.id(survivor_ix).clone();
+        tracing::warn!(replica = %lost, "replica did not answer: holding I/O and removing it from the in-sync set through the arbiter");
+        let mut log = RateLimit::new(Duration::from_secs(1));
+        let record = loop {
+            match self.swap_out(s.index, survivor_ix).await {
+                Ok(r) => break r,
+                Err(Step::Fence(why)) => {
+                    self.fence(format!("lost the fail-over: {why}"));
+                    return;
+                }
+                Err(Step::Retry(why)) => {
+                    if let Some(n) = log.allow() {
+                        tracing::warn!(reason = %why, suppressed = n, "cannot reach the arbiter: I/O held, not guessing");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let version = match arbiter_version(&record) {
+            Ok(v) => v,
+            Err(Step::Fence(why) | Step::Retry(why)) => {
+                self.fence(why);
+                return;
+            }
+        };
+        // The survivor must track what its peer misses before any write is
+        // acknowledged on it alone.
+        loop {
+            let op = Op::PeerState {
+                peer: lost.clone(),
+                in_sync: false,
+                arbiter_version: version.clone(),
+            };
+            match self.f.replicas[survivor_ix].call(op).await {
+                Ok(_) => break,
+                Err(e) => {
+                    if let Some(n) = log.allow() {
+                        tracing::warn!(replica = %survivor, error = %e, suppressed = n, "survivor did not take the peer state; I/O held");
+                    }
+                    if matches!(e, CallError::Fenced { .. }) {
+                        self.f
+                            .membership
+                            .send_modify(|m| m.fenced = Some(e.to_string()));
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        self.f.membership.send_modify(|m| {
+            m.in_sync[s.index] = false;
+            m.catch_up[s.index] = false;
+        });
+        // Requests it never answered must not land there later.
+        self.f.replicas[s.index].reset();
+        let r = &mut self.rejoin[s.index];
+        r.phase = Phase::Idle;
+        r.confirm = None;
+        r.backoff = Duration::from_millis(200);
+        r.retry_at = Instant::now();
+        let pause = s.since.elapsed();
+        self.f
+            .metrics
+            .record_failover(self.f.volume.as_str(), pause);
+        tracing::warn!(replica = %lost, survivor = %survivor, version = %record.version, pause_ms = pause.as_millis() as u64, "replica out of sync: writes resumed on the survivor alone");
+    }
+
+    /// Ends a catch-up that cannot go on; retried later.
+    fn give_up(&mut self, i: usize, why: &str) {
+        let was = self.f.membership.send_if_modified(|m| {
+            let was = m.catch_up[i];
+            m.catch_up[i] = false;
+            was
+        });
+        if was {
+            self.f.replicas[i].reset();
+        }
+        let id = self.f.replicas[i].id().clone();
+        let r = &mut self.rejoin[i];
+        r.phase = Phase::Idle;
+        let retry_in = r.backoff;
+        r.retry_at = Instant::now() + retry_in;
+        r.backoff = (r.backoff * 2).min(REJOIN_MAX_BACKOFF);
+        if let Some(n) = r.log.allow() {
+            tracing::warn!(replica = %id, reason = %why, suppressed = n, retry_in = ?retry_in, "replica not returned to the in-sync set yet");
+        }
+    }
+
+    fn step_failed(&mut self, i: usize, step: Step) {
+        match step {
+            Step::Fence(why) => self.fence(why),
+            Step::Retry(why) => self.give_up(i, &why),
+        }
+    }
+
+    /// One step of the return of replica `i` (see the module doc).
+    async fn rejoin_step(&mut self, i: usize) {
+        let (l, s) = (i, 1 - i);
+        let m = self.f.membership.borrow().clone();
+        if m.in_sync[l] {
+            if let Some(v) = self.rejoin[l].confirm.clone() {
+                match self.peer_state(s, l, true, &v).await {
+                    Ok(()) => self.rejoin[l].confirm = None,
+                    Err(Step::Fence(why)) => self.fence(why),
+                    Err(Step::Retry(why)) => {
+                        if let Some(n) = self.rejoin[l].log.allow() {
+                            tracing::warn!(reason = %why, suppressed = n, "cannot tell the in-sync replica that its peer is back; retrying");
+                        }
+                    }
+                }
+            }
+            self.rejoin[l].phase = Phase::Idle;
+            return;
+        }
+        if !m.in_sync[s] {
+            self.rejoin[l].phase = Phase::Idle;
+            return;
+        }
+        match self.rejoin[l].phase {
+            Phase::Idle => {
+                let up = |x: usize| self.f.replicas[x].state() == ReplicaState::InSync;
+                if Instant::now() < self.rejoin[l].retry_at || !up(l) || !up(s) {
+                    return;
+                }
+                match self.start_catch_up(l, s).await {
+                    Ok(()) => {
+                        let r = &mut self.rejoin[l];
+                        r.phase = Phase::Draining;
+                        r.started = Instant::now();
+                    }
+                    Err(e) => self.step_failed(l, e),
+                }
+            }
+            Phase::Draining => {
+                if !m.catch_up[l] {
+                    self.give_up(l, "it failed a write while catching up");
+                } else if self.f.skipping[l].load(Ordering::SeqCst) == 0 {
+                    self.rejoin[l].phase = Phase::Polling;
+                }
+            }
+            Phase::Polling => {
+                if !m.catch_up[l] {
+                    self.give_up(l, "it failed a write while catching up");
+                    return;
+                }
+                let report = match self.ask(s, Op::ResyncStatus).await {
+                    Ok(Reply::Resync(r)) => r,
+                    Ok(other) => {
+                        let why = format!("resync_status answered with {other:?}");
+                        self.give_up(l, &why);
+                        return;
+                    }
+                    Err(e) => {
+                        self.step_failed(l, e);
+                        return;
+                    }
+                };
+                let ResyncReport {
+                    tracking,
+                    dirty_bytes,
+                    copied_bytes,
+                } = report;
+                if tracking.as_ref() != Some(self.id(l)) {
+                    let why = format!(
+                        "replica {} tracks {:?}, not {}",
+                        self.id(s),
+                        tracking.as_ref().map(ReplicaId::as_str),
+                        self.id(l)
+                    );
+                    self.give_up(l, &why);
+                } else if dirty_bytes > 0 {
+                    if let Some(n) = self.rejoin[l].log.allow() {
+                        tracing::info!(replica = %self.id(l), source = %self.id(s), dirty_bytes, copied_bytes, suppressed = n, "replica catching up: the resync is copying what it missed");
+                    }
+                } else {
+                    self.finish_rejoin(l, s).await;
+                }
+            }
+        }
+    }
+
+    async fn start_catch_up(&mut self, l: usize, s: usize) -> Result<(), Step> {
+        // A connection can look up while the link is cut (no reset comes):
+        // a cheap request with a short deadline says whether it answers,
+        // before writes are made to wait for it.
+        let probe = self.f.replicas[l].call(Op::ResyncStatus);
+        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Step::Retry(format!(
+                    "replica {} does not answer: {}",
+                    self.id(l),
+                    crate::error_chain(&e)
+                )));
+            }
+            Err(_) => {
+                return Err(Step::Retry(format!(
+                    "replica {} did not answer within {PROBE_TIMEOUT:?}",
+                    self.id(l)
+                )));
+            }
+        }
+        let record = self.read_record().await?;
+        if let ReturnDecision::Fence(why) =
+            decide_return(&record, &self.f.me, self.f.epoch, self.id(l), self.id(s))
+        {
+            return Err(Step::Fence(why));
+        }
+        let version = arbiter_version(&record)?;
+        // Idempotent; a replica restarted with an untrusted bitmap starts
+        // its full copy only on this.
+        self.peer_state(s, l, false, &version).await?;
+        if self.rejoin[l].reconcile {
+            let ranges = self.active_extents(l).await?;
+            self.mark_dirty(s, &ranges).await?;
+            self.ask(l, Op::ForgetActivity).await?;
+            self.rejoin[l].reconcile = false;
+            tracing::info!(replica = %self.id(l), source = %self.id(s), extents = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's activity-log extents marked for the resync");
+        }
+        self.f.membership.send_modify(|m| m.catch_up[l] = true);
+        tracing::info!(replica = %self.id(l), source = %self.id(s), "replica answers again: catching up (it gets every write; the resync copies what it missed)");
+        Ok(())
+    }
+
+    async fn finish_rejoin(&mut self, l: usize, s: usize) {
+        let mut flipped = false;
+        self.f.membership.send_if_modified(|m| {
+            if m.catch_up[l] && !m.in_sync[l] {
+                m.catch_up[l] = false;
+                m.in_sync[l] = true;
+                flipped = true;
+            }
+            flipped
+        });
+        if !flipped {
+            self.give_up(l, "it stopped catching up just before the return");
+            return;
+        }
+        match self.swap_in(l, s).await {
+            Ok(record) => {
+                let took = self.rejoin[l].started.elapsed();
+                tracing::info!(replica = %self.id(l), version = %record.version, catch_up_ms = took.as_millis() as u64, "replica back in the in-sync set");
+                self.f.metrics.record_rejoin(self.f.volume.as_str());
+                let r = &mut self.rejoin[l];
+                r.phase = Phase::Idle;
+                r.backoff = Duration::from_millis(200);
+                match arbiter_version(&record) {
+                    Ok(v) => {
+                        self.rejoin[l].confirm = Some(v.clone());
+                        if self.peer_state(s, l, true, &v).await.is_ok() {
+                            self.rejoin[l].confirm = None;
+                        }
+                    }
+                    Err(Step::Fence(why) | Step::Retry(why)) => self.fence(why),
+                }
+            }
+            Err(Step::Fence(why)) => self.fence(why),
+            Err(Step::Retry(why)) => {
+                // Not returned: back to catching up (writes to it stay
+                // required, so nothing is lost meanwhile).
+                self.f.membership.send_if_modified(|m| {
+                    if m.in_sync[l] {
+                        m.in_sync[l] = false;
+                        m.catch_up[l] = true;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                self.rejoin[l].phase = Phase::Polling;
+                if let Some(n) = self.rejoin[l].log.allow() {
+                    tracing::warn!(replica = %self.id(l), reason = %why, suppressed = n, "cannot return the replica at the arbiter yet; it keeps catching up");
+                }
+            }
+        }
+    }
+}
+
+/// The record's version as the protocol carries it.
+fn arbiter_version(record: &VolumeRecord) -> Result<ArbiterVersion, Step> {
+    ArbiterVersion::new(record.version.0.clone())
+        .map_err(|e| Step::Fence(format!("arbiter version unusable: {e}")))
+}
+
+/// The union of byte ranges, sorted and merged.
+fn union(ranges: impl Iterator<Item = ByteRange>) -> Vec<ByteRange> {
+    let sorted: BTreeSet<(u64, u64)> = ranges
+        .filter(|r| r.len > 0)
+        .map(|r| (r.offset, r.offset.saturating_add(r.len)))
+        .collect();
+    let mut out: Vec<ByteRange> = Vec::new();
+    for (start, end) in sorted {
+        match out.last_mut() {
+            Some(last) if start <= last.offset + last.len => {
+                let e = end.max(last.offset + last.len);
+                last.len = e - last.offset;
+            }
+            _ => out.push(ByteRange {
+                offset: start,
+                len: end - start,
+            }),
+        }
+    }
+    out
 }
 
 enum Step {

@@ -16,6 +16,7 @@
 //! Requests larger than the protocol's [`MAX_IO_BYTES`] are split.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -84,6 +85,10 @@ pub struct Mirror {
     metrics: OpHandles,
     epoch: Epoch,
     membership: watch::Sender<Membership>,
+    /// Per replica, the requests in flight that it does not get (it is out
+    /// of sync): a rejoin waits for them to drain after it started sending
+    /// it every write, so that the in-sync replica has marked them all.
+    skipping: Arc<[AtomicU64; 2]>,
     /// Set by [`Mirror::enable_failover`].
     degrade: Option<Degrade>,
 }
@@ -99,6 +104,18 @@ impl Mirror {
     /// Connects to both replicas (in parallel), opens the volume at the
     /// configured epoch on each and checks that their sizes agree.
     pub async fn connect(config: MirrorConfig, metrics: Arc<Metrics>) -> Result<Self, MirrorError> {
+        Self::connect_with(config, metrics, false).await
+    }
+
+    /// Like [`Mirror::connect`]; with `one_may_be_down` (degraded operation
+    /// will be on), a replica that cannot be reached (not one that refuses)
+    /// is connected to in the background instead: the volume's other site
+    /// may be gone, and the arbiter decides what that means.
+    pub async fn connect_with(
+        config: MirrorConfig,
+        metrics: Arc<Metrics>,
+        one_may_be_down: bool,
+    ) -> Result<Self, MirrorError> {
         let [a, b]: [ReplicaSpec; 2] = config
             .replicas
             .clone()
@@ -131,9 +148,32 @@ impl Mirror {
                 params.clone(),
                 metrics.handles(vol, a.id.as_str())
             ),
-            ReplicaHandle::connect(b.clone(), params, metrics.handles(vol, b.id.as_str())),
+            ReplicaHandle::connect(
+                b.clone(),
+                params.clone(),
+                metrics.handles(vol, b.id.as_str())
+            ),
         );
-        let (ra, rb) = (ra?, rb?);
+        let later = |spec: &ReplicaSpec, e: &ConnectError, size: u64| {
+            tracing::warn!(replica = %spec.id, error = %crate::error_chain(e), "replica unreachable at startup: connecting in the background");
+            ReplicaHandle::unreachable(
+                spec.clone(),
+                params.clone(),
+                metrics.handles(vol, spec.id.as_str()),
+                size,
+            )
+        };
+        let (ra, rb) = match (ra, rb) {
+            (Ok(ra), Err(e)) if one_may_be_down && !e.is_permanent() => {
+                let size = ra.size();
+                (ra, later(&b, &e, size))
+            }
+            (Err(e), Ok(rb)) if one_may_be_down && !e.is_permanent() => {
+                let size = rb.size();
+                (later(&a, &e, size), rb)
+            }
+            (ra, rb) => (ra?, rb?),
+        };
         if ra.size() != rb.size() {
             return Err(MirrorError::SizeMismatch {
                 a: a.id,
@@ -144,6 +184,7 @@ impl Mirror {
         }
         let (membership, _) = watch::channel(Membership {
             in_sync: [true, true],
+            catch_up: [false, false],
             fenced: None,
         });
         for (i, r) in [&ra, &rb].into_iter().enumerate() {
@@ -164,14 +205,18 @@ impl Mirror {
             local,
             epoch: config.epoch,
             membership,
+            skipping: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             degrade: None,
         })
     }
 
     /// Turns on degraded operation: replica calls time out after `timeout`,
-    /// lost replicas leave the in-sync set through `arbiter`, and nothing is
-    /// acknowledged unless `lease` is valid.
-    pub fn enable_failover<A: Arbiter>(
+    /// lost replicas leave the in-sync set through `arbiter`, returning
+    /// ones come back through it, and nothing is acknowledged unless
+    /// `lease` is valid. First applies the arbiter's in-sync set and
+    /// reconciles what a previous frontend may have left half-written
+    /// (`failover::FailoverTask`); returns once that is done.
+    pub async fn enable_failover<A: Arbiter>(
         &mut self,
         arbiter: Arc<A>,
         me: FrontendId,
@@ -180,48 +225,47 @@ impl Mirror {
         metrics: Arc<Metrics>,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = Failover {
+        self.degrade = Some(Degrade {
+            suspects: tx,
+            lease: lease.clone(),
+            timeout,
+        });
+        let failover = Failover {
             arbiter,
             me,
             epoch: self.epoch,
-            lease: lease.clone(),
+            lease,
             replicas: self.replicas.clone(),
+            local: self.local,
             membership: self.membership.clone(),
+            skipping: self.skipping.clone(),
             metrics,
             volume: self.volume.clone(),
         };
+        let task = failover.reconcile_at_start().await;
         tokio::spawn(task.run(rx));
-        self.degrade = Some(Degrade {
-            suspects: tx,
-            lease,
-            timeout,
-        });
     }
 
-    /// The in-sync set as this frontend applies it (for the resync and
-    /// status).
+    /// The in-sync set as this frontend applies it (for status).
     pub fn membership(&self) -> watch::Receiver<Membership> {
         self.membership.subscribe()
     }
 
-    /// Stops sending writes to `replica` (the arbiter has it out of sync).
-    pub fn mark_out_of_sync(&self, replica: &ReplicaId) {
-        if let Some(i) = self.replicas.iter().position(|r| r.id() == replica) {
-            self.membership.send_modify(|m| m.in_sync[i] = false);
-            tracing::warn!(volume = %self.volume, replica = %replica, "replica is out of sync at the arbiter: no writes go to it until the resync returns it");
+    /// After a final flush: tells every replica that got it to forget its
+    /// activity-log extents (they hold the same data on both), so that the
+    /// next frontend has nothing to reconcile.
+    pub async fn forget_activity(&self) -> Result<(), BackendError> {
+        let m = self.membership.borrow().clone();
+        if m.fenced.is_some() || !(m.in_sync[0] && m.in_sync[1]) {
+            // With a replica out, the in-sync one's extents are reconciled
+            // by the next frontend (cheaply: it tracks its peer anyway).
+            return Ok(());
         }
-    }
-
-    /// The resync's hook: once the arbiter's `ReturnToInSync` of `replica`
-    /// succeeded (and the replica holds every write), writes go to it again.
-    /// The caller must make sure no write is in flight that the copy missed.
-    pub fn return_to_in_sync(&self, replica: &ReplicaId) -> bool {
-        let Some(i) = self.replicas.iter().position(|r| r.id() == replica) else {
-            return false;
-        };
-        self.membership.send_modify(|m| m.in_sync[i] = true);
-        tracing::info!(volume = %self.volume, replica = %replica, "replica back in the in-sync set");
-        true
+        let (a, b) = tokio::join!(
+            self.call(0, Op::ForgetActivity),
+            self.call(1, Op::ForgetActivity)
+        );
+        a.and(b).map(|_| ()).map_err(backend_error)
     }
 
     pub fn volume(&self) -> &VolumeId {
@@ -238,11 +282,9 @@ impl Mirror {
     }
 
     fn state_of(&self, i: usize) -> ReplicaState {
-        if self.membership.borrow().in_sync[i] {
-            self.replicas[i].state()
-        } else {
-            ReplicaState::OutOfSync
-        }
+        self.membership
+            .borrow()
+            .replica_state(i, self.replicas[i].state())
     }
 
     /// Calls replica `i`, with the fail-over timeout if degraded operation
@@ -332,9 +374,13 @@ impl Mirror {
         }
     }
 
-    /// Sends `op` to every in-sync replica at once; done when all are. A
-    /// lost replica holds the request until it left the in-sync set, then
-    /// the request is sent again to the new set.
+    /// Sends `op` to every replica that gets writes (the in-sync ones and a
+    /// catching-up one) at once; done when all are. A lost in-sync replica
+    /// holds the request until it left the in-sync set, then the request is
+    /// sent again to the new set. A catching-up replica that fails stops
+    /// catching up and the request is sent again to the in-sync one alone,
+    /// unflagged, so that it records the region for the resync before the
+    /// acknowledgement.
     async fn both(&self, op: Op) -> Result<(), BackendError> {
         let mut rx = self.membership.subscribe();
         loop {
@@ -342,11 +388,16 @@ impl Mirror {
             if let Some(reason) = m.fenced {
                 return Err(BackendError::Fenced { reason });
             }
+            let sends = [m.gets_writes(0), m.gets_writes(1)];
+            // Writes that reach both replicas carry the flag: a replica that
+            // tracks its peer does not mark them dirty.
+            let op = with_mirrored(&op, sends[0] && sends[1]);
+            let _skipped = Skipping::new(&self.skipping, sends);
             let started = Instant::now();
             let one = |i: usize| {
                 let op = op.clone();
                 async move {
-                    if m.in_sync[i] {
+                    if sends[i] {
                         Some(self.call(i, op).await)
                     } else {
                         None
@@ -355,9 +406,41 @@ impl Mirror {
             };
             let (a, b) = tokio::join!(one(0), one(1));
             let mut lost = false;
+            let mut again = false;
             for (i, r) in [a, b].into_iter().enumerate() {
                 match r {
                     None | Some(Ok(_)) => {}
+                    Some(Err(e)) if !m.in_sync[i] => {
+                        // A catching-up replica failed. Decided atomically
+                        // against a rejoin that may have just made it in
+                        // sync: then it is the loss of an in-sync replica.
+                        let mut now_in_sync = false;
+                        let demoted = self.membership.send_if_modified(|mm| {
+                            if mm.in_sync[i] {
+                                now_in_sync = true;
+                                false
+                            } else if mm.catch_up[i] {
+                                mm.catch_up[i] = false;
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                        if !now_in_sync {
+                            if demoted {
+                                // What it did not answer must not land later.
+                                self.replicas[i].reset();
+                            }
+                            tracing::warn!(volume = %self.volume, replica = %self.replicas[i].id(), error = %e, "catching-up replica failed a request: it stops catching up; the in-sync replica records the region for the resync");
+                            again = true;
+                        } else if self.is_loss(&e) {
+                            self.suspect(i, started);
+                            lost = true;
+                        } else {
+                            tracing::warn!(volume = %self.volume, error = %e, "mirrored request failed");
+                            return Err(backend_error(e));
+                        }
+                    }
                     Some(Err(e)) if self.is_loss(&e) => {
                         self.suspect(i, started);
                         lost = true;
@@ -368,13 +451,17 @@ impl Mirror {
                     }
                 }
             }
-            if !lost {
-                return self.may_ack();
+            if lost {
+                // Held: no acknowledgement until the in-sync set changed.
+                if rx.changed().await.is_err() {
+                    return Err(BackendError::Io("the mirror is shutting down".to_owned()));
+                }
+                continue;
             }
-            // Held: no acknowledgement until the in-sync set changed.
-            if rx.changed().await.is_err() {
-                return Err(BackendError::Io("the mirror is shutting down".to_owned()));
+            if again {
+                continue;
             }
+            return self.may_ack();
         }
     }
 
@@ -396,11 +483,7 @@ fn spawn_state_gauge(
         let mut last = None;
         loop {
             let conn = *rx.borrow_and_update();
-            let state = if membership.borrow_and_update().in_sync[index] {
-                conn
-            } else {
-                ReplicaState::OutOfSync
-            };
+            let state = membership.borrow_and_update().replica_state(index, conn);
             if last != Some(state) {
                 tracing::info!(volume = %volume, replica = %id, state = state.name(), "replica state");
                 last = Some(state);
@@ -417,6 +500,47 @@ fn spawn_state_gauge(
             }
         }
     });
+}
+
+/// `op` with its `mirrored` flag set to `v` (data requests only).
+fn with_mirrored(op: &Op, v: bool) -> Op {
+    let mut op = op.clone();
+    match &mut op {
+        Op::Write { mirrored, .. }
+        | Op::Trim { mirrored, .. }
+        | Op::WriteZeroes { mirrored, .. } => *mirrored = v,
+        _ => {}
+    }
+    op
+}
+
+/// Counts a request in flight that a replica does not get (see
+/// [`Mirror::skipping`]).
+struct Skipping<'a> {
+    counts: &'a [AtomicU64; 2],
+    skipped: [bool; 2],
+}
+
+impl<'a> Skipping<'a> {
+    fn new(counts: &'a [AtomicU64; 2], sends: [bool; 2]) -> Self {
+        let skipped = [!sends[0], !sends[1]];
+        for i in 0..2 {
+            if skipped[i] {
+                counts[i].fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Self { counts, skipped }
+    }
+}
+
+impl Drop for Skipping<'_> {
+    fn drop(&mut self) {
+        for i in 0..2 {
+            if self.skipped[i] {
+                self.counts[i].fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 fn backend_error(e: CallError) -> BackendError {
@@ -478,7 +602,13 @@ impl BlockBackend for Mirror {
         let len = data.len() as u64;
         check_range(offset, len, self.size)?;
         let r = if len <= u64::from(MAX_IO_BYTES) {
-            self.both(Op::Write { offset, fua, data }).await
+            self.both(Op::Write {
+                offset,
+                fua,
+                mirrored: false,
+                data,
+            })
+            .await
         } else {
             try_join_all(chunks(offset, len).map(|(o, l)| {
                 let start = (o - offset) as usize;
@@ -486,6 +616,7 @@ impl BlockBackend for Mirror {
                 self.both(Op::Write {
                     offset: o,
                     fua,
+                    mirrored: false,
                     data: part,
                 })
             }))
@@ -506,7 +637,13 @@ impl BlockBackend for Mirror {
     async fn trim(&self, offset: u64, len: u32) -> Result<(), BackendError> {
         let started = Instant::now();
         check_range(offset, u64::from(len), self.size)?;
-        let r = self.both(Op::Trim { offset, len }).await;
+        let r = self
+            .both(Op::Trim {
+                offset,
+                len,
+                mirrored: false,
+            })
+            .await;
         self.measure(IoOp::Trim, started, u64::from(len), &r);
         r
     }
@@ -514,7 +651,14 @@ impl BlockBackend for Mirror {
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), BackendError> {
         let started = Instant::now();
         check_range(offset, u64::from(len), self.size)?;
-        let r = self.both(Op::WriteZeroes { offset, len, fua }).await;
+        let r = self
+            .both(Op::WriteZeroes {
+                offset,
+                len,
+                fua,
+                mirrored: false,
+            })
+            .await;
         self.measure(IoOp::WriteZeroes, started, u64::from(len), &r);
         r
     }

@@ -138,15 +138,17 @@ pub async fn run(
         });
         lease = Some((arbiter, guard, record));
     }
-    let mut mirror = Mirror::connect(config, metrics.clone()).await?;
+    let mut mirror = Mirror::connect_with(config, metrics.clone(), lease.is_some()).await?;
     if let (Some(a), Some((arbiter, guard, record))) = (&opts.arbiter, &lease) {
-        mirror.enable_failover(
-            arbiter.clone(),
-            a.lease.holder.clone(),
-            guard.clone(),
-            a.replica_timeout,
-            metrics.clone(),
-        );
+        mirror
+            .enable_failover(
+                arbiter.clone(),
+                a.lease.holder.clone(),
+                guard.clone(),
+                a.replica_timeout,
+                metrics.clone(),
+            )
+            .await;
         tasks.spawn({
             let (guard, metrics, volume) =
                 (guard.clone(), metrics.clone(), mirror.volume().clone());
@@ -162,12 +164,7 @@ pub async fn run(
                 Ok(())
             }
         });
-        // Replicas the record already has out of sync get no writes.
-        for (id, _) in mirror.replica_states() {
-            if !record.in_sync.contains(&id) {
-                mirror.mark_out_of_sync(&id);
-            }
-        }
+        let _ = record;
     }
     let mirror = Arc::new(mirror);
     ready.push(("size", mirror.size().to_string()));
@@ -212,7 +209,20 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || drop(export)).await;
     }
     match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, mirror.flush()).await {
-        Ok(Ok(())) => tracing::info!("final flush done"),
+        Ok(Ok(())) => {
+            tracing::info!("final flush done");
+            // Both replicas hold the same data now: the next frontend need
+            // not reconcile their activity logs.
+            match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, mirror.forget_activity()).await {
+                Ok(Ok(())) => tracing::info!("activity logs cleared"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot clear the activity logs; the next frontend reconciles them")
+                }
+                Err(_) => tracing::warn!(
+                    "clearing the activity logs timed out; the next frontend reconciles them"
+                ),
+            }
+        }
         Ok(Err(e)) => tracing::warn!(error = %e, "final flush failed"),
         Err(_) => tracing::warn!("final flush timed out"),
     }

@@ -18,8 +18,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::message::{
-    Hello, NONCE_LEN, Op, PROOF_LEN, RefusalReason, Refused, Reply, Request, Response, Role,
-    WireError,
+    ByteRange, Hello, MAX_RANGES, NONCE_LEN, Op, PROOF_LEN, RefusalReason, Refused, Reply, Request,
+    Response, ResyncReport, Role, WireError,
 };
 use super::types::{ArbiterVersion, Epoch, ProtocolVersion, ReplicaId, RequestId, VolumeId};
 
@@ -45,12 +45,19 @@ const K_FLUSH: u8 = 0x13;
 const K_TRIM: u8 = 0x14;
 const K_WRITE_ZEROES: u8 = 0x15;
 const K_PEER_STATE: u8 = 0x16;
+const K_RESYNC_STATUS: u8 = 0x17;
+const K_ACTIVE_EXTENTS: u8 = 0x18;
+const K_MARK_DIRTY: u8 = 0x19;
+const K_FORGET_ACTIVITY: u8 = 0x1a;
 const K_OPENED: u8 = 0x20;
 const K_DATA: u8 = 0x21;
 const K_DONE: u8 = 0x22;
 const K_ERROR: u8 = 0x23;
+const K_RESYNC: u8 = 0x24;
+const K_EXTENTS: u8 = 0x25;
 
 const FLAG_FUA: u8 = 1;
+const FLAG_MIRRORED: u8 = 2;
 
 /// Every message that can travel in a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +170,10 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::Trim { .. } => K_TRIM,
         Op::WriteZeroes { .. } => K_WRITE_ZEROES,
         Op::PeerState { .. } => K_PEER_STATE,
+        Op::ResyncStatus => K_RESYNC_STATUS,
+        Op::ActiveExtents => K_ACTIVE_EXTENTS,
+        Op::MarkDirty { .. } => K_MARK_DIRTY,
+        Op::ForgetActivity => K_FORGET_ACTIVITY,
     };
     b.put_u8(kind);
     b.put_u64_le(r.id.0);
@@ -182,21 +193,41 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             }
             None
         }
-        Op::Read { offset, len } | Op::Trim { offset, len } => {
+        Op::Read { offset, len } => {
             b.put_u64_le(*offset);
             b.put_u32_le(*len);
             None
         }
-        Op::Write { offset, fua, data } => {
+        Op::Trim {
+            offset,
+            len,
+            mirrored,
+        } => {
             b.put_u64_le(*offset);
-            b.put_u8(if *fua { FLAG_FUA } else { 0 });
+            b.put_u32_le(*len);
+            b.put_u8(flags(false, *mirrored));
+            None
+        }
+        Op::Write {
+            offset,
+            fua,
+            mirrored,
+            data,
+        } => {
+            b.put_u64_le(*offset);
+            b.put_u8(flags(*fua, *mirrored));
             Some(data.clone())
         }
         Op::Flush => None,
-        Op::WriteZeroes { offset, len, fua } => {
+        Op::WriteZeroes {
+            offset,
+            len,
+            fua,
+            mirrored,
+        } => {
             b.put_u64_le(*offset);
             b.put_u32_le(*len);
-            b.put_u8(if *fua { FLAG_FUA } else { 0 });
+            b.put_u8(flags(*fua, *mirrored));
             None
         }
         Op::PeerState {
@@ -210,6 +241,25 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             put_str8(b, arbiter_version.as_str());
             None
         }
+        Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity => None,
+        Op::MarkDirty { ranges } => {
+            put_ranges(b, ranges);
+            None
+        }
+    }
+}
+
+fn flags(fua: bool, mirrored: bool) -> u8 {
+    (if fua { FLAG_FUA } else { 0 }) | (if mirrored { FLAG_MIRRORED } else { 0 })
+}
+
+fn put_ranges(b: &mut BytesMut, ranges: &[ByteRange]) {
+    // At most MAX_RANGES are sent (callers split); the decoder refuses more.
+    let n = ranges.len().min(MAX_RANGES);
+    b.put_u32_le(n as u32);
+    for r in &ranges[..n] {
+        b.put_u64_le(r.offset);
+        b.put_u64_le(r.len);
     }
 }
 
@@ -230,6 +280,26 @@ fn put_response(r: &Response, b: &mut BytesMut) -> Option<Bytes> {
         Ok(Reply::Done) => {
             b.put_u8(K_DONE);
             b.put_u64_le(r.id.0);
+            None
+        }
+        Ok(Reply::Resync(rep)) => {
+            b.put_u8(K_RESYNC);
+            b.put_u64_le(r.id.0);
+            match &rep.tracking {
+                Some(p) => {
+                    b.put_u8(1);
+                    put_str8(b, p.as_str());
+                }
+                None => b.put_u8(0),
+            }
+            b.put_u64_le(rep.dirty_bytes);
+            b.put_u64_le(rep.copied_bytes);
+            None
+        }
+        Ok(Reply::Extents(ranges)) => {
+            b.put_u8(K_EXTENTS);
+            b.put_u64_le(r.id.0);
+            put_ranges(b, ranges);
             None
         }
         Err(e) => {
@@ -279,6 +349,7 @@ fn put_wire_error(e: &WireError, b: &mut BytesMut) {
             b.put_u8(9);
             put_str16(b, message);
         }
+        WireError::NotTracking => b.put_u8(10),
     }
 }
 
@@ -411,7 +482,8 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
         }
         K_PROOF => Message::Proof(r.array()?),
         K_WELCOME => Message::Welcome,
-        K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES | K_PEER_STATE => {
+        K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES | K_PEER_STATE
+        | K_RESYNC_STATUS | K_ACTIVE_EXTENTS | K_MARK_DIRTY | K_FORGET_ACTIVITY => {
             let id = RequestId(r.u64()?);
             let epoch = Epoch(r.u64()?);
             let op = match kind {
@@ -435,18 +507,28 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                 },
                 K_WRITE => {
                     let offset = r.u64()?;
-                    let fua = r.flags()?;
+                    let (fua, mirrored) = r.flags()?;
                     Op::Write {
                         offset,
                         fua,
+                        mirrored,
                         data: r.rest(),
                     }
                 }
                 K_FLUSH => Op::Flush,
-                K_TRIM => Op::Trim {
-                    offset: r.u64()?,
-                    len: r.u32()?,
-                },
+                K_TRIM => {
+                    let (offset, len) = (r.u64()?, r.u32()?);
+                    match r.flags()? {
+                        (false, mirrored) => Op::Trim {
+                            offset,
+                            len,
+                            mirrored,
+                        },
+                        (true, _) => {
+                            return Err(r.invalid("flags", "FUA on a trim".to_owned()));
+                        }
+                    }
+                }
                 K_PEER_STATE => Op::PeerState {
                     peer: r.replica()?,
                     in_sync: match r.u8()? {
@@ -458,15 +540,26 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                     },
                     arbiter_version: r.arbiter_version()?,
                 },
-                _ => Op::WriteZeroes {
-                    offset: r.u64()?,
-                    len: r.u32()?,
-                    fua: r.flags()?,
+                K_RESYNC_STATUS => Op::ResyncStatus,
+                K_ACTIVE_EXTENTS => Op::ActiveExtents,
+                K_FORGET_ACTIVITY => Op::ForgetActivity,
+                K_MARK_DIRTY => Op::MarkDirty {
+                    ranges: r.ranges()?,
                 },
+                _ => {
+                    let (offset, len) = (r.u64()?, r.u32()?);
+                    let (fua, mirrored) = r.flags()?;
+                    Op::WriteZeroes {
+                        offset,
+                        len,
+                        fua,
+                        mirrored,
+                    }
+                }
             };
             Message::Request(Request { id, epoch, op })
         }
-        K_OPENED | K_DATA | K_DONE | K_ERROR => {
+        K_OPENED | K_DATA | K_DONE | K_ERROR | K_RESYNC | K_EXTENTS => {
             let id = RequestId(r.u64()?);
             let result = match kind {
                 K_OPENED => Ok(Reply::Opened {
@@ -475,6 +568,19 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                 }),
                 K_DATA => Ok(Reply::Data(r.rest())),
                 K_DONE => Ok(Reply::Done),
+                K_RESYNC => {
+                    let tracking = match r.u8()? {
+                        0 => None,
+                        1 => Some(r.replica()?),
+                        other => return Err(r.invalid("tracking", format!("bad tag {other}"))),
+                    };
+                    Ok(Reply::Resync(ResyncReport {
+                        tracking,
+                        dirty_bytes: r.u64()?,
+                        copied_bytes: r.u64()?,
+                    }))
+                }
+                K_EXTENTS => Ok(Reply::Extents(r.ranges()?)),
                 _ => Err(r.wire_error()?),
             };
             Message::Response(Response { id, result })
@@ -533,12 +639,13 @@ impl Rd {
     fn rest(&mut self) -> Bytes {
         std::mem::take(&mut self.buf)
     }
-    fn flags(&mut self) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            FLAG_FUA => Ok(true),
-            other => Err(self.invalid("flags", format!("unknown flags {other:#04x}"))),
+    /// `(fua, mirrored)`.
+    fn flags(&mut self) -> Result<(bool, bool), DecodeError> {
+        let f = self.u8()?;
+        if f & !(FLAG_FUA | FLAG_MIRRORED) != 0 {
+            return Err(self.invalid("flags", format!("unknown flags {f:#04x}")));
         }
+        Ok((f & FLAG_FUA != 0, f & FLAG_MIRRORED != 0))
     }
     fn string(&mut self, n: usize, field: &'static str) -> Result<String, DecodeError> {
         let b = self.bytes(n)?;
@@ -573,6 +680,19 @@ impl Rd {
             reason,
         }
     }
+    fn ranges(&mut self) -> Result<Vec<ByteRange>, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > MAX_RANGES {
+            return Err(self.invalid("ranges", format!("{n} ranges, more than {MAX_RANGES}")));
+        }
+        self.need(n * 16)?;
+        Ok((0..n)
+            .map(|_| ByteRange {
+                offset: self.buf.get_u64_le(),
+                len: self.buf.get_u64_le(),
+            })
+            .collect())
+    }
     fn wire_error(&mut self) -> Result<WireError, DecodeError> {
         Ok(match self.u8()? {
             1 => WireError::StaleEpoch {
@@ -604,6 +724,7 @@ impl Rd {
             9 => WireError::Io {
                 message: self.str16()?,
             },
+            10 => WireError::NotTracking,
             other => return Err(self.invalid("error", format!("unknown error code {other}"))),
         })
     }

@@ -28,15 +28,28 @@ fn op() -> impl Strategy<Value = Op> {
             }
         }),
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Op::Read { offset, len }),
-        (any::<u64>(), any::<bool>(), data()).prop_map(|(offset, fua, data)| Op::Write {
-            offset,
-            fua,
-            data
-        }),
+        (any::<u64>(), any::<bool>(), any::<bool>(), data()).prop_map(
+            |(offset, fua, mirrored, data)| Op::Write {
+                offset,
+                fua,
+                mirrored,
+                data
+            }
+        ),
         Just(Op::Flush),
-        (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Op::Trim { offset, len }),
-        (any::<u64>(), any::<u32>(), any::<bool>())
-            .prop_map(|(offset, len, fua)| { Op::WriteZeroes { offset, len, fua } }),
+        (any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(offset, len, mirrored)| Op::Trim {
+            offset,
+            len,
+            mirrored
+        }),
+        (any::<u64>(), any::<u32>(), any::<bool>(), any::<bool>()).prop_map(
+            |(offset, len, fua, mirrored)| Op::WriteZeroes {
+                offset,
+                len,
+                fua,
+                mirrored
+            }
+        ),
         (replica_id(), any::<bool>(), "\\PC{0,60}").prop_map(|(peer, in_sync, v)| {
             Op::PeerState {
                 peer,
@@ -44,7 +57,18 @@ fn op() -> impl Strategy<Value = Op> {
                 arbiter_version: ArbiterVersion::new(v).expect("short strings are valid"),
             }
         }),
+        Just(Op::ResyncStatus),
+        Just(Op::ActiveExtents),
+        Just(Op::ForgetActivity),
+        ranges().prop_map(|ranges| Op::MarkDirty { ranges }),
     ]
+}
+
+fn ranges() -> impl Strategy<Value = Vec<ByteRange>> {
+    proptest::collection::vec(
+        (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| ByteRange { offset, len }),
+        0..40,
+    )
 }
 
 fn wire_error() -> impl Strategy<Value = WireError> {
@@ -66,6 +90,7 @@ fn wire_error() -> impl Strategy<Value = WireError> {
         Just(WireError::AlreadyOpen),
         (any::<u64>(), any::<u64>()).prop_map(|(len, max)| WireError::TooLarge { len, max }),
         "\\PC{0,200}".prop_map(|message| WireError::Io { message }),
+        Just(WireError::NotTracking),
     ]
 }
 
@@ -115,6 +140,26 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|id| Message::Response(Response {
             id: RequestId(id),
             result: Ok(Reply::Done),
+        })),
+        (
+            any::<u64>(),
+            proptest::option::of(replica_id()),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(id, tracking, dirty_bytes, copied_bytes)| {
+                Message::Response(Response {
+                    id: RequestId(id),
+                    result: Ok(Reply::Resync(ResyncReport {
+                        tracking,
+                        dirty_bytes,
+                        copied_bytes,
+                    })),
+                })
+            }),
+        (any::<u64>(), ranges()).prop_map(|(id, r)| Message::Response(Response {
+            id: RequestId(id),
+            result: Ok(Reply::Extents(r)),
         })),
         (any::<u64>(), wire_error()).prop_map(|(id, e)| Message::Response(Response {
             id: RequestId(id),
@@ -213,6 +258,7 @@ fn write_data_is_sliced_not_copied() {
         op: Op::Write {
             offset: 0,
             fua: true,
+            mirrored: false,
             data: data.clone(),
         },
     });

@@ -28,7 +28,7 @@ use super::message::{Hello, NONCE_LEN, PROOF_LEN, RefusalReason, Refused, Role};
 use super::types::ProtocolVersion;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion(1);
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion(2);
 
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -309,7 +309,8 @@ mod tests {
         let (f, r) = pair(ProtocolVersion(99), S, PROTOCOL_VERSION, S).await;
         let f = f.expect_err("frontend refuses");
         let r = r.expect_err("replica refuses");
-        for (e, ours, theirs) in [(&f, 99, 1), (&r, 1, 99)] {
+        let cur = PROTOCOL_VERSION.0;
+        for (e, ours, theirs) in [(&f, 99, cur), (&r, cur, 99)] {
             match e {
                 HandshakeError::VersionMismatch { ours: o, theirs: t } => {
                     assert_eq!((o.0, t.0), (ours, theirs));
@@ -318,7 +319,7 @@ mod tests {
             }
             let text = e.to_string();
             assert!(
-                text.contains("version 99") && text.contains("version 1"),
+                text.contains("version 99") && text.contains(&format!("version {cur}")),
                 "{text}"
             );
         }

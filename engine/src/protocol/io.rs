@@ -108,6 +108,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner.flush().await
     }
 
+    /// The underlying writer.
+    pub fn get_ref(&self) -> &W {
+        self.inner.get_ref()
+    }
+
     /// Writes and flushes one message.
     pub async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
         self.write_message(msg).await?;

@@ -79,10 +79,16 @@ pub enum Op {
         offset: u64,
         len: u32,
     },
-    /// With `fua`, acknowledged only once on stable storage.
+    /// With `fua`, acknowledged only once on stable storage. With
+    /// `mirrored`, the frontend sends this write to the other replica too
+    /// (and re-sends it to this one alone if the other fails it): a replica
+    /// that tracks that peer orders the write against its resync's copies
+    /// but does not mark it dirty. This is what lets a catching-up peer
+    /// converge under load. The same flag on `Trim` and `WriteZeroes`.
     Write {
         offset: u64,
         fua: bool,
+        mirrored: bool,
         data: Bytes,
     },
     /// Acknowledged once every write acknowledged before it is on stable
@@ -91,11 +97,13 @@ pub enum Op {
     Trim {
         offset: u64,
         len: u32,
+        mirrored: bool,
     },
     WriteZeroes {
         offset: u64,
         len: u32,
         fua: bool,
+        mirrored: bool,
     },
     /// The frontend tells the replica that its peer `peer` left
     /// (`in_sync: false`) or rejoined (`in_sync: true`) the volume's in-sync
@@ -109,6 +117,46 @@ pub enum Op {
         in_sync: bool,
         arbiter_version: ArbiterVersion,
     },
+    /// How far the replica's resync of its out-of-sync peer is: answered
+    /// with [`Reply::Resync`] from the live dirty bitmap. The lease holder
+    /// polls it to learn when the returning replica may rejoin.
+    ResyncStatus,
+    /// The byte ranges of the replica's activity-log extents (every extent
+    /// that may have had a write in flight, recovered ones included):
+    /// answered with [`Reply::Extents`]. A new frontend reconciles them.
+    ActiveExtents,
+    /// Durably mark these ranges dirty for the peer the replica tracks
+    /// (refused with [`WireError::NotTracking`] if it tracks none). Answered
+    /// once the marks are on stable storage.
+    MarkDirty {
+        ranges: Vec<ByteRange>,
+    },
+    /// Drop every activity-log extent with no write in flight (recovered
+    /// ones too), durably: the frontend knows they hold the same data on
+    /// both replicas (after a final flush on both, or after marking them
+    /// dirty on the resync source).
+    ForgetActivity,
+}
+
+/// A byte range of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Most ranges one `MarkDirty` or `Extents` may carry.
+pub const MAX_RANGES: usize = 8192;
+
+/// A replica's answer to [`Op::ResyncStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncReport {
+    /// The peer whose missed regions the replica tracks, if any.
+    pub tracking: Option<ReplicaId>,
+    /// Bytes of the regions still dirty (to copy to the peer).
+    pub dirty_bytes: u64,
+    /// Bytes the replica's resync has copied since it started.
+    pub copied_bytes: u64,
 }
 
 impl Op {
@@ -122,6 +170,10 @@ impl Op {
             Op::Trim { .. } => "trim",
             Op::WriteZeroes { .. } => "write_zeroes",
             Op::PeerState { .. } => "peer_state",
+            Op::ResyncStatus => "resync_status",
+            Op::ActiveExtents => "active_extents",
+            Op::MarkDirty { .. } => "mark_dirty",
+            Op::ForgetActivity => "forget_activity",
         }
     }
 }
@@ -140,6 +192,10 @@ pub enum Reply {
     Opened { size: u64, epoch: Epoch },
     /// Answer to `Read`.
     Data(Bytes),
+    /// Answer to `ResyncStatus`.
+    Resync(ResyncReport),
+    /// Answer to `ActiveExtents`.
+    Extents(Vec<ByteRange>),
     /// Answer to every other request.
     Done,
 }
@@ -172,4 +228,6 @@ pub enum WireError {
     TooLarge { len: u64, max: u64 },
     #[error("replica I/O error: {message}")]
     Io { message: String },
+    #[error("the replica tracks no out-of-sync peer, so it cannot mark regions dirty")]
+    NotTracking,
 }

@@ -14,7 +14,9 @@ pub mod types;
 pub use codec::{DecodeError, MAX_FRAME_BODY, MAX_IO_BYTES, Message};
 pub use handshake::{HandshakeError, PROTOCOL_VERSION, Secret, SecretError, handshake};
 pub use io::{FrameError, FrameReader, FrameWriter};
-pub use message::{Op, Reply, Request, Response, Role, WireError};
+pub use message::{
+    ByteRange, MAX_RANGES, Op, Reply, Request, Response, ResyncReport, Role, WireError,
+};
 pub use types::{
     ArbiterVersion, ArbiterVersionTooLong, Epoch, IdError, ProtocolVersion, ReplicaId, RequestId,
     VolumeId,

@@ -17,9 +17,15 @@
 //!   write starts; the guards are dropped after the data write;
 //! - on `PeerState` ([`VolumeLogs::peer_left`], [`VolumeLogs::peer_rejoined`]):
 //!   tracking is started durably before the answer, so that no write acked
-//!   without the peer goes unrecorded; the extents in the activity log at
-//!   that moment are marked dirty too (writes that completed here just
-//!   before the frontend gave up on the peer may be missing there).
+//!   without the peer goes unrecorded. Writes that completed here just
+//!   before the frontend gave up on the peer are re-sent by that frontend
+//!   after the answer (it held them), so they mark their regions then; only
+//!   the extents recovered at startup while in sync (a crash of this
+//!   replica) are marked here. A *new* frontend cannot know what its
+//!   predecessor left unsent: it asks both replicas for their activity-log
+//!   extents ([`VolumeLogs::active_ranges`]) and marks them on the source
+//!   ([`VolumeLogs::mark_dirty`]) before it lets the peer rejoin, then
+//!   tells both to forget them ([`VolumeLogs::forget_activity`]).
 //!
 //! Why recovered activity-log extents are marked even while tracking,
 //! although every tracked write marks its regions before it writes: a copy
@@ -48,7 +54,7 @@ use crate::bitmap::{
     self, Bitmap, BitmapError, BitmapState, DEFAULT_GRANULARITY, Geometry, GeometryError,
     Granularity, MarkGuard,
 };
-use crate::protocol::{Epoch, ReplicaId, WireError};
+use crate::protocol::{ByteRange, Epoch, ReplicaId, WireError};
 use crate::storage::Storage;
 
 use super::meta;
@@ -227,9 +233,17 @@ impl VolumeLogs {
     }
 
     /// Records the write of `len` bytes at `offset` before it starts: the
-    /// activity log, then the bitmap when the peer is out of sync. Blocking
-    /// (call it on the blocking pool); no I/O in the common case.
-    pub fn before_write(&self, offset: u64, len: u64) -> Result<WriteGuards, WireError> {
+    /// activity log, then the bitmap when the peer is out of sync — a mark,
+    /// or with `mirrored` (the frontend sends the write to the peer too)
+    /// only a registration that makes an overlapping resync copy
+    /// go again. Blocking (call it on the blocking pool); no I/O in the
+    /// common case.
+    pub fn before_write(
+        &self,
+        offset: u64,
+        len: u64,
+        mirrored: bool,
+    ) -> Result<WriteGuards, WireError> {
         if len == 0 {
             return Ok(WriteGuards {
                 _mark: None,
@@ -242,7 +256,12 @@ impl VolumeLogs {
                 WireError::Io { message: crate::error_chain(&e) }
             })?;
             let mark = if self.is_tracking() {
-                match self.bitmap.mark(offset, len).await {
+                let marked = if mirrored {
+                    self.bitmap.note_write(offset, len)
+                } else {
+                    self.bitmap.mark(offset, len).await
+                };
+                match marked {
                     Ok(m) => Some(m),
                     // Tracking stopped meanwhile: the peer gets every write.
                     Err(BitmapError::NotTracking { .. }) => None,
@@ -284,21 +303,18 @@ impl VolumeLogs {
             None => {
                 self.bitmap.start_tracking(peer.clone(), epoch).await?;
                 // Writes this replica completed just before the frontend
-                // gave up on the peer may have missed it (the frontend held
-                // their acks, but their data is here). They are in the
-                // activity log's extents: mark those too, durably, before
-                // answering. Conservative; no I/O when already marked.
-                let cfg = self.al.config();
-                for e in self.al.active() {
-                    let r = cfg.byte_range(e);
+                // gave up on the peer are held by that frontend and re-sent
+                // after this answer: they mark their regions then. What a
+                // crash of this replica left possibly divergent (extents
+                // recovered while in sync) is marked now, durably.
+                let recovered = std::mem::take(&mut *lock(&self.unreconciled));
+                for r in &recovered {
                     if r.end > r.start {
                         drop(self.bitmap.mark(r.start, r.end - r.start).await?);
                     }
                 }
-                // Extents recovered while in sync are among them: now
-                // durably dirty, they may leave the log.
+                // Now durably dirty, they may leave the log.
                 self.al.release_recovered();
-                lock(&self.unreconciled).clear();
             }
             Some(FullCopy(why)) => {
                 tracing::warn!(volume, peer = %peer, reason = %why, "full resync: every region marked dirty");
@@ -309,6 +325,69 @@ impl VolumeLogs {
         self.tracking.store(true, Ordering::SeqCst);
         tracing::info!(volume, peer = %peer, epoch = epoch.0, "tracking dirty regions for the out-of-sync peer");
         Ok(())
+    }
+
+    /// The byte ranges of every extent in the activity log (recovered ones
+    /// included): where writes may have been in flight.
+    pub fn active_ranges(&self) -> Vec<ByteRange> {
+        let cfg = self.al.config();
+        self.al
+            .active()
+            .into_iter()
+            .map(|e| cfg.byte_range(e))
+            .filter(|r| r.end > r.start)
+            .map(|r| ByteRange {
+                offset: r.start,
+                len: r.end - r.start,
+            })
+            .collect()
+    }
+
+    /// Durably marks `ranges` dirty for the tracked peer (a new frontend's
+    /// reconciliation of activity-log extents). Refused when no peer is
+    /// tracked.
+    pub async fn mark_dirty(&self, volume: &str, ranges: &[ByteRange]) -> Result<(), WireError> {
+        if !self.is_tracking() {
+            return Err(WireError::NotTracking);
+        }
+        for r in ranges.iter().filter(|r| r.len > 0) {
+            match self.bitmap.mark(r.offset, r.len).await {
+                Ok(m) => drop(m),
+                Err(BitmapError::NotTracking { .. }) => return Err(WireError::NotTracking),
+                Err(e) => {
+                    let message = crate::error_chain(&e);
+                    tracing::error!(volume, error = %message, "cannot mark regions dirty");
+                    return Err(WireError::Io { message });
+                }
+            }
+        }
+        let bytes: u64 = ranges.iter().map(|r| r.len).sum();
+        tracing::info!(
+            volume,
+            ranges = ranges.len(),
+            bytes,
+            dirty_bytes = self.bitmap.dirty_bytes(),
+            "activity-log extents marked dirty for reconciliation"
+        );
+        Ok(())
+    }
+
+    /// Drops every activity-log extent with no write in flight, durably
+    /// (see [`ActivityLog::forget_idle`]); the extents recovered at startup
+    /// are no longer possibly divergent.
+    pub async fn forget_activity(&self, volume: &str) -> Result<(), WireError> {
+        match self.al.forget_idle().await {
+            Ok(dropped) => {
+                lock(&self.unreconciled).clear();
+                tracing::info!(volume, dropped, "activity log cleared by the frontend");
+                Ok(())
+            }
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                tracing::error!(volume, error = %message, "cannot clear the activity log");
+                Err(WireError::Io { message })
+            }
+        }
     }
 
     /// The peer is back in the in-sync set: stop tracking once nothing is
@@ -391,7 +470,7 @@ mod tests {
         assert!(logs.is_tracking());
         let l = logs.clone();
         tokio::task::spawn_blocking(move || {
-            drop(l.before_write(5 << 20, 4096).expect("logged"));
+            drop(l.before_write(5 << 20, 4096, false).expect("logged"));
         })
         .await
         .expect("join");
@@ -413,19 +492,66 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn extents_written_before_the_peer_left_are_marked_when_it_leaves() {
+    async fn only_extents_recovered_after_a_crash_are_marked_when_the_peer_leaves() {
         let dir = tempfile::tempdir().expect("tempdir");
         let pool = Pool::open(dir.path()).expect("pool");
         let id = VolumeId::new("v1").expect("valid");
         pool.create_volume(&id, SIZE).expect("create");
         let logs = open(&pool, &id).await;
         let l = logs.clone();
-        tokio::task::spawn_blocking(move || drop(l.before_write(0, 4096).expect("logged")))
+        tokio::task::spawn_blocking(move || drop(l.before_write(0, 4096, false).expect("logged")))
             .await
             .expect("join");
         assert_eq!(logs.bitmap().dirty_count(), 0, "in sync: nothing marked");
+        assert_eq!(
+            logs.active_ranges(),
+            vec![ByteRange {
+                offset: 0,
+                len: 4 << 20
+            }]
+        );
+        // A live frontend re-sends what it held: nothing extra is marked.
         logs.peer_left("v1", peer(), Epoch(1)).await.expect("left");
+        assert_eq!(logs.bitmap().dirty_bytes(), 0);
+        // A new frontend marks what it found in the activity logs.
+        logs.mark_dirty("v1", &logs.active_ranges())
+            .await
+            .expect("marked");
         assert_eq!(logs.bitmap().dirty_bytes(), 4 << 20);
+        logs.forget_activity("v1").await.expect("forgot");
+        assert!(logs.active_ranges().is_empty());
+        drop(logs);
+
+        // After a crash while in sync, the recovered extents are marked
+        // when the peer leaves.
+        let id2 = VolumeId::new("v2").expect("valid");
+        pool.create_volume(&id2, SIZE).expect("create");
+        let logs = open(&pool, &id2).await;
+        let l = logs.clone();
+        tokio::task::spawn_blocking(move || {
+            drop(l.before_write(8 << 20, 4096, false).expect("logged"))
+        })
+        .await
+        .expect("join");
+        drop(logs);
+        let logs = open(&pool, &id2).await;
+        assert_eq!(logs.unreconciled(), vec![(8 << 20)..(12 << 20)]);
+        logs.peer_left("v2", peer(), Epoch(1)).await.expect("left");
+        assert_eq!(logs.bitmap().dirty_bytes(), 4 << 20);
+        assert!(logs.unreconciled().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn marking_needs_a_tracked_peer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        let r = logs
+            .mark_dirty("v1", &[ByteRange { offset: 0, len: 1 }])
+            .await;
+        assert_eq!(r, Err(WireError::NotTracking));
     }
 
     #[tokio::test(flavor = "multi_thread")]

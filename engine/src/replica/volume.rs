@@ -31,7 +31,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::metrics::{IoOp, OpHandles};
 use crate::protocol::{
-    ArbiterVersion, Epoch, MAX_IO_BYTES, Op, ReplicaId, Reply, VolumeId, WireError,
+    ArbiterVersion, Epoch, MAX_IO_BYTES, Op, ReplicaId, Reply, ResyncReport, VolumeId, WireError,
 };
 use crate::storage::{Storage, StorageError, blocking};
 
@@ -108,6 +108,9 @@ pub struct Volume {
     write_latency_us: AtomicU64,
     /// Foreground writes done (for resync back-off).
     writes_done: AtomicU64,
+    /// Bytes this replica's resync copied to its peer (all attempts).
+    resync_copied: AtomicU64,
+    runtime: tokio::runtime::Handle,
 }
 
 enum MetaCommand {
@@ -286,6 +289,8 @@ impl Volume {
             logs,
             write_latency_us: AtomicU64::new(0),
             writes_done: AtomicU64::new(0),
+            resync_copied: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -297,6 +302,12 @@ impl Volume {
     /// Foreground writes done so far.
     pub fn writes_done(&self) -> u64 {
         self.writes_done.load(Ordering::Relaxed)
+    }
+
+    /// The resync copied `bytes` more to the peer (reported by
+    /// `ResyncStatus`).
+    pub fn note_resync_copied(&self, bytes: u64) {
+        self.resync_copied.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Smoothed latency of foreground writes, in µs (0: none yet).
@@ -417,7 +428,12 @@ impl Volume {
     pub fn execute_blocking(&self, epoch: Epoch, op: Op) -> Result<Reply, WireError> {
         let started = Instant::now();
         let (io_op, bytes) = match &op {
-            Op::Open { .. } | Op::PeerState { .. } => (IoOp::Open, 0),
+            Op::Open { .. }
+            | Op::PeerState { .. }
+            | Op::ResyncStatus
+            | Op::ActiveExtents
+            | Op::MarkDirty { .. }
+            | Op::ForgetActivity => (IoOp::Open, 0),
             Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
             Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
             Op::Flush => (IoOp::Flush, 0),
@@ -457,26 +473,67 @@ impl Volume {
             Op::Write {
                 offset,
                 fua,
+                mirrored,
                 data: bytes,
             } => {
                 self.check_range(offset, bytes.len() as u64, true)?;
-                let _logged = self.logs.before_write(offset, bytes.len() as u64)?;
+                let _logged = self
+                    .logs
+                    .before_write(offset, bytes.len() as u64, mirrored)?;
                 data.write_at(&bytes, offset)
                     .and_then(|()| if fua { data.sync() } else { Ok(()) })
                     .map(|()| Reply::Done)
             }
             Op::Flush => data.sync().map(|()| Reply::Done),
-            Op::Trim { offset, len } => {
+            Op::Trim {
+                offset,
+                len,
+                mirrored,
+            } => {
                 self.check_range(offset, u64::from(len), false)?;
-                let _logged = self.logs.before_write(offset, u64::from(len))?;
+                let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
                 data.punch(offset, u64::from(len)).map(|()| Reply::Done)
             }
-            Op::WriteZeroes { offset, len, fua } => {
+            Op::WriteZeroes {
+                offset,
+                len,
+                fua,
+                mirrored,
+            } => {
                 self.check_range(offset, u64::from(len), false)?;
-                let _logged = self.logs.before_write(offset, u64::from(len))?;
+                let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
                 data.zero(offset, u64::from(len))
                     .and_then(|()| if fua { data.sync() } else { Ok(()) })
                     .map(|()| Reply::Done)
+            }
+            Op::ResyncStatus => {
+                let bitmap = self.logs.bitmap();
+                let tracking = match bitmap.state() {
+                    crate::bitmap::BitmapState::Tracking { peer, .. } => Some(peer),
+                    _ => None,
+                };
+                return Ok(Reply::Resync(ResyncReport {
+                    tracking,
+                    dirty_bytes: bitmap.dirty_bytes(),
+                    copied_bytes: self.resync_copied.load(Ordering::Relaxed),
+                }));
+            }
+            Op::ActiveExtents => return Ok(Reply::Extents(self.logs.active_ranges())),
+            Op::MarkDirty { ranges } => {
+                for r in &ranges {
+                    self.check_range(r.offset, r.len, false)?;
+                }
+                let id = self.id.as_str();
+                return self
+                    .runtime
+                    .block_on(self.logs.mark_dirty(id, &ranges))
+                    .map(|()| Reply::Done);
+            }
+            Op::ForgetActivity => {
+                return self
+                    .runtime
+                    .block_on(self.logs.forget_activity(self.id.as_str()))
+                    .map(|()| Reply::Done);
             }
         };
         r.map_err(|e| io_error(&e))

@@ -68,6 +68,11 @@ impl Background {
         Self(child)
     }
 
+    /// Whether fio has ended.
+    pub fn is_done(&mut self) -> bool {
+        !matches!(self.0.try_wait(), Ok(None))
+    }
+
     /// Waits up to `deadline` for fio to end: its exit status and report,
     /// or `None` if it did not end in time (it is killed then).
     pub fn finish(mut self, deadline: Duration) -> Option<(ExitStatus, String)> {

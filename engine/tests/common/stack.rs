@@ -139,6 +139,14 @@ impl Stack {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        // Addresses fixed before either starts, so that each replica is
+        // told where its peer is (`--peer`, for the resync).
+        for i in 0..2 {
+            stack.replicas[i].addr = match stack.sites.get(i) {
+                Some(site) => format!("{}:7400", site.ns_ip),
+                None => format!("127.0.0.1:{}", free_port()),
+            };
+        }
         for i in 0..2 {
             stack.start_replica(i);
         }
@@ -179,6 +187,10 @@ impl Stack {
         ];
         if self.opts.metrics {
             args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+        }
+        let peer = &self.replicas[1 - i];
+        if !peer.addr.is_empty() {
+            args.extend(["--peer".into(), format!("{}={}", peer.name, peer.addr)]);
         }
         let name = format!("replica-{}", r.name);
         let proc = start_proc_in(
@@ -533,6 +545,12 @@ impl SiteNet {
         inside(&["addr", "add", &format!("{}/30", site.ns_ip), "dev", &peer]);
         inside(&["link", "set", &peer, "up"]);
         inside(&["link", "set", "lo", "up"]);
+        // The sites reach each other through the host (the resync goes
+        // from one replica to the other): a default route, and forwarding
+        // on this veth only (not the host's global switch).
+        inside(&["route", "add", "default", "via", &format!("10.{x}.{y}.1")]);
+        let forwarding = format!("/proc/sys/net/ipv4/conf/{}/forwarding", site.host_if);
+        std::fs::write(&forwarding, "1").expect("enable forwarding on the site's veth");
         site
     }
 }
@@ -569,4 +587,12 @@ pub fn set_flag(args: &mut [String], flag: &str, value: impl Into<String>) {
         .position(|a| a == flag)
         .unwrap_or_else(|| panic!("{flag} not in {args:?}"));
     args[at + 1] = value.into();
+}
+
+/// A loopback port free now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }

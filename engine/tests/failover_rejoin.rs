@@ -1,0 +1,307 @@
+//! A replica's return, and frontends that change, with real processes and
+//! the file-backed arbiter:
+//! - a replica killed under a running fio comes back, catches up *while fio
+//!   keeps writing* and rejoins the in-sync set; fio's verification passes
+//!   and the two replica files end byte-identical;
+//! - a frontend killed (-9) in the middle of writes: the next one takes the
+//!   lease with a bumped epoch, reconciles the activity-log extents (one
+//!   replica leaves, the other's resync copies them, it rejoins), every
+//!   write the old frontend acknowledged reads back, and the replicas end
+//!   identical;
+//! - a frontend stopped cleanly hands over at once: its successor finds no
+//!   activity-log extent to reconcile and takes no replica out;
+//! - a whole site lost (its frontend and its replica killed together): a
+//!   frontend started on the other site serves with the lost replica out,
+//!   and the replica rejoins when it returns.
+//!
+//! Needs fio (nbd engine) and qemu-io.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::metrics::scrape;
+use common::{MIB, Stack, StackOptions, digest, fio, holds_nonzero_byte, qemu_io, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+/// A short lease so that a takeover after a kill takes seconds.
+const SHORT_LEASE: [&str; 4] = ["--lease-duration", "3s", "--lease-margin", "1s"];
+
+fn frontend_logs(stack: &Stack) -> String {
+    let mut out = String::new();
+    for i in 1..=8 {
+        if let Ok(s) = std::fs::read_to_string(stack.dir().join(format!("frontend-{i}.log"))) {
+            out.push_str(&s);
+        }
+    }
+    out
+}
+
+fn both_in_sync(stack: &Stack) -> bool {
+    stack.arbiter_show().contains("in_sync: a,b\n")
+}
+
+/// Waits until both replicas are in sync at the arbiter, then until a
+/// flushed, quiet volume has byte-identical replica files.
+fn assert_rejoined_and_identical(stack: &Stack) {
+    let ok = wait_until(DEADLINE, || both_in_sync(stack).then_some(()));
+    assert!(
+        ok.is_some(),
+        "replica did not rejoin:\n{}\n{}",
+        stack.arbiter_show(),
+        stack.log_tails(40)
+    );
+    let out = qemu_io::command(&stack.nbd_uri(), &["flush"])
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success(), "flush failed");
+    let paths = stack.replica_data_paths();
+    assert_eq!(digest(&paths[0]), digest(&paths[1]), "replicas differ");
+}
+
+#[test]
+fn a_returning_replica_catches_up_under_load_and_rejoins() {
+    let mut stack = Stack::start(StackOptions {
+        size: 64 * MIB,
+        arbiter: true,
+        metrics: true,
+        ..StackOptions::default()
+    });
+    // About 12 s of writes over 32 MiB: the kill, the return and the
+    // rejoin all happen while fio writes.
+    let mut fio = fio::Background::spawn(fio::verified_random_writes(
+        stack.dir(),
+        &stack.nbd_uri(),
+        "twinvol-rejoin",
+        91,
+        &["--iodepth=16", "--bs=64k", "--size=48m", "--rate=4m"],
+    ));
+    let data_b = stack.replica_data_paths()[1].clone();
+    assert!(
+        wait_until(DEADLINE, || holds_nonzero_byte(&data_b).then_some(())).is_some(),
+        "fio wrote nothing"
+    );
+    stack.kill_replica(0);
+    let out = wait_until(DEADLINE, || {
+        stack
+            .arbiter_show()
+            .contains("out_of_sync: a\n")
+            .then_some(())
+    });
+    assert!(out.is_some(), "a never left:\n{}", stack.log_tails(30));
+    std::thread::sleep(Duration::from_secs(1));
+    stack.start_replica(0);
+    let back = Instant::now();
+    let rejoined = wait_until(DEADLINE, || both_in_sync(&stack).then_some(()));
+    assert!(
+        rejoined.is_some(),
+        "a did not rejoin:\n{}",
+        stack.log_tails(40)
+    );
+    let took = back.elapsed();
+    // The point: the rejoin happened while fio was still writing.
+    let fio_running = !fio.is_done();
+    let log = frontend_logs(&stack);
+    eprintln!("a rejoined {took:?} after its restart, fio still writing: {fio_running}");
+    assert!(
+        fio_running,
+        "fio ended before the rejoin: not a test under load"
+    );
+    assert!(log.contains("catching up"), "{log}");
+    if let Err(e) = fio.finish_clean(Duration::from_secs(120)) {
+        panic!("{e}\n{}", stack.log_tails(30));
+    }
+    assert_rejoined_and_identical(&stack);
+    let metrics = scrape(&stack.frontend_metrics_addr().expect("metrics"));
+    for line in [
+        "twinvol_frontend_failovers_total{volume=\"v1\"} 1",
+        "twinvol_frontend_rejoins_total{volume=\"v1\"} 1",
+        "twinvol_frontend_replica_state{volume=\"v1\",replica=\"a\",state=\"in_sync\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
+    }
+}
+
+/// The pattern byte of 64 KiB slot `i`: never 0.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8 + 1
+}
+
+const SLOT: u64 = 64 * 1024;
+
+/// The offsets qemu-io reports as written ("wrote N/N bytes at offset X").
+fn acknowledged(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("wrote "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Reads every slot in `acked` back through the frontend and checks its
+/// pattern.
+fn check_acked(stack: &Stack, acked: &[u64]) {
+    for chunk in acked.chunks(64) {
+        let cmds: Vec<String> = chunk
+            .iter()
+            .map(|&off| format!("read -P {} {off} {SLOT}", pattern(off / SLOT)))
+            .collect();
+        let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
+            .wait_with_output()
+            .expect("qemu-io");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !stdout.contains("Pattern verification failed") && !stdout.contains("failed"),
+            "an acknowledged write is not readable:\n{stdout}"
+        );
+        assert_eq!(
+            stdout.lines().filter(|l| l.starts_with("read ")).count(),
+            chunk.len(),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_frontend_killed_mid_writes_is_replaced_and_its_activity_log_reconciled() {
+    let mut stack = Stack::start(StackOptions {
+        size: 64 * MIB,
+        arbiter: true,
+        frontend: false,
+        ..StackOptions::default()
+    });
+    stack.start_frontend_with(&SHORT_LEASE);
+    // 768 writes of 64 KiB, 16 in flight at a time, over the whole volume;
+    // the frontend is killed while they run.
+    let cmds: Vec<String> = (0..768u64)
+        .map(|k| {
+            let slot = (k * 389) % 1024;
+            let sync = if k % 16 == 15 {
+                "aio_flush".to_owned()
+            } else {
+                String::new()
+            };
+            let w = format!("aio_write -P {} {} {SLOT}", pattern(slot), slot * SLOT);
+            if sync.is_empty() {
+                w
+            } else {
+                format!("{w}\n{sync}")
+            }
+        })
+        .flat_map(|s| s.split('\n').map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    let writer = qemu_io::spawn(&stack.nbd_uri(), &cmds);
+    let data_a = stack.replica_data_paths()[0].clone();
+    assert!(
+        wait_until(DEADLINE, || holds_nonzero_byte(&data_a).then_some(())).is_some(),
+        "nothing written"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stack.kill_frontend();
+    let out = writer.wait_with_output().expect("qemu-io");
+    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
+    eprintln!("{} writes acknowledged before the kill", acked.len());
+    assert!(!acked.is_empty(), "no write acknowledged before the kill");
+
+    let started = Instant::now();
+    stack.start_frontend_with(&SHORT_LEASE);
+    eprintln!("new frontend ready {:?} after the kill", started.elapsed());
+    let show = stack.arbiter_show();
+    assert!(show.contains("epoch: 2\n"), "{show}");
+    let log = frontend_logs(&stack);
+    assert!(
+        log.contains("activity-log extents found"),
+        "no reconciliation logged:\n{log}"
+    );
+    check_acked(&stack, &acked);
+    assert_rejoined_and_identical(&stack);
+    check_acked(&stack, &acked);
+}
+
+#[test]
+fn a_frontend_stopped_cleanly_hands_over_at_once_with_nothing_to_reconcile() {
+    let mut stack = Stack::start(StackOptions {
+        size: 64 * MIB,
+        arbiter: true,
+        frontend: false,
+        ..StackOptions::default()
+    });
+    stack.start_frontend_with(&SHORT_LEASE);
+    let cmds: Vec<String> = (0..64u64)
+        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 7), s * 7 * SLOT))
+        .collect();
+    let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
+        .wait_with_output()
+        .expect("qemu-io");
+    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(acked.len(), 64);
+    assert!(
+        stack.stop_frontend(Duration::from_secs(20)),
+        "no clean stop"
+    );
+    let started = Instant::now();
+    stack.start_frontend_with(&SHORT_LEASE);
+    let took = started.elapsed();
+    eprintln!("clean hand-over: new frontend ready in {took:?}");
+    // The lease was released: no wait for its expiry (3 s + 1 s).
+    assert!(took < Duration::from_secs(3), "hand-over took {took:?}");
+    let log = frontend_logs(&stack);
+    assert!(
+        log.contains("activity logs cleared")
+            && log.contains("no activity-log extents to reconcile"),
+        "{log}"
+    );
+    let show = stack.arbiter_show();
+    assert!(
+        show.contains("in_sync: a,b\n") && show.contains("epoch: 2\n"),
+        "{show}"
+    );
+    check_acked(&stack, &acked);
+}
+
+#[test]
+fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
+    let mut stack = Stack::start(StackOptions {
+        size: 64 * MIB,
+        arbiter: true,
+        frontend: false,
+        ..StackOptions::default()
+    });
+    stack.start_frontend_with(&SHORT_LEASE);
+    let cmds: Vec<String> = (0..32u64)
+        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 5), s * 5 * SLOT))
+        .collect();
+    let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
+        .wait_with_output()
+        .expect("qemu-io");
+    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(acked.len(), 32);
+    // Site A goes dark: its frontend and its replica at once.
+    stack.kill_frontend();
+    stack.kill_replica(0);
+    let started = Instant::now();
+    stack.start_frontend_with(&SHORT_LEASE);
+    eprintln!(
+        "frontend on the surviving site ready {:?} after the loss",
+        started.elapsed()
+    );
+    let show = stack.arbiter_show();
+    assert!(
+        show.contains("in_sync: b\n") && show.contains("out_of_sync: a\n"),
+        "{show}"
+    );
+    check_acked(&stack, &acked);
+    let more: Vec<String> = (32..64u64)
+        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 5), s * 5 * SLOT))
+        .collect();
+    let out = qemu_io::spawn(&stack.nbd_uri(), &more)
+        .wait_with_output()
+        .expect("qemu-io");
+    let acked2 = acknowledged(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(acked2.len(), 32, "writes on the surviving site failed");
+    // Site A returns.
+    stack.start_replica(0);
+    assert_rejoined_and_identical(&stack);
+    check_acked(&stack, &acked);
+    check_acked(&stack, &acked2);
+}
