@@ -115,6 +115,10 @@ pub struct VolumeLogs {
     /// Extents recovered while in sync: possibly divergent, pinned until a
     /// new frontend reconciles them.
     unreconciled: std::sync::Mutex<Vec<std::ops::Range<u64>>>,
+    /// Serialises the changes of the peer's state (start, stop, rejoin):
+    /// a stop decided on "in sync and clean" must not complete after the
+    /// peer left again.
+    peer_change: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -137,6 +141,7 @@ impl VolumeLogs {
             runtime: tokio::runtime::Handle::current(),
             full_copy: std::sync::Mutex::new(None),
             unreconciled: std::sync::Mutex::new(Vec::new()),
+            peer_change: tokio::sync::Mutex::new(()),
             al,
             bitmap,
         });
@@ -285,6 +290,7 @@ impl VolumeLogs {
         peer: ReplicaId,
         epoch: Epoch,
     ) -> Result<(), LogsError> {
+        let _serial = self.peer_change.lock().await;
         self.peer_in_sync.store(false, Ordering::SeqCst);
         let full = match self.bitmap.state() {
             BitmapState::Clean => self.full_copy(),
@@ -393,12 +399,18 @@ impl VolumeLogs {
     /// The peer is back in the in-sync set: stop tracking once nothing is
     /// dirty (at once if the resync is done, else when it finishes).
     pub async fn peer_rejoined(&self, volume: &str) -> Result<(), LogsError> {
+        let _serial = self.peer_change.lock().await;
         self.peer_in_sync.store(true, Ordering::SeqCst);
-        self.stop_if_clean(volume).await
+        self.stop_if_clean_locked(volume).await
     }
 
     /// Stops tracking if the peer is in sync and no region is dirty.
     pub async fn stop_if_clean(&self, volume: &str) -> Result<(), LogsError> {
+        let _serial = self.peer_change.lock().await;
+        self.stop_if_clean_locked(volume).await
+    }
+
+    async fn stop_if_clean_locked(&self, volume: &str) -> Result<(), LogsError> {
         if self.peer_in_sync() && self.is_tracking() && self.bitmap.dirty_count() == 0 {
             self.bitmap.stop_tracking().await?;
             self.tracking.store(false, Ordering::SeqCst);
