@@ -251,21 +251,26 @@ impl Mirror {
         self.membership.subscribe()
     }
 
-    /// After a final flush: tells every replica that got it to forget its
-    /// activity-log extents (they hold the same data on both), so that the
-    /// next frontend has nothing to reconcile.
+    /// After a successful final flush (nothing in flight): tells every
+    /// replica that gets writes to forget its activity-log extents, so that
+    /// the next frontend has nothing to reconcile. Nothing acknowledged is
+    /// on one of them only: both had every write, or the in-sync one marked
+    /// what the other misses in its dirty bitmap.
     pub async fn forget_activity(&self) -> Result<(), BackendError> {
         let m = self.membership.borrow().clone();
-        if m.fenced.is_some() || !(m.in_sync[0] && m.in_sync[1]) {
-            // With a replica out, the in-sync one's extents are reconciled
-            // by the next frontend (cheaply: it tracks its peer anyway).
+        if m.fenced.is_some() {
             return Ok(());
         }
-        let (a, b) = tokio::join!(
-            self.call(0, Op::ForgetActivity),
-            self.call(1, Op::ForgetActivity)
-        );
-        a.and(b).map(|_| ()).map_err(backend_error)
+        let sends = [m.gets_writes(0), m.gets_writes(1)];
+        let one = |i: usize| async move {
+            if sends[i] {
+                self.call(i, Op::ForgetActivity).await.map(|_| ())
+            } else {
+                Ok(())
+            }
+        };
+        let (a, b) = tokio::join!(one(0), one(1));
+        a.and(b).map_err(backend_error)
     }
 
     pub fn volume(&self) -> &VolumeId {
