@@ -9,7 +9,9 @@
 //!
 //! With an arbiter, the frontend first acquires the lease (which bumps the
 //! epoch it then opens the replicas with), renews it in the background and
-//! turns on degraded operation in the mirror.
+//! turns on degraded operation in the mirror. [`run`] uses the file-backed
+//! arbiter named in the options; [`run_with`] takes any [`Arbiter`] (the
+//! CSI node plugin passes the Kubernetes one).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use crate::arbiter::{ArbiterError, FileArbiter};
+use crate::arbiter::{Arbiter, ArbiterError, FileArbiter};
 use crate::metrics::{self, Metrics};
 use crate::process::{ReadyFileError, write_ready_file};
 
@@ -49,9 +51,10 @@ pub struct FrontendProcess {
     pub arbiter: Option<ArbiterOptions>,
 }
 
-/// How the frontend uses the file-backed arbiter.
+/// How the frontend uses its arbiter.
 #[derive(Debug, Clone)]
 pub struct ArbiterOptions {
+    /// The file-backed arbiter's record ([`run`]; ignored by [`run_with`]).
     pub path: PathBuf,
     pub lease: LeaseConfig,
     /// A replica silent this long is dropped from the in-sync set.
@@ -94,9 +97,25 @@ pub enum FrontendError {
     Lease(#[from] LeaseError),
 }
 
-/// Runs a frontend until `shutdown` completes or an export fails.
+/// Runs a frontend until `shutdown` completes or an export fails, with the
+/// file-backed arbiter of `opts.arbiter` if any.
 pub async fn run(
     opts: FrontendProcess,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), FrontendError> {
+    let arbiter = match &opts.arbiter {
+        Some(a) => Some(Arc::new(FileArbiter::open(&a.path)?)),
+        None => None,
+    };
+    run_with(opts, arbiter, shutdown).await
+}
+
+/// Runs a frontend until `shutdown` completes or an export fails; with
+/// `arbiter` (and `opts.arbiter` for the lease settings), lease, epochs and
+/// degraded operation go through it.
+pub async fn run_with<A: Arbiter>(
+    opts: FrontendProcess,
+    arbiter: Option<Arc<A>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), FrontendError> {
     if opts.nbd_unix.is_none() && opts.nbd_tcp.is_none() && opts.fuse_dir.is_none() {
@@ -120,8 +139,7 @@ pub async fn run(
 
     let mut config = opts.mirror.clone();
     let mut lease = None;
-    if let Some(a) = &opts.arbiter {
-        let arbiter = Arc::new(FileArbiter::open(&a.path)?);
+    if let (Some(a), Some(arbiter)) = (&opts.arbiter, arbiter) {
         let (record, guard) = lease::acquire(arbiter.as_ref(), &a.lease, a.acquire_timeout).await?;
         config.epoch = record.epoch;
         let in_sync: Vec<String> = record.in_sync.iter().map(|r| r.to_string()).collect();
