@@ -155,6 +155,7 @@ until resync_done; do
 done
 say "$(jq -r '"resync " + .state + ": copied " + ((.copied_bytes/1048576*10|floor)/10|tostring) + " MiB in " + (.elapsed_ms|tostring) + " ms" + (if .full_copy then " (FULL copy: " + .full_copy + ")" else "" end)' "$status") of a $SIZE volume"
 say "(only the 64 KiB regions written while a was dark; new writes reached a directly meanwhile)"
+"$engine" volume status --pool "$work/pool-b" --volume demo | sed 's/^/           /'
 deadline=$(( $(date +%s) + 120 ))
 until "$engine" arbiter show --path "$work/arbiter.json" | grep -q '^in_sync: a,b$'; do
   [ "$(date +%s)" -lt "$deadline" ] || { echo "demo: site a did not rejoin the in-sync set in 120 s" >&2; tail -n 20 "$work/frontend.log" >&2; exit 1; }

@@ -115,6 +115,17 @@ enum VolumeCommand {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
+    /// Print a volume's resync status as its replica server last published
+    /// it (state, peer, progress with ETA, why a full copy).
+    Status {
+        #[arg(long, env = "TWINVOL_POOL")]
+        pool: PathBuf,
+        #[arg(long)]
+        volume: VolumeId,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -285,6 +296,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "created volume {volume} ({size} bytes) in {}",
                 pool.display()
             );
+            Ok(())
+        }
+        Command::Volume {
+            command: VolumeCommand::Status { pool, volume, json },
+        } => {
+            anyhow::ensure!(
+                pool.join(volume.as_str()).join("data").exists(),
+                "no volume {volume} in pool {}",
+                pool.display()
+            );
+            match twinvol_engine::resync::ResyncStatus::load(&pool, volume.as_str())? {
+                Some(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Some(s) => print!("{}", s.summary()),
+                None => println!(
+                    "volume: {volume}\nresync: unknown (no replica server has published a status for it yet)"
+                ),
+            }
             Ok(())
         }
         Command::Replica(a) => {

@@ -155,7 +155,7 @@ pub enum ResyncError {
 }
 
 /// Where one volume's resync is.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ResyncState {
     /// The peer is in sync, or nothing is dirty.
@@ -173,7 +173,7 @@ pub enum ResyncState {
 }
 
 /// What a user (and the tests) see of one volume's resync.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ResyncStatus {
     pub volume: String,
     pub peer: Option<String>,
@@ -219,6 +219,46 @@ impl ResyncStatus {
             mib(self.attempt_copied_bytes),
             mib(total),
         )
+    }
+}
+
+impl ResyncStatus {
+    /// What `twinvol-engine volume status` prints: one `key: value` per
+    /// line.
+    pub fn summary(&self) -> String {
+        let state = match &self.state {
+            ResyncState::Failed { error } => format!("failed ({error})"),
+            s => resync_state_name(s).to_owned(),
+        };
+        let mut out = format!("volume: {}\nresync: {state}\n", self.volume);
+        if let Some(peer) = &self.peer {
+            out.push_str(&format!("peer: {peer}\n"));
+        }
+        if !matches!(self.state, ResyncState::Idle) {
+            out.push_str(&format!("progress: {}\n", self.line()));
+        }
+        out.push_str(&format!(
+            "remaining_bytes: {}\ncopied_bytes: {}\nrecopied_regions: {}\ncompleted: {}\nfull_copy: {}\n",
+            self.remaining_bytes,
+            self.copied_bytes,
+            self.recopied_regions,
+            self.completed,
+            self.full_copy.as_deref().unwrap_or("no"),
+        ));
+        out
+    }
+
+    /// Reads the status a replica server published for `volume` in
+    /// `pool` (`None`: none published yet).
+    pub fn load(pool: &Path, volume: &str) -> std::io::Result<Option<Self>> {
+        let path = pool.join(volume).join("resync-status.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -685,6 +725,49 @@ mod tests {
         assert!(s.line().ends_with(
             "ETA ? (full copy: dirty bitmap untrusted: a write of the bitmap failed earlier)"
         ));
+    }
+
+    #[test]
+    fn the_printed_status_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("v1")).expect("dir");
+        assert!(
+            ResyncStatus::load(dir.path(), "v1")
+                .expect("load")
+                .is_none()
+        );
+        let s = ResyncStatus {
+            volume: "v1".into(),
+            peer: Some("a".into()),
+            state: ResyncState::Copying,
+            full_copy: Some("dirty bitmap untrusted: torn block".into()),
+            dirty_bytes_at_start: 4 << 20,
+            copied_bytes: 1 << 20,
+            attempt_copied_bytes: 1 << 20,
+            remaining_bytes: 3 << 20,
+            recopied_regions: 2,
+            elapsed_ms: 500,
+            eta_ms: Some(1500),
+            completed: 0,
+        };
+        std::fs::write(
+            dir.path().join("v1/resync-status.json"),
+            serde_json::to_vec(&s).expect("json"),
+        )
+        .expect("write");
+        let back = ResyncStatus::load(dir.path(), "v1")
+            .expect("load")
+            .expect("some");
+        let text = back.summary();
+        for want in [
+            "resync: copying\n",
+            "peer: a\n",
+            "progress: resync v1 → a: 1.0 MiB / 4.0 MiB, 25%, ETA 2 s",
+            "remaining_bytes: 3145728\n",
+            "full_copy: dirty bitmap untrusted: torn block\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
     }
 
     #[test]

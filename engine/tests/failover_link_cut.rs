@@ -82,5 +82,20 @@ fn cutting_site_a_link_resumes_writes_on_b_and_a_rejoins_when_back() {
     let v: serde_json::Value = serde_json::from_str(&status).expect("json");
     let copied = v["copied_bytes"].as_u64().expect("copied_bytes");
     eprintln!("resync after the link came back: {copied} bytes copied of a 64 MiB volume");
+    let pool_b = stack.dir().join("pool-b").display().to_string();
+    let printed = common::run_ok(
+        common::command(
+            common::engine_bin(),
+            ["volume", "status", "--pool", &pool_b, "--volume", "v1"],
+        ),
+        DEADLINE,
+    );
+    // Done, and idle since A is back in sync (B stopped tracking it).
+    assert!(
+        printed.contains("remaining_bytes: 0\n")
+            && printed.contains(&format!("copied_bytes: {copied}\n"))
+            && !printed.contains("completed: 0\n"),
+        "{printed}"
+    );
     assert!(copied > 0 && copied <= 32 * MIB, "copied {copied} bytes");
 }
