@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Soak (not part of the test command): the randomized fault harness
+# (engine/tests/fault_harness.rs) with 500 faults instead of the test
+# command's 20 — replica kill -9, site link cuts, frontend kill -9 with a
+# lease takeover, surviving replica kill -9 mid-resync — every acknowledged
+# write checked after every fault, the replica files compared byte for byte
+# after the final resync. Prints one line per fault and the summary
+# (`faults survived N, writes checked M, writes lost 0, seed S`).
+#
+# Debug build by default (overflow checks and debug assertions on; the run
+# is dominated by lease expiries and replica timeouts, not CPU); PROFILE=release
+# for a release build. A failure prints the seed: rerun with
+# TWINVOL_FAULT_SEED=S to replay its choices and writes.
+#
+# Needs root (network namespaces), qemu-io, nbdcopy.
+#
+# Usage: benches/fault-soak.sh
+#   env: TWINVOL_FAULTS (500), TWINVOL_FAULT_SEED (random), PROFILE (debug|release),
+#        TWINVOL_FAULT_HELD_IO=1 (keep writing while the only in-sync replica
+#        is away), TWINVOL_FAULT_KEEP=1 (keep the run's directory and logs),
+#        SOAK_LOG (full output; default /var/tmp/twinvol-fault-soak-SEED.log)
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+[ "$(id -u)" -eq 0 ] || { echo "fault-soak: run as root (network namespaces)" >&2; exit 2; }
+for tool in qemu-io nbdcopy; do
+  command -v "$tool" >/dev/null || { echo "fault-soak: $tool missing (bash e2e/tools/install-deps.sh)" >&2; exit 2; }
+done
+
+export TWINVOL_FAULTS=${TWINVOL_FAULTS:-500}
+export TWINVOL_FAULT_SEED=${TWINVOL_FAULT_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}
+PROFILE=${PROFILE:-debug}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${TWINVOL_CACHE:-/var/cache/twinvol}/cargo-target}
+log=${SOAK_LOG:-/var/tmp/twinvol-fault-soak-$TWINVOL_FAULT_SEED.log}
+case "$PROFILE" in
+  debug) profile_flag=() ;;
+  release) profile_flag=(--release) ;;
+  *) echo "fault-soak: PROFILE is debug or release" >&2; exit 2 ;;
+esac
+
+echo "fault soak: $TWINVOL_FAULTS faults, seed $TWINVOL_FAULT_SEED, $PROFILE build, $(nproc) CPUs; full output: $log"
+(cd "$top" && cargo test -q --no-run "${profile_flag[@]}" -p twinvol-engine --test fault_harness)
+t0=$(date +%s)
+set +e
+(cd "$top" && cargo test -q "${profile_flag[@]}" -p twinvol-engine --test fault_harness -- --nocapture) 2>&1 \
+  | tee "$log" \
+  | grep --line-buffered -E '^(\[ *[0-9.]+s\] |note: |fault harness: |faults survived |writes acknowledged )'
+rc=${PIPESTATUS[0]}
+set -e
+secs=$(( $(date +%s) - t0 ))
+if [ "$rc" -ne 0 ]; then
+  echo
+  grep -A30 -m1 'panicked at' "$log" | grep -v '^stack backtrace' || true
+  echo "fault soak FAILED after ${secs} s (seed $TWINVOL_FAULT_SEED, $PROFILE build); full output: $log"
+  exit "$rc"
+fi
+echo "fault soak passed in ${secs} s ($PROFILE build): $(grep -m1 '^faults survived' "$log")"
