@@ -48,7 +48,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{MIB, Proc, engine_bin, run_with_deadline, start_proc, start_proc_in, wait_until};
+use common::rng::Rng;
+use common::{
+    MIB, Proc, command, create_volume, engine_bin, qemu_io, run_ok, run_with_deadline, start_proc,
+    start_proc_in, wait_until,
+};
 
 const SIZE: u64 = 16 * MIB;
 const BLOCK: u64 = 4096;
@@ -70,28 +74,29 @@ const REJOIN_DEADLINE: Duration = Duration::from_secs(20);
 /// For the final resync to end with identical files.
 const CONVERGE_DEADLINE: Duration = Duration::from_secs(60);
 
-/// splitmix64: tiny, seedable, good enough to pick faults and fill blocks.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+/// The harness's draws from the shared xorshift generator.
+trait Draw {
     /// Uniform in `lo..hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64;
+    fn one_in(&mut self, n: u64) -> bool;
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration;
+}
+
+impl Draw for Rng {
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
+        lo + self.below(hi - lo)
     }
     fn one_in(&mut self, n: u64) -> bool {
-        self.next().is_multiple_of(n)
+        self.below(n) == 0
     }
     fn ms(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(self.range(lo, hi))
     }
+}
+
+/// Stream `stream` of `seed` (xorshift must not start at zero).
+fn stream(seed: u64, stream: u64) -> Rng {
+    Rng((seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -221,28 +226,11 @@ impl Cluster {
         for name in NAMES {
             let pool = c.dir().join(format!("pool-{name}"));
             std::fs::create_dir(&pool).expect("pool dir");
-            c.engine(&[
-                "volume",
-                "create",
-                "--pool",
-                &pool.display().to_string(),
-                "--volume",
-                VOLUME,
-                "--size",
-                &SIZE.to_string(),
-            ]);
+            create_volume(&pool, VOLUME, &SIZE.to_string());
         }
         let arbiter = c.arbiter_path().display().to_string();
-        c.engine(&[
-            "arbiter",
-            "create",
-            "--path",
-            &arbiter,
-            "--replica",
-            "a",
-            "--replica",
-            "b",
-        ]);
+        let replicas = ["--replica", "a", "--replica", "b"];
+        c.engine(&[&["arbiter", "create", "--path", &arbiter][..], &replicas].concat());
         c.start_replica(0);
         c.start_replica(1);
         c.start_frontend();
@@ -253,18 +241,9 @@ impl Cluster {
         self.root.as_ref().expect("root until drop").path()
     }
 
-    /// Runs `twinvol-engine ARGS`; panics with its stderr if it fails.
+    /// Runs `twinvol-engine ARGS`; fails the test if it fails.
     fn engine(&self, args: &[&str]) -> String {
-        let mut c = Command::new(engine_bin());
-        c.args(args);
-        let out = run_with_deadline(c, Duration::from_secs(30));
-        assert!(
-            out.status.success(),
-            "twinvol-engine {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_ok(command(engine_bin(), args), Duration::from_secs(30))
     }
 
     fn arbiter_path(&self) -> PathBuf {
@@ -370,6 +349,27 @@ impl Cluster {
         NAMES.map(|n| set.contains(n))
     }
 
+    /// Whether replica `i` accepts a TCP connection from the host (where
+    /// the frontend runs) within the rejoin deadline.
+    fn reachable(&self, i: usize) -> bool {
+        let addr: std::net::SocketAddr = self.addr(i).parse().expect("replica address");
+        wait_until(REJOIN_DEADLINE, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()
+        })
+        .is_some()
+    }
+
+    /// How often the running frontend logged a reconnection to replica `i`.
+    fn reconnects(&self, i: usize) -> usize {
+        let Some(fe) = &self.frontend else { return 0 };
+        let addr = format!("addr={}", self.addr(i));
+        std::fs::read_to_string(&fe.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("reconnected to replica") && l.contains(&addr))
+            .count()
+    }
+
     /// The `state` of replica `i`'s resync status file (`None`: no file).
     fn resync_state(&self, i: usize) -> Option<(String, u64)> {
         let text = std::fs::read_to_string(self.pool_file(i, "resync-status.json")).ok()?;
@@ -441,11 +441,7 @@ fn block_data(seed: u64, id: u64, offset: u64, out: &mut [u8]) {
     out[4..12].copy_from_slice(&seed.to_le_bytes());
     out[12..20].copy_from_slice(&id.to_le_bytes());
     out[20..28].copy_from_slice(&offset.to_le_bytes());
-    let mut r = Rng(seed ^ id.rotate_left(32) ^ offset);
-    for chunk in out[28..].chunks_mut(8) {
-        let v = r.next().to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
+    stream(seed ^ offset, id).fill(&mut out[28..]);
 }
 
 /// What a block read back holds, for failure messages.
@@ -687,18 +683,15 @@ fn run_batch(
     batch: &[Write],
     acked: &AtomicU64,
 ) -> (Vec<Outcome>, Option<String>) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for w in batch {
-        let file = dir.join(format!("w{}", w.id));
-        let fua = if w.fua { "-f " } else { "" };
-        cmd.arg("-c").arg(format!(
-            "write {fua}-s {} {} {}",
-            file.display(),
-            w.offset,
-            w.len
-        ));
-    }
+    let writes: Vec<String> = batch
+        .iter()
+        .map(|w| {
+            let file = dir.join(format!("w{}", w.id));
+            let fua = if w.fua { "-f " } else { "" };
+            format!("write {fua}-s {} {} {}", file.display(), w.offset, w.len)
+        })
+        .collect();
+    let mut cmd = qemu_io::command(uri, &writes);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -946,6 +939,7 @@ impl Harness {
     /// `held_io` the writer is stopped first (see `TWINVOL_FAULT_HELD_IO`).
     fn survivor_outage(&mut self, i: usize, cut: bool) -> String {
         let resync = self.cluster.resync_state(i);
+        let reconnects = self.cluster.reconnects(i);
         if !self.held_io {
             self.stop_writer();
         }
@@ -962,6 +956,28 @@ impl Harness {
             self.cluster.start_replica(i);
         }
         if !self.held_io {
+            // Writes resume once the frontend can use the replica again (a
+            // write that fails or times out on the only in-sync replica is
+            // held for good today; see TWINVOL_FAULT_HELD_IO): after a cut,
+            // once the site answers from the host (neighbour resolved);
+            // after a kill, once the frontend logged its reconnection.
+            if cut && !self.cluster.reachable(i) {
+                self.fail(&format!(
+                    "site {} unreachable from the host {REJOIN_DEADLINE:?} after its link was restored",
+                    NAMES[i]
+                ));
+            }
+            if !cut
+                && wait_until(REJOIN_DEADLINE, || {
+                    (self.cluster.reconnects(i) > reconnects).then_some(())
+                })
+                .is_none()
+            {
+                self.fail(&format!(
+                    "the frontend did not reconnect to replica {} within {REJOIN_DEADLINE:?} of its restart",
+                    NAMES[i]
+                ));
+            }
             self.start_writer();
         }
         let t = Instant::now();
@@ -1159,19 +1175,18 @@ fn random_faults_lose_no_acknowledged_write_and_replicas_end_identical() {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        Rng(t ^ (u64::from(std::process::id()) << 32)).next()
+        stream(t, u64::from(std::process::id())).next()
     });
     let target = env_u64("TWINVOL_FAULTS").map_or(DEFAULT_FAULTS, |n| n as u32);
     eprintln!("fault harness: seed {seed} (TWINVOL_FAULT_SEED={seed} replays it), {target} faults");
-    let mut rng = Rng(seed);
-    let tag = (rng.next() ^ u64::from(std::process::id())) as u32 & 0xff_ffff;
+    let tag = (stream(seed, 0).next() ^ u64::from(std::process::id())) as u32 & 0xff_ffff;
     let started = Instant::now();
     let mut h = Harness {
         cluster: Cluster::start(tag),
         model: Model::new(seed),
         seed,
-        rng: Rng(rng.next()),
-        write_rng: Some(Rng(rng.next())),
+        rng: stream(seed, 1),
+        write_rng: Some(stream(seed, 2)),
         next_id: 1,
         writer: None,
         started,
