@@ -553,7 +553,8 @@ impl Model {
 
 /// What a write phase hands back.
 struct Written {
-    results: Vec<(Write, Outcome)>,
+    /// Each write, its outcome and when its qemu-io batch ran (UTC).
+    results: Vec<(Write, Outcome, String)>,
     rng: Rng,
     next_id: u64,
     stalled: Option<String>,
@@ -648,12 +649,19 @@ fn write_loop(
                 }
             })
             .collect();
+        let sent = utc_now();
         let (outcomes, stalled) = run_batch(uri, dir, &batch, acked);
+        let span = format!("{sent}..{}", utc_now());
         for w in &batch {
             let _ = std::fs::remove_file(dir.join(format!("w{}", w.id)));
         }
         let not_sent = outcomes.iter().all(|o| *o == Outcome::NotSent);
-        results.extend(batch.into_iter().zip(outcomes));
+        results.extend(
+            batch
+                .into_iter()
+                .zip(outcomes)
+                .map(|(w, o)| (w, o, span.clone())),
+        );
         if stalled.is_some() {
             return Written {
                 results,
@@ -734,6 +742,22 @@ fn run_batch(
     (outcomes, stalled)
 }
 
+/// Wall-clock time of day, UTC, as in the engine's logs (HH:MM:SS.mmm).
+fn utc_now() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600 % 24,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
 fn parse_wrote(line: &str) -> Option<(u64, u64)> {
     // "wrote 4096/4096 bytes at offset 8192"
     let rest = line.strip_prefix("wrote ")?;
@@ -779,6 +803,8 @@ struct Harness {
     /// None: not known yet; Some(false): a returned replica never came back
     /// into the in-sync set within the deadline (the harness stops waiting).
     rejoins: Option<bool>,
+    /// Every write sent, for the post-mortem of a failure.
+    write_log: Vec<String>,
     /// Keep writing while the only in-sync replica is away (the writes in
     /// flight must be held, then completed when it returns).
     held_io: bool,
@@ -786,10 +812,14 @@ struct Harness {
 
 impl Harness {
     fn fail(&self, what: &str) -> ! {
+        // For the post-mortem, next to the logs (TWINVOL_FAULT_KEEP=1 keeps them).
+        let log = self.cluster.dir().join("write-log.txt");
+        let _ = std::fs::write(&log, self.write_log.join("\n") + "\n");
         panic!(
-            "{what}\nseed {} (rerun with TWINVOL_FAULT_SEED={}); faults so far:\n{}",
+            "{what}\nseed {} (rerun with TWINVOL_FAULT_SEED={}); write log {}; faults so far:\n{}",
             self.seed,
             self.seed,
+            log.display(),
             self.history.join("\n")
         );
     }
@@ -809,8 +839,18 @@ impl Harness {
 
     fn stop_writer(&mut self) {
         let w = self.writer.take().expect("writer running").finish();
-        for (write, outcome) in &w.results {
+        for (write, outcome, span) in &w.results {
             self.model.apply(write, *outcome);
+            if *outcome != Outcome::NotSent {
+                self.write_log.push(format!(
+                    "#{} offset {} len {}{} {outcome:?} batch {span} (fault {})",
+                    write.id,
+                    write.offset,
+                    write.len,
+                    if write.fua { " fua" } else { "" },
+                    self.faults + 1
+                ));
+            }
         }
         self.write_rng = Some(w.rng);
         self.next_id = w.next_id;
@@ -916,10 +956,28 @@ impl Harness {
                 } else {
                     self.cluster.start_replica(i);
                 }
-                if in_sync == [true, true] && self.rng.one_in(3) {
-                    let (k, more) = self.kill_survivor_during_resync(1 - i);
-                    note.push_str(&more);
-                    return (1 + k, note);
+                // A second fault while the returned replica catches up.
+                if in_sync == [true, true] {
+                    let (k, more) = match self.rng.range(0, 6) {
+                        0 | 1 => self.kill_survivor_during_resync(1 - i),
+                        2 => {
+                            self.cluster.kill_frontend();
+                            let t = Instant::now();
+                            self.cluster.start_frontend();
+                            let m = format!(
+                                "; then kill -9 the frontend while {} catches up, new one serving after {:.1?}",
+                                NAMES[i],
+                                t.elapsed()
+                            );
+                            (1, m)
+                        }
+                        _ => (0, String::new()),
+                    };
+                    if k > 0 {
+                        note.push_str(&more);
+                        self.let_writes_flow(n, "after the second fault");
+                        return (1 + k, note);
+                    }
                 }
                 note
             }
@@ -1130,7 +1188,12 @@ impl Harness {
         self.check_all("at start");
         while self.faults < target {
             let t = Instant::now();
-            self.wait_both_in_sync();
+            let before = self.cluster.in_sync();
+            if before != [true, true] && self.wait_both_in_sync() {
+                // A replica the frontend returned to the in-sync set must
+                // hold every acknowledged write.
+                self.check_all(&format!("after {} rejoined", show_set(before.map(|s| !s))));
+            }
             let in_sync = self.cluster.in_sync();
             let fault = self.choose(in_sync);
             self.start_writer();
@@ -1194,6 +1257,7 @@ fn random_faults_lose_no_acknowledged_write_and_replicas_end_identical() {
         history: Vec::new(),
         checks: 0,
         rejoins: None,
+        write_log: Vec::new(),
         held_io: std::env::var_os("TWINVOL_FAULT_HELD_IO").is_some_and(|v| v == "1"),
     };
     h.run(target);
