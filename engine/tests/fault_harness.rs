@@ -9,12 +9,18 @@
 //! kill -9 replica a or b (restarted after some degraded writes), cut a
 //! site's link (host side of its veth down; restored likewise), kill -9 the
 //! frontend (a new one takes the lease after expiry + margin, with a bumped
-//! epoch), and kill -9 the surviving replica during a resync (restarted).
-//! A fault that removes a replica from the in-sync set is only chosen when
-//! both are in sync (the arbiter says so): with one replica already out, its
-//! peer's loss would leave no replica to write to. When one is out the
-//! harness first waits, with a deadline, for it to return; if returns are
-//! never seen, it goes on with the faults that state allows.
+//! epoch), and — as a second fault while a returned replica catches up —
+//! kill -9 the surviving replica during its resync (restarted) or the
+//! frontend. A fault that removes a replica from the in-sync set is only
+//! chosen when both are in sync (the arbiter says so): with one replica
+//! already out, its peer's loss would leave no replica to write to. When one
+//! is out the harness first waits, with a deadline, for the frontend to
+//! return it; if returns are never seen, it goes on with the faults that
+//! state allows (the survivor's outage, the other replica's, the frontend's).
+//! While the only in-sync replica is away the writer pauses, unless
+//! `TWINVOL_FAULT_HELD_IO=1`: a write that fails or times out on the last
+//! in-sync replica is held for good by today's frontend, even once the
+//! replica is back.
 //!
 //! The write log: every write has its own data (each 4 KiB block starts with
 //! the seed, the write id and the block's offset, then seeded noise), so a
@@ -23,14 +29,16 @@
 //! A write that failed or was in flight when its client lost the frontend
 //! may or may not have landed: its blocks may hold either value until an
 //! acknowledged write covers them again. Checks, with the writer quiet:
-//! after every fault, the whole volume read through the frontend (nbdcopy)
-//! and the data file of every replica the arbiter has in sync; at the end,
-//! after the resync, the two replica files byte for byte.
+//! after every fault and every rejoin, the whole volume read through the
+//! frontend (nbdcopy) and the data file of every replica the arbiter has in
+//! sync; at the end, after the resync, the two replica files byte for byte.
 //!
 //! `TWINVOL_FAULT_SEED=S` replays the choices and the writes of a run
 //! (timing, on a noisy machine, still varies); `TWINVOL_FAULTS=N` sets the
 //! number of faults (default 20; `benches/fault-soak.sh` runs 500).
-//! `TWINVOL_FAULT_KEEP=1` keeps the directory with the logs. Needs root
+//! `TWINVOL_FAULT_KEEP=1` keeps the directory with the logs (and, after a
+//! failure, `write-log.txt`: each write, its outcome, its batch's UTC time).
+//! Needs root
 //! (network namespaces), qemu-io and nbdcopy.
 //!
 //! Written apart from `common::Stack` because the harness needs what it
