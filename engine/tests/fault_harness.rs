@@ -68,10 +68,11 @@ const BLOCKS: usize = (SIZE / BLOCK) as usize;
 const VOLUME: &str = "v1";
 const PORT: u16 = 7700;
 const NAMES: [&str; 2] = ["a", "b"];
-/// Short, as in the takeover test: a frontend kill costs expiry + margin.
-const LEASE: [&str; 4] = ["--lease-duration", "3s", "--lease-margin", "1s"];
-/// Slow enough that a resync is still copying when the harness looks.
-const RESYNC_RATE: &str = "4M";
+/// Short: a frontend kill costs expiry + margin (renewed every third).
+const LEASE: [&str; 4] = ["--lease-duration", "2s", "--lease-margin", "1s"];
+/// A whole-volume resync takes about a second: still copying when the
+/// harness looks for a second fault, quick for the rejoin before the next.
+const RESYNC_RATE: &str = "16M";
 const DEFAULT_FAULTS: u32 = 20;
 /// A write batch held longer than this: I/O is stuck.
 const IO_STALL: Duration = Duration::from_secs(60);
