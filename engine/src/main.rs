@@ -187,6 +187,10 @@ struct FrontendArgs {
     /// Write `key=value` lines (exports, metrics, size) here once serving.
     #[arg(long, env = "TWINVOL_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// Rewrite this file (JSON: epoch, lease, each replica's state and
+    /// catch-up progress) whenever the frontend's view changes.
+    #[arg(long, env = "TWINVOL_STATUS_FILE")]
+    status_file: Option<PathBuf>,
     /// Speak another protocol version (tests of version refusal only).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
@@ -354,6 +358,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 fuse_file_name,
                 metrics_listen: a.metrics_listen,
                 ready_file: a.ready_file,
+                status_file: a.status_file,
                 arbiter: a.arbiter.map(|path| ArbiterOptions {
                     path,
                     lease: LeaseConfig {

@@ -122,6 +122,12 @@ fn a_returning_replica_catches_up_under_load_and_rejoins() {
     }
 }
 
+/// The frontend's `--status-file`.
+fn frontend_report(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("status file");
+    serde_json::from_str(&text).expect("status JSON")
+}
+
 /// The pattern byte of 64 KiB slot `i`: never 0.
 fn pattern(i: u64) -> u8 {
     (i % 251) as u8 + 1
@@ -280,7 +286,11 @@ fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
     stack.kill_frontend();
     stack.kill_replica(0);
     let started = Instant::now();
-    stack.start_frontend_with(&SHORT_LEASE);
+    let status_file = stack.dir().join("frontend-status.json");
+    let status_arg = status_file.display().to_string();
+    let mut args = SHORT_LEASE.to_vec();
+    args.extend(["--status-file", &status_arg]);
+    stack.start_frontend_with(&args);
     eprintln!(
         "frontend on the surviving site ready {:?} after the loss",
         started.elapsed()
@@ -291,6 +301,12 @@ fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
         "{show}"
     );
     check_acked(&stack, &acked);
+    let report = frontend_report(&status_file);
+    assert_eq!(report["epoch"], 2, "{report}");
+    assert_eq!(report["lease"], "held", "{report}");
+    assert_eq!(report["replicas"][0]["id"], "a", "{report}");
+    assert_eq!(report["replicas"][0]["state"], "out_of_sync", "{report}");
+    assert_eq!(report["replicas"][1]["state"], "in_sync", "{report}");
     let more: Vec<String> = (32..64u64)
         .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 5), s * 5 * SLOT))
         .collect();
@@ -302,6 +318,11 @@ fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
     // Site A returns.
     stack.start_replica(0);
     assert_rejoined_and_identical(&stack);
+    let back = wait_until(DEADLINE, || {
+        let r = frontend_report(&status_file);
+        (r["replicas"][0]["state"] == "in_sync").then_some(r)
+    });
+    assert!(back.is_some(), "{}", frontend_report(&status_file));
     check_acked(&stack, &acked);
     check_acked(&stack, &acked2);
 }

@@ -207,6 +207,8 @@ pub struct Failover<A> {
     pub membership: watch::Sender<Membership>,
     /// The mirror's count of requests in flight each replica does not get.
     pub skipping: Arc<[AtomicU64; 2]>,
+    /// Where the catch-up progress is published (for status).
+    pub progress: watch::Sender<[Option<u64>; 2]>,
     pub metrics: Arc<Metrics>,
     pub volume: VolumeId,
 }
@@ -600,6 +602,7 @@ impl<A: Arbiter> FailoverTask<A> {
 
     /// Ends a catch-up that cannot go on; retried later.
     fn give_up(&mut self, i: usize, why: &str) {
+        self.f.progress.send_if_modified(|p| p[i].take().is_some());
         let was = self.f.membership.send_if_modified(|m| {
             let was = m.catch_up[i];
             m.catch_up[i] = false;
@@ -702,6 +705,11 @@ impl<A: Arbiter> FailoverTask<A> {
                     );
                     self.give_up(l, &why);
                 } else if dirty_bytes > 0 {
+                    self.f.progress.send_if_modified(|p| {
+                        let changed = p[l] != Some(dirty_bytes);
+                        p[l] = Some(dirty_bytes);
+                        changed
+                    });
                     if let Some(n) = self.rejoin[l].log.allow() {
                         tracing::info!(replica = %self.id(l), source = %self.id(s), dirty_bytes, copied_bytes, suppressed = n, "replica catching up: the resync is copying what it missed");
                     }
@@ -756,6 +764,7 @@ impl<A: Arbiter> FailoverTask<A> {
     }
 
     async fn finish_rejoin(&mut self, l: usize, s: usize) {
+        self.f.progress.send_if_modified(|p| p[l].take().is_some());
         let mut flipped = false;
         self.f.membership.send_if_modified(|m| {
             if m.catch_up[l] && !m.in_sync[l] {

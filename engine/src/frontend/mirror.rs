@@ -89,6 +89,9 @@ pub struct Mirror {
     /// of sync): a rejoin waits for them to drain after it started sending
     /// it every write, so that the in-sync replica has marked them all.
     skipping: Arc<[AtomicU64; 2]>,
+    /// Per replica, while it catches up: bytes its source still has dirty
+    /// (published by the fail-over task, for status).
+    progress: watch::Sender<[Option<u64>; 2]>,
     /// Set by [`Mirror::enable_failover`].
     degrade: Option<Degrade>,
 }
@@ -206,6 +209,7 @@ impl Mirror {
             epoch: config.epoch,
             membership,
             skipping: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+            progress: watch::channel([None, None]).0,
             degrade: None,
         })
     }
@@ -239,6 +243,7 @@ impl Mirror {
             local: self.local,
             membership: self.membership.clone(),
             skipping: self.skipping.clone(),
+            progress: self.progress.clone(),
             metrics,
             volume: self.volume.clone(),
         };
@@ -249,6 +254,24 @@ impl Mirror {
     /// The in-sync set as this frontend applies it (for status).
     pub fn membership(&self) -> watch::Receiver<Membership> {
         self.membership.subscribe()
+    }
+
+    /// Bytes still to copy to each catching-up replica (for status).
+    pub fn catch_up_progress(&self) -> watch::Receiver<[Option<u64>; 2]> {
+        self.progress.subscribe()
+    }
+
+    /// Each replica connection's state, indexed like the replicas.
+    pub fn watch_replica_connections(&self) -> [watch::Receiver<ReplicaState>; 2] {
+        [
+            self.replicas[0].watch_state(),
+            self.replicas[1].watch_state(),
+        ]
+    }
+
+    /// The epoch this frontend runs at.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     /// After a successful final flush (nothing in flight): tells every
@@ -283,6 +306,14 @@ impl Mirror {
         order
             .iter()
             .map(|&i| (self.replicas[i].id().clone(), self.state_of(i)))
+            .collect()
+    }
+
+    /// The state of each replica with its index, local first.
+    pub fn replica_states_indexed(&self) -> Vec<(usize, ReplicaId, ReplicaState)> {
+        [self.local, 1 - self.local]
+            .into_iter()
+            .map(|i| (i, self.replicas[i].id().clone(), self.state_of(i)))
             .collect()
     }
 

@@ -9,6 +9,7 @@ pub mod lease;
 pub mod mirror;
 pub mod nbd;
 pub mod service;
+pub mod status;
 
 pub use backend::{BackendError, BlockBackend};
 pub use connection::{ReplicaSpec, ReplicaState};

@@ -30,6 +30,7 @@ use super::fuse::{self, FuseError, FuseExport};
 use super::lease::{self, LeaseConfig, LeaseError};
 use super::mirror::{Mirror, MirrorConfig, MirrorError};
 use super::nbd::{self, NbdError};
+use super::status::Reporter;
 
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +47,8 @@ pub struct FrontendProcess {
     pub fuse_file_name: String,
     pub metrics_listen: Option<SocketAddr>,
     pub ready_file: Option<PathBuf>,
+    /// Rewrite this file with the frontend's report (JSON) on every change.
+    pub status_file: Option<PathBuf>,
     /// Lease, epoch and in-sync set from this arbiter; `None`: the
     /// mirror's configured epoch and no degraded operation.
     pub arbiter: Option<ArbiterOptions>,
@@ -186,6 +189,10 @@ pub async fn run_with<A: Arbiter>(
     }
     let mirror = Arc::new(mirror);
     ready.push(("size", mirror.size().to_string()));
+    let reporter = Reporter::start(mirror.clone(), lease.as_ref().map(|(_, g, _)| g.clone()));
+    if let Some(path) = opts.status_file.clone() {
+        reporter.write_to(path);
+    }
 
     if let Some(path) = opts.nbd_unix.clone() {
         let b = mirror.clone();
