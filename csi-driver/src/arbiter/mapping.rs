@@ -2,12 +2,9 @@
 //! and the engine's [`VolumeRecord`], both ways, as pure functions over the
 //! object's JSON so that they are unit-tested without an API server.
 //!
-//! Status is handled as raw JSON, not through [`MirroredVolumeStatus`] alone:
-//! whether `status.inSync` is absent (never initialised: both sites in sync)
-//! or present but empty (impossible under the rules: corrupt) is lost once
-//! serde fills in its default, and a write must leave every field the
-//! arbiter does not own exactly as it found it. The typed struct is still
-//! used to check the fields the arbiter reads.
+//! Status is written as raw JSON, not through [`MirroredVolumeStatus`]: a
+//! write must leave every field the arbiter does not own exactly as it
+//! found it. The typed struct is used to check the fields the arbiter reads.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -34,7 +31,7 @@ pub enum MappingError {
     #[error("status is unreadable: {reason}")]
     Status { reason: String },
     #[error(
-        "status.inSync is present but empty; the rules never empty it (the last in-sync replica cannot leave), so the status was written by something else: set it to the sites whose replica has every write"
+        "status.inSync is empty although a frontend has held the volume (status.epoch or status.frontend is set); the arbiter never empties it (the last in-sync replica cannot leave), so something else overwrote it: set it to the sites whose replica has every write"
     )]
     EmptyInSync,
     #[error("status.inSync names {site:?}, which is not one of spec.sites {sites:?}")]
@@ -53,9 +50,10 @@ pub enum MappingError {
     HolderChangedWithoutEpoch { holder: String },
 }
 
-/// The record a MirroredVolume holds. A missing status (or a status without
-/// `inSync`) is a volume nobody has written yet: epoch 0, both sites in
-/// sync, no lease — what `VolumeRecord::new` gives.
+/// The record a MirroredVolume holds. A missing status, or one whose
+/// `inSync` is empty (absent: the CRD defaults it to `[]`) while epoch is 0
+/// and there is no frontend, is a volume no frontend has used yet: epoch 0,
+/// both sites in sync, no lease — what `VolumeRecord::new` gives.
 pub fn record_from(object: &DynamicObject) -> Result<VolumeRecord, MappingError> {
     let version = object
         .metadata
@@ -73,10 +71,16 @@ pub fn record_from(object: &DynamicObject) -> Result<VolumeRecord, MappingError>
     };
     let status = typed_status(raw)?;
     record.epoch = Epoch(status.epoch.get());
-    if raw.get("inSync").is_some() {
-        if status.in_sync.is_empty() {
+    if status.in_sync.is_empty() {
+        // The CRD defaults `inSync` to `[]` as soon as anyone writes a
+        // status, so an empty set is also how "not written yet" looks.
+        // It can mean that only while nothing else was written either: once
+        // a lease was taken (epoch > 0, a frontend) an empty set is
+        // somebody's bug, and guessing "both in sync" could serve stale data.
+        if status.epoch.get() != 0 || status.frontend.is_some() {
             return Err(MappingError::EmptyInSync);
         }
+    } else {
         record.in_sync = status
             .in_sync
             .iter()
@@ -307,12 +311,22 @@ mod tests {
         assert_eq!(record.lease, None);
         let operator_only = object(Some(json!({"conditions": [], "observedGeneration": 1})));
         assert_eq!(record_from(&operator_only).expect("maps"), record);
+        // What the API server stores for that: the CRD's defaults filled in.
+        let defaulted = object(Some(json!({"epoch": 0, "inSync": [], "conditions": []})));
+        assert_eq!(record_from(&defaulted).expect("maps"), record);
     }
 
     #[test]
-    fn an_empty_or_foreign_in_sync_set_is_corrupt() {
+    fn an_emptied_or_foreign_in_sync_set_or_a_half_lease_is_corrupt() {
         assert_eq!(
-            record_from(&object(Some(json!({"inSync": []})))),
+            record_from(&object(Some(json!({"epoch": 2, "inSync": []})))),
+            Err(MappingError::EmptyInSync)
+        );
+        let lease = json!({"node": "n", "epoch": 0, "leaseHolder": "fe-1",
+                           "renewTime": "2026-01-01T00:00:00.000000Z",
+                           "leaseDurationSeconds": 10});
+        assert_eq!(
+            record_from(&object(Some(json!({"inSync": [], "frontend": lease})))),
             Err(MappingError::EmptyInSync)
         );
         assert!(matches!(
@@ -324,7 +338,7 @@ mod tests {
             Err(MappingError::Status { .. })
         ));
         assert_eq!(
-            record_from(&object(Some(json!({"frontend": {
+            record_from(&object(Some(json!({"inSync": ["room-a"], "frontend": {
                 "node": "n", "epoch": 1, "leaseHolder": "fe-1", "leaseDurationSeconds": 10
             }})))),
             Err(MappingError::IncompleteLease {

@@ -21,9 +21,13 @@
 //! | `lease == None`         | no `status.frontend` (or one without `leaseHolder`)   |
 //!
 //! - **No status yet** (every new object: the API server drops a status sent
-//!   on create), or a status without `inSync` (the operator wrote only its
-//!   own fields): epoch 0, both sites in sync, no lease — the same record
-//!   as a freshly created file arbiter. The first swap writes all three.
+//!   on create), or a status with an empty `inSync`, epoch 0 and no
+//!   `frontend` (the operator wrote only its own fields; the CRD defaults
+//!   `inSync` to `[]` and `epoch` to 0): epoch 0, both sites in sync, no
+//!   lease — the same record as a freshly created file arbiter. The first
+//!   swap writes all three. An empty `inSync` once a frontend has held the
+//!   volume (epoch > 0 or a `frontend`) is corrupt: the rules never empty
+//!   it, and reading it as "both in sync" could serve stale data.
 //! - **Times**: `renewTime` is written as exactly `renewed_at_ms` (a
 //!   MicroTime holds microseconds, so whole milliseconds are exact) and read
 //!   back rounded *up* to the millisecond (exact for what this arbiter
@@ -43,8 +47,9 @@
 //! - Everything else in the status (`replicas`, `conditions`,
 //!   `observedGeneration`, fields of a newer schema) is written back as it
 //!   was read, under the same resourceVersion precondition.
-//! - A status the mapping cannot read (an empty or foreign `inSync`, a
-//!   lease holder without `renewTime`, ...) is
+//! - A status the mapping cannot read (an empty `inSync` as above, a site
+//!   in it that is not in `spec.sites`, a lease holder without `renewTime`,
+//!   ...) is
 //!   [`ArbiterError::Corrupt`](twinvol_engine::arbiter::ArbiterError::Corrupt),
 //!   as is a deleted MirroredVolume.
 //!
