@@ -36,6 +36,7 @@
 //! `TWINVOL_FAULT_SEED=S` replays the choices and the writes of a run
 //! (timing, on a noisy machine, still varies); `TWINVOL_FAULTS=N` sets the
 //! number of faults (default 20; `benches/fault-soak.sh` runs 500).
+//! `TWINVOL_FAULT_KINDS=link-cut,frontend-kill` restricts the kinds of fault.
 //! `TWINVOL_FAULT_KEEP=1` keeps the directory with the logs (and, after a
 //! failure, `write-log.txt`: each write, its outcome, its batch's UTC time).
 //! Needs root
@@ -777,6 +778,18 @@ fn parse_wrote(line: &str) -> Option<(u64, u64)> {
 
 // -------------------------------------------------------------- harness --
 
+/// The names `TWINVOL_FAULT_KINDS` takes (default: all).
+const KINDS: [&str; 4] = ["replica-kill", "link-cut", "frontend-kill", "survivor-kill"];
+
+fn kind(f: Fault) -> &'static str {
+    match f {
+        Fault::KillReplica(_) => "replica-kill",
+        Fault::CutLink(_) => "link-cut",
+        Fault::KillFrontend => "frontend-kill",
+        Fault::KillSurvivor(_) => "survivor-kill",
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     KillReplica(usize),
@@ -814,13 +827,27 @@ struct Harness {
     rejoins: Option<bool>,
     /// Every write sent, for the post-mortem of a failure.
     write_log: Vec<String>,
+    /// The fault kinds this run may inject.
+    kinds: BTreeSet<&'static str>,
     /// Keep writing while the only in-sync replica is away (the writes in
     /// flight must be held, then completed when it returns).
     held_io: bool,
 }
 
 impl Harness {
+    fn summary(&self) -> String {
+        format!(
+            "faults survived {}, writes checked {}, writes lost {}, seed {}",
+            self.faults
+                .saturating_sub(u32::from(!self.model.lost.is_empty())),
+            self.model.verified.len(),
+            self.model.lost.len(),
+            self.seed
+        )
+    }
+
     fn fail(&self, what: &str) -> ! {
+        eprintln!("{}", self.summary());
         // For the post-mortem, next to the logs (TWINVOL_FAULT_KEEP=1 keeps them).
         let log = self.cluster.dir().join("write-log.txt");
         let _ = std::fs::write(&log, self.write_log.join("\n") + "\n");
@@ -920,22 +947,43 @@ impl Harness {
     }
 
     fn choose(&mut self, in_sync: [bool; 2]) -> Fault {
-        let r = self.rng.range(0, 10);
         let x = self.rng.range(0, 2) as usize;
-        if in_sync == [true, true] {
-            return match r {
-                0..=3 => Fault::KillReplica(x),
-                4..=6 => Fault::CutLink(x),
-                _ => Fault::KillFrontend,
-            };
-        }
         let survivor = if in_sync[0] { 0 } else { 1 };
-        match r {
-            0..=2 => Fault::KillSurvivor(survivor),
-            3..=4 => Fault::KillReplica(1 - survivor),
-            5..=6 => Fault::CutLink(x),
-            _ => Fault::KillFrontend,
+        // (fault, weight): replica faults only with both in sync.
+        let candidates = if in_sync == [true, true] {
+            vec![
+                (Fault::KillReplica(x), 4),
+                (Fault::CutLink(x), 3),
+                (Fault::KillFrontend, 3),
+            ]
+        } else {
+            vec![
+                (Fault::KillSurvivor(survivor), 3),
+                (Fault::KillReplica(1 - survivor), 2),
+                (Fault::CutLink(x), 2),
+                (Fault::KillFrontend, 3),
+            ]
+        };
+        let allowed: Vec<(Fault, u64)> = candidates
+            .into_iter()
+            .filter(|(f, _)| self.kinds.contains(kind(*f)))
+            .collect();
+        let total: u64 = allowed.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            self.fail(&format!(
+                "TWINVOL_FAULT_KINDS={} leaves no fault for in-sync set {}",
+                self.kinds.iter().copied().collect::<Vec<_>>().join(","),
+                show_set(in_sync)
+            ));
         }
+        let mut r = self.rng.range(0, total);
+        for (f, w) in allowed {
+            if r < w {
+                return f;
+            }
+            r -= w;
+        }
+        unreachable!("r < total")
     }
 
     /// One fault and its recovery, with the writer running; returns how
@@ -968,8 +1016,10 @@ impl Harness {
                 // A second fault while the returned replica catches up.
                 if in_sync == [true, true] {
                     let (k, more) = match self.rng.range(0, 6) {
-                        0 | 1 => self.kill_survivor_during_resync(1 - i),
-                        2 => {
+                        0 | 1 if self.kinds.contains("survivor-kill") => {
+                            self.kill_survivor_during_resync(1 - i)
+                        }
+                        2 if self.kinds.contains("frontend-kill") => {
                             self.cluster.kill_frontend();
                             let t = Instant::now();
                             self.cluster.start_frontend();
@@ -1240,6 +1290,26 @@ fn show_set(s: [bool; 2]) -> String {
     v.join(",")
 }
 
+/// `TWINVOL_FAULT_KINDS=a,b` (names from [`KINDS`]), to soak or replay
+/// some kinds of fault alone; all of them by default.
+fn fault_kinds() -> BTreeSet<&'static str> {
+    let Ok(list) = std::env::var("TWINVOL_FAULT_KINDS") else {
+        return KINDS.into_iter().collect();
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            KINDS
+                .into_iter()
+                .find(|known| *known == k)
+                .unwrap_or_else(|| {
+                    panic!("TWINVOL_FAULT_KINDS: unknown kind {k:?}; known: {KINDS:?}")
+                })
+        })
+        .collect()
+}
+
 #[test]
 fn random_faults_lose_no_acknowledged_write_and_replicas_end_identical() {
     let seed = env_u64("TWINVOL_FAULT_SEED").unwrap_or_else(|| {
@@ -1267,6 +1337,7 @@ fn random_faults_lose_no_acknowledged_write_and_replicas_end_identical() {
         checks: 0,
         rejoins: None,
         write_log: Vec::new(),
+        kinds: fault_kinds(),
         held_io: std::env::var_os("TWINVOL_FAULT_HELD_IO").is_some_and(|v| v == "1"),
     };
     h.run(target);
@@ -1278,13 +1349,7 @@ fn random_faults_lose_no_acknowledged_write_and_replicas_end_identical() {
         h.checks,
         started.elapsed().as_secs()
     );
-    let summary = format!(
-        "faults survived {}, writes checked {}, writes lost {}, seed {seed}",
-        h.faults,
-        m.verified.len(),
-        m.lost.len()
-    );
-    println!("{summary}");
+    let summary = h.summary();
     eprintln!("{summary}");
     assert!(m.lost.is_empty(), "{summary}");
 }
