@@ -150,6 +150,8 @@ pub enum ResyncError {
     },
     #[error("reading the local copy failed")]
     LocalRead(#[source] StorageError),
+    #[error("cannot record the peer's new incarnation")]
+    Meta(#[source] crate::protocol::WireError),
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
 }
@@ -478,6 +480,23 @@ impl Supervisor {
                 peer_size: handle.size(),
                 size: self.volume.size(),
             });
+        }
+        // A recreated peer (another copy of the volume under the same
+        // name) holds none of what its predecessor held: copy everything.
+        let (seen, tracked) = (handle.incarnation(), self.volume.peer_incarnation());
+        if tracked != 0 && seen != 0 && seen != tracked {
+            let why = format!(
+                "replica {peer} was recreated (it answers as copy {seen:016x}; the copy that left the in-sync set was {tracked:016x})"
+            );
+            self.volume
+                .logs()
+                .peer_replaced(self.volume.id().as_str(), peer.clone(), why.clone())
+                .await?;
+            self.volume
+                .set_peer_incarnation(seen)
+                .await
+                .map_err(ResyncError::Meta)?;
+            self.status.full_copy = Some(why);
         }
         let bitmap = self.volume.logs().bitmap().clone();
         self.status.dirty_bytes_at_start = bitmap.dirty_bytes();

@@ -326,3 +326,51 @@ fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
     check_acked(&stack, &acked);
     check_acked(&stack, &acked2);
 }
+
+#[test]
+fn a_replica_recreated_under_its_name_is_never_read_as_in_sync_and_gets_a_full_copy() {
+    let mut stack = Stack::start(StackOptions {
+        size: 32 * MIB,
+        arbiter: true,
+        ..StackOptions::default()
+    });
+    let cmds: Vec<String> = (0..32u64)
+        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 9), s * 9 * SLOT))
+        .collect();
+    let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
+        .wait_with_output()
+        .expect("qemu-io");
+    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(acked.len(), 32);
+    // Site A's disk is replaced: same replica name, an empty new copy of
+    // the volume, back before the frontend noticed anything.
+    stack.kill_replica(0);
+    let pool_a = stack.dir().join("pool-a");
+    std::fs::remove_dir_all(pool_a.join("v1")).expect("remove a's volume");
+    common::create_volume(&pool_a, "v1", "32M");
+    stack.start_replica(0);
+    let refused = wait_until(DEADLINE, || {
+        std::fs::read_to_string(stack.frontend_log_path().expect("log"))
+            .ok()
+            .filter(|l| l.contains("answers with another copy of the volume"))
+    });
+    assert!(refused.is_some(), "{}", stack.log_tails(30));
+    // Reads come from the copy that holds the data (the frontend reads
+    // from a, its local replica, when it can): never the empty one.
+    check_acked(&stack, &acked);
+    // A write takes the recreated replica out through the arbiter; it
+    // comes back through a full copy and rejoins.
+    let out = qemu_io::command(&stack.nbd_uri(), &["write -P 0x77 65536 65536", "flush"])
+        .output()
+        .expect("qemu-io");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
+    assert_rejoined_and_identical(&stack);
+    let status =
+        std::fs::read_to_string(stack.dir().join("pool-b/v1/resync-status.json")).expect("status");
+    let v: serde_json::Value = serde_json::from_str(&status).expect("json");
+    let copied = v["copied_bytes"].as_u64().expect("copied");
+    let log_b = std::fs::read_to_string(&stack.replica_log_paths()[1]).expect("b's log");
+    assert!(log_b.contains("was recreated"), "no full copy logged");
+    assert!(copied >= 32 * MIB, "a full copy of 32 MiB, copied {copied}");
+    check_acked(&stack, &acked);
+}

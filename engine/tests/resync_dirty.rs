@@ -174,6 +174,7 @@ fn peer_state(in_sync: bool) -> Op {
         peer: ReplicaId::new("a").expect("id"),
         in_sync,
         arbiter_version: ArbiterVersion::new("7").expect("version"),
+        peer_incarnation: 0,
     }
 }
 
@@ -545,6 +546,7 @@ fn a_replaced_peer_gets_a_full_copy_that_says_why() {
             peer: ReplicaId::new("c").expect("id"),
             in_sync: false,
             arbiter_version: ArbiterVersion::new("8").expect("version"),
+            peer_incarnation: 0,
         };
         assert_eq!(call(&hb, replaced).await, Reply::Done);
     });
@@ -569,6 +571,7 @@ fn a_replaced_peer_gets_a_full_copy_that_says_why() {
             peer: ReplicaId::new("c").expect("id"),
             in_sync: true,
             arbiter_version: ArbiterVersion::new("9").expect("version"),
+            peer_incarnation: 0,
         };
         assert_eq!(call(&hb, back).await, Reply::Done);
     });

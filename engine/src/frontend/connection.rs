@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -202,6 +203,10 @@ pub struct ReplicaHandle {
     tx: mpsc::Sender<Command>,
     state: watch::Receiver<ReplicaState>,
     reset: Arc<Notify>,
+    /// The incarnation of the copy last connected to (0: none yet).
+    incarnation: Arc<AtomicU64>,
+    /// Refuse to reconnect to another copy (set while in sync).
+    pinned: Arc<AtomicBool>,
 }
 
 /// An established, authenticated session with the volume open.
@@ -209,6 +214,7 @@ struct Session {
     reader: FrameReader<OwnedReadHalf>,
     writer: FrameWriter<OwnedWriteHalf>,
     size: u64,
+    incarnation: u64,
 }
 
 /// Connects, authenticates and opens the volume. `expected_size` is the
@@ -277,11 +283,13 @@ async fn establish_inner(
         .send(&open)
         .await
         .map_err(|e| protocol(FrameError::Io(e)))?;
-    let size = match reader.read_message().await.map_err(protocol)? {
+    let (size, incarnation) = match reader.read_message().await.map_err(protocol)? {
         Some(Message::Response(Response {
-            result: Ok(Reply::Opened { size, .. }),
+            result: Ok(Reply::Opened {
+                size, incarnation, ..
+            }),
             ..
-        })) => size,
+        })) => (size, incarnation),
         Some(Message::Response(Response { result: Err(e), .. })) => {
             return Err(ConnectError::OpenRefused {
                 replica: spec.id.clone(),
@@ -296,6 +304,7 @@ async fn establish_inner(
         reader,
         writer,
         size,
+        incarnation,
     })
 }
 
@@ -310,12 +319,16 @@ impl ReplicaHandle {
     ) -> Result<Self, ConnectError> {
         let session = establish(&spec, &params, None).await?;
         let size = session.size;
+        let incarnation = Arc::new(AtomicU64::new(session.incarnation));
+        let pinned = Arc::new(AtomicBool::new(true));
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
         let (state_tx, state) = watch::channel(ReplicaState::InSync);
         let reset = Arc::new(Notify::new());
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
             reset: reset.clone(),
+            incarnation: incarnation.clone(),
+            pinned: pinned.clone(),
             size,
             spec: spec.clone(),
             params,
@@ -332,6 +345,8 @@ impl ReplicaHandle {
             tx,
             state,
             reset,
+            incarnation,
+            pinned,
         })
     }
 
@@ -348,9 +363,13 @@ impl ReplicaHandle {
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
         let (state_tx, state) = watch::channel(ReplicaState::Connecting);
         let reset = Arc::new(Notify::new());
+        let incarnation = Arc::new(AtomicU64::new(0));
+        let pinned = Arc::new(AtomicBool::new(false));
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
             reset: reset.clone(),
+            incarnation: incarnation.clone(),
+            pinned: pinned.clone(),
             size,
             spec: spec.clone(),
             params,
@@ -367,11 +386,27 @@ impl ReplicaHandle {
             tx,
             state,
             reset,
+            incarnation,
+            pinned,
         }
     }
 
     pub fn id(&self) -> &ReplicaId {
         &self.spec.id
+    }
+
+    /// The incarnation of the copy of the volume last connected to (0:
+    /// not connected yet).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::SeqCst)
+    }
+
+    /// While pinned (the replica is in sync), a reconnection to another
+    /// copy (the replica was recreated) is refused: it does not hold what
+    /// the in-sync one held. Unpinned (out of sync), any copy is accepted:
+    /// the resync finds it recreated and copies everything.
+    pub fn pin_incarnation(&self, pinned: bool) {
+        self.pinned.store(pinned, Ordering::SeqCst);
     }
 
     /// Aborts the current connection (its queued requests are dropped, not
@@ -437,6 +472,8 @@ enum Ended {
 
 struct Owner {
     reset: Arc<Notify>,
+    incarnation: Arc<AtomicU64>,
+    pinned: Arc<AtomicBool>,
     size: u64,
     spec: ReplicaSpec,
     params: SessionParams,
@@ -516,7 +553,20 @@ impl Owner {
                 return None;
             }
             match establish(&self.spec, &self.params, Some(self.size)).await {
-                Ok(s) => return Some(s),
+                Ok(s) => {
+                    let known = self.incarnation.load(Ordering::SeqCst);
+                    if known == 0 || s.incarnation == known || !self.pinned.load(Ordering::SeqCst) {
+                        self.incarnation.store(s.incarnation, Ordering::SeqCst);
+                        return Some(s);
+                    }
+                    tracing::error!(
+                        addr = %self.spec.addr, known, found = s.incarnation, retry_in = ?backoff,
+                        "replica answers with another copy of the volume (it was recreated): not used until it is out of the in-sync set and copied in full"
+                    );
+                    drop(s);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_MAX_BACKOFF);
+                }
                 Err(e) if e.is_stale_epoch() => {
                     tracing::error!(error = %crate::error_chain(&e), "replica refuses our epoch: fenced");
                     self.fenced().await;

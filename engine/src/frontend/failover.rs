@@ -348,12 +348,16 @@ impl<A: Arbiter> FailoverTask<A> {
         }
     }
 
+    /// Tells replica `to` that `peer` is in or out of the in-sync set; with
+    /// `peer_incarnation` (0: unknown) the copy of `peer` that was (or now
+    /// is) in sync.
     async fn peer_state(
         &self,
         to: usize,
         peer: usize,
         in_sync: bool,
         version: &ArbiterVersion,
+        peer_incarnation: u64,
     ) -> Result<(), Step> {
         self.ask(
             to,
@@ -361,6 +365,7 @@ impl<A: Arbiter> FailoverTask<A> {
                 peer: self.id(peer).clone(),
                 in_sync,
                 arbiter_version: version.clone(),
+                peer_incarnation,
             },
         )
         .await
@@ -441,7 +446,10 @@ impl<A: Arbiter> FailoverTask<A> {
                 );
                 let record = self.swap_out(target, source).await?;
                 let version = arbiter_version(&record)?;
-                self.peer_state(source, target, false, &version).await?;
+                let inc = self.f.replicas[target].incarnation();
+                self.peer_state(source, target, false, &version, inc)
+                    .await?;
+                self.f.replicas[target].pin_incarnation(false);
                 self.mark_dirty(source, &ranges).await?;
                 for (i, f) in found.iter().enumerate() {
                     if f.is_some() {
@@ -463,7 +471,8 @@ impl<A: Arbiter> FailoverTask<A> {
                 }
                 let version = arbiter_version(&record)?;
                 self.f.membership.send_modify(|m| m.in_sync[out] = false);
-                self.peer_state(source, out, false, &version).await?;
+                self.f.replicas[out].pin_incarnation(false);
+                self.peer_state(source, out, false, &version, 0).await?;
                 let ranges = self.active_extents(source).await?;
                 self.mark_dirty(source, &ranges).await?;
                 self.ask(source, Op::ForgetActivity).await?;
@@ -565,6 +574,7 @@ impl<A: Arbiter> FailoverTask<A> {
                 peer: lost.clone(),
                 in_sync: false,
                 arbiter_version: version.clone(),
+                peer_incarnation: self.f.replicas[s.index].incarnation(),
             };
             match self.f.replicas[survivor_ix].call(op).await {
                 Ok(_) => break,
@@ -586,8 +596,10 @@ impl<A: Arbiter> FailoverTask<A> {
             m.in_sync[s.index] = false;
             m.catch_up[s.index] = false;
         });
-        // Requests it never answered must not land there later.
+        // Requests it never answered must not land there later; a
+        // recreated copy may come back (through a full copy).
         self.f.replicas[s.index].reset();
+        self.f.replicas[s.index].pin_incarnation(false);
         let r = &mut self.rejoin[s.index];
         r.phase = Phase::Idle;
         r.confirm = None;
@@ -635,7 +647,8 @@ impl<A: Arbiter> FailoverTask<A> {
         let m = self.f.membership.borrow().clone();
         if m.in_sync[l] {
             if let Some(v) = self.rejoin[l].confirm.clone() {
-                match self.peer_state(s, l, true, &v).await {
+                let inc = self.f.replicas[l].incarnation();
+                match self.peer_state(s, l, true, &v, inc).await {
                     Ok(()) => self.rejoin[l].confirm = None,
                     Err(Step::Fence(why)) => self.fence(why),
                     Err(Step::Retry(why)) => {
@@ -750,7 +763,7 @@ impl<A: Arbiter> FailoverTask<A> {
         let version = arbiter_version(&record)?;
         // Idempotent; a replica restarted with an untrusted bitmap starts
         // its full copy only on this.
-        self.peer_state(s, l, false, &version).await?;
+        self.peer_state(s, l, false, &version, 0).await?;
         if self.rejoin[l].reconcile {
             let ranges = self.active_extents(l).await?;
             self.mark_dirty(s, &ranges).await?;
@@ -778,6 +791,8 @@ impl<A: Arbiter> FailoverTask<A> {
             self.give_up(l, "it stopped catching up just before the return");
             return;
         }
+        // In sync from now: a recreated copy is no longer acceptable.
+        self.f.replicas[l].pin_incarnation(true);
         match self.swap_in(l, s).await {
             Ok(record) => {
                 let took = self.rejoin[l].started.elapsed();
@@ -789,7 +804,8 @@ impl<A: Arbiter> FailoverTask<A> {
                 match arbiter_version(&record) {
                     Ok(v) => {
                         self.rejoin[l].confirm = Some(v.clone());
-                        if self.peer_state(s, l, true, &v).await.is_ok() {
+                        let inc = self.f.replicas[l].incarnation();
+                        if self.peer_state(s, l, true, &v, inc).await.is_ok() {
                             self.rejoin[l].confirm = None;
                         }
                     }
@@ -798,6 +814,7 @@ impl<A: Arbiter> FailoverTask<A> {
             }
             Err(Step::Fence(why)) => self.fence(why),
             Err(Step::Retry(why)) => {
+                self.f.replicas[l].pin_incarnation(false);
                 // Not returned: back to catching up (writes to it stay
                 // required, so nothing is lost meanwhile).
                 self.f.membership.send_if_modified(|m| {

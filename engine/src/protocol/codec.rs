@@ -234,11 +234,13 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             peer,
             in_sync,
             arbiter_version,
+            peer_incarnation,
         } => {
             put_str8(b, peer.as_str());
             b.put_u8(u8::from(*in_sync));
             // At most 255 bytes (checked by its constructor).
             put_str8(b, arbiter_version.as_str());
+            b.put_u64_le(*peer_incarnation);
             None
         }
         Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity => None,
@@ -265,11 +267,16 @@ fn put_ranges(b: &mut BytesMut, ranges: &[ByteRange]) {
 
 fn put_response(r: &Response, b: &mut BytesMut) -> Option<Bytes> {
     match &r.result {
-        Ok(Reply::Opened { size, epoch }) => {
+        Ok(Reply::Opened {
+            size,
+            epoch,
+            incarnation,
+        }) => {
             b.put_u8(K_OPENED);
             b.put_u64_le(r.id.0);
             b.put_u64_le(*size);
             b.put_u64_le(epoch.0);
+            b.put_u64_le(*incarnation);
             None
         }
         Ok(Reply::Data(data)) => {
@@ -539,6 +546,7 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                         }
                     },
                     arbiter_version: r.arbiter_version()?,
+                    peer_incarnation: r.u64()?,
                 },
                 K_RESYNC_STATUS => Op::ResyncStatus,
                 K_ACTIVE_EXTENTS => Op::ActiveExtents,
@@ -565,6 +573,7 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                 K_OPENED => Ok(Reply::Opened {
                     size: r.u64()?,
                     epoch: Epoch(r.u64()?),
+                    incarnation: r.u64()?,
                 }),
                 K_DATA => Ok(Reply::Data(r.rest())),
                 K_DONE => Ok(Reply::Done),

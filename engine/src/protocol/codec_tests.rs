@@ -50,13 +50,14 @@ fn op() -> impl Strategy<Value = Op> {
                 mirrored
             }
         ),
-        (replica_id(), any::<bool>(), "\\PC{0,60}").prop_map(|(peer, in_sync, v)| {
-            Op::PeerState {
+        (replica_id(), any::<bool>(), "\\PC{0,60}", any::<u64>()).prop_map(
+            |(peer, in_sync, v, peer_incarnation)| Op::PeerState {
                 peer,
                 in_sync,
                 arbiter_version: ArbiterVersion::new(v).expect("short strings are valid"),
+                peer_incarnation,
             }
-        }),
+        ),
         Just(Op::ResyncStatus),
         Just(Op::ActiveExtents),
         Just(Op::ForgetActivity),
@@ -124,15 +125,18 @@ fn message() -> impl Strategy<Value = Message> {
                 op,
             })
         }),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, size, e)| {
-            Message::Response(Response {
-                id: RequestId(id),
-                result: Ok(Reply::Opened {
-                    size,
-                    epoch: Epoch(e),
-                }),
-            })
-        }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(id, size, e, incarnation)| {
+                Message::Response(Response {
+                    id: RequestId(id),
+                    result: Ok(Reply::Opened {
+                        size,
+                        epoch: Epoch(e),
+                        incarnation,
+                    }),
+                })
+            }
+        ),
         (any::<u64>(), data()).prop_map(|(id, d)| Message::Response(Response {
             id: RequestId(id),
             result: Ok(Reply::Data(d)),
@@ -291,6 +295,7 @@ fn peer_state_with_a_bad_boolean_is_invalid() {
             peer: ReplicaId::new("a").expect("valid"),
             in_sync: true,
             arbiter_version: ArbiterVersion::new("17").expect("valid"),
+            peer_incarnation: 9,
         },
     });
     let mut buf = BytesMut::new();

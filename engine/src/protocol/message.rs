@@ -116,6 +116,10 @@ pub enum Op {
         peer: ReplicaId,
         in_sync: bool,
         arbiter_version: ArbiterVersion,
+        /// The peer's incarnation as the frontend knew it while it was in
+        /// sync (0: unknown): a peer that answers later with another one was
+        /// recreated and gets a full copy.
+        peer_incarnation: u64,
     },
     /// How far the replica's resync of its out-of-sync peer is: answered
     /// with [`Reply::Resync`] from the live dirty bitmap. The lease holder
@@ -187,9 +191,14 @@ pub struct Response {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// Answer to `Open`: the volume's size and the replica's epoch (after
-    /// raising it).
-    Opened { size: u64, epoch: Epoch },
+    /// Answer to `Open`: the volume's size, the replica's epoch (after
+    /// raising it) and the incarnation of this copy of the volume (random,
+    /// fixed when it was created).
+    Opened {
+        size: u64,
+        epoch: Epoch,
+        incarnation: u64,
+    },
     /// Answer to `Read`.
     Data(Bytes),
     /// Answer to `ResyncStatus`.

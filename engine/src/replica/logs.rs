@@ -396,6 +396,27 @@ impl VolumeLogs {
         }
     }
 
+    /// The tracked peer answered as another copy of the volume (it was
+    /// recreated): every region is dirty for it, durably, and the resync
+    /// says why it copies everything.
+    pub async fn peer_replaced(
+        &self,
+        volume: &str,
+        peer: ReplicaId,
+        why: String,
+    ) -> Result<(), BitmapError> {
+        let _serial = self.peer_change.lock().await;
+        let since = match self.bitmap.state() {
+            BitmapState::Tracking { since, .. } => since,
+            _ => Epoch(0),
+        };
+        tracing::warn!(volume, peer = %peer, reason = %why, "full resync: every region marked dirty");
+        self.bitmap.reset_all_dirty(peer, since).await?;
+        *lock(&self.full_copy) = Some(FullCopy(why));
+        self.tracking.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The peer is back in the in-sync set: stop tracking once nothing is
     /// dirty (at once if the resync is done, else when it finishes).
     pub async fn peer_rejoined(&self, volume: &str) -> Result<(), LogsError> {

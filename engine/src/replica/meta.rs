@@ -33,7 +33,12 @@
 //! 120  8   bitmap offset  | 128  8   bitmap length
 //! 136  8   activity log offset | 144 8 activity log length
 //! 152  1   peer replica id length, then 63 bytes (for the per-peer bitmap)
-//! 216  ..  zero up to 4092
+//! 216  8   incarnation: random, fixed at creation (0: created before
+//!          incarnations existed); a replica recreated under the same name
+//!          has another, so its peer knows to copy everything to it
+//! 224  8   the peer's incarnation when this replica started tracking it
+//!          (0: unknown)
+//! 232  ..  zero up to 4092
 //! 4092 4   CRC32C of bytes 0..4092
 //! ```
 //!
@@ -78,6 +83,10 @@ pub struct Metadata {
     pub activity_log_offset: u64,
     pub activity_log_len: u64,
     pub peer: Option<String>,
+    /// Fixed at creation; tells this copy from a recreated one.
+    pub incarnation: u64,
+    /// The peer's incarnation when it left the in-sync set (0: unknown).
+    pub peer_incarnation: u64,
 }
 
 impl Metadata {
@@ -95,6 +104,21 @@ impl Metadata {
             activity_log_offset: ACTIVITY_LOG_OFFSET,
             activity_log_len: ACTIVITY_LOG_LEN,
             peer: None,
+            incarnation: 0,
+            peer_incarnation: 0,
+        }
+    }
+}
+
+/// A random non-zero incarnation for a new volume.
+pub fn new_incarnation() -> u64 {
+    loop {
+        let mut b = [0u8; 8];
+        if getrandom::fill(&mut b).is_ok() {
+            let v = u64::from_le_bytes(b);
+            if v != 0 {
+                return v;
+            }
         }
     }
 }
@@ -150,6 +174,8 @@ pub fn encode_slot(m: &Metadata) -> Box<[u8; SLOT_LEN]> {
     if let Some(peer) = &m.peer {
         put_id(&mut b[..], 152, peer);
     }
+    b[216..224].copy_from_slice(&m.incarnation.to_le_bytes());
+    b[224..232].copy_from_slice(&m.peer_incarnation.to_le_bytes());
     let crc = crc32c::crc32c(&b[..CRC_AT]);
     b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     b
@@ -185,6 +211,8 @@ pub fn decode_slot(b: &[u8; SLOT_LEN]) -> Result<Metadata, SlotError> {
         activity_log_offset: u64_at(b, 136),
         activity_log_len: u64_at(b, 144),
         peer,
+        incarnation: u64_at(b, 216),
+        peer_incarnation: u64_at(b, 224),
     })
 }
 
@@ -240,7 +268,8 @@ pub fn write(
 /// Initialises the metadata area of a new volume in empty `storage`.
 pub fn create(storage: &dyn Storage, volume: VolumeId, size: u64) -> Result<Metadata, MetaError> {
     storage.set_len(META_FILE_LEN)?;
-    let m = Metadata::new(volume, size);
+    let mut m = Metadata::new(volume, size);
+    m.incarnation = new_incarnation();
     write(storage, &m, &m)
 }
 

@@ -277,12 +277,14 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
                         peer,
                         in_sync,
                         arbiter_version,
+                        peer_incarnation,
                     },
                 ) => {
                     let change = PeerChange {
                         peer,
                         in_sync,
                         arbiter_version,
+                        peer_incarnation,
                     };
                     Some(v.peer_state(epoch, change).await)
                 }

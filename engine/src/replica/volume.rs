@@ -111,6 +111,10 @@ pub struct Volume {
     /// Bytes this replica's resync copied to its peer (all attempts).
     resync_copied: AtomicU64,
     runtime: tokio::runtime::Handle,
+    /// This copy's incarnation (fixed at creation).
+    incarnation: u64,
+    /// The peer's, as last known (see `MetaOwner::peer_state`).
+    peer_incarnation: Arc<AtomicU64>,
 }
 
 enum MetaCommand {
@@ -123,6 +127,11 @@ enum MetaCommand {
         change: PeerChange,
         reply: oneshot::Sender<Result<Reply, WireError>>,
     },
+    /// The resync found the peer recreated: remember its new incarnation.
+    SetPeerIncarnation {
+        incarnation: u64,
+        reply: oneshot::Sender<Result<(), WireError>>,
+    },
 }
 
 /// What the frontend said about this replica's peer (`Op::PeerState`).
@@ -131,6 +140,8 @@ pub struct PeerChange {
     pub peer: ReplicaId,
     pub in_sync: bool,
     pub arbiter_version: ArbiterVersion,
+    /// The peer's incarnation as the frontend knows it (0: unknown).
+    pub peer_incarnation: u64,
 }
 
 /// Whether this replica believes its peer gets every write. Held by the
@@ -153,6 +164,8 @@ struct MetaOwner {
     gate: Arc<EpochGate>,
     peers: BTreeMap<ReplicaId, PeerTracking>,
     logs: Arc<VolumeLogs>,
+    /// Mirrors `current.peer_incarnation` for the resync.
+    peer_incarnation: Arc<AtomicU64>,
 }
 
 impl MetaOwner {
@@ -169,6 +182,9 @@ impl MetaOwner {
                     reply,
                 } => {
                     let _ = reply.send(self.peer_state(epoch, change).await);
+                }
+                MetaCommand::SetPeerIncarnation { incarnation, reply } => {
+                    let _ = reply.send(self.set_peer_incarnation(incarnation).await);
                 }
             }
         }
@@ -190,6 +206,10 @@ impl MetaOwner {
                 current,
             });
         }
+        let was_tracking = matches!(
+            self.logs.bitmap().state(),
+            crate::bitmap::BitmapState::Tracking { ref peer, .. } if *peer == change.peer
+        );
         // Durable before the answer: no write is acknowledged without the
         // peer before its regions are tracked.
         let logged = if change.in_sync {
@@ -220,18 +240,32 @@ impl MetaOwner {
             epoch = epoch.0,
             "peer state changed"
         );
+        // Remember which copy of the peer was in sync, so that the resync
+        // can tell a recreated one (and copy everything to it). Kept while
+        // tracking: a later frontend may only know a recreated copy.
+        let known = self.current.peer_incarnation;
+        let learn = change.peer_incarnation != 0
+            && known != change.peer_incarnation
+            && (change.in_sync || !was_tracking || known == 0);
+        if learn {
+            self.set_peer_incarnation(change.peer_incarnation).await?;
+        }
         self.peers.insert(change.peer, tracking);
         Ok(Reply::Done)
     }
 
-    async fn raise_epoch(&mut self, epoch: Epoch) -> Result<Epoch, WireError> {
-        if epoch <= self.current.epoch {
-            return Ok(self.current.epoch);
-        }
+    async fn set_peer_incarnation(&mut self, incarnation: u64) -> Result<(), WireError> {
+        let mut next = self.current.clone();
+        next.peer_incarnation = incarnation;
+        self.write_meta(next).await?;
+        self.peer_incarnation.store(incarnation, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Writes `next` as the new metadata (durably) and makes it current.
+    async fn write_meta(&mut self, next: Metadata) -> Result<(), WireError> {
         let storage = self.storage.clone();
         let current = self.current.clone();
-        let mut next = current.clone();
-        next.epoch = epoch;
         let written = blocking(move || {
             meta::write(storage.as_ref(), &current, &next).map_err(|e| StorageError {
                 op: "metadata update",
@@ -242,8 +276,18 @@ impl MetaOwner {
         })
         .await
         .map_err(|e| io_error(&e))?;
-        tracing::info!(volume = %self.id, epoch = epoch.0, "persisted new epoch");
         self.current = written;
+        Ok(())
+    }
+
+    async fn raise_epoch(&mut self, epoch: Epoch) -> Result<Epoch, WireError> {
+        if epoch <= self.current.epoch {
+            return Ok(self.current.epoch);
+        }
+        let mut next = self.current.clone();
+        next.epoch = epoch;
+        self.write_meta(next).await?;
+        tracing::info!(volume = %self.id, epoch = epoch.0, "persisted new epoch");
         self.gate.raise_and_drain(epoch).await;
         Ok(epoch)
     }
@@ -270,7 +314,10 @@ impl Volume {
         let (meta_tx, rx) = mpsc::channel(16);
         let id = current.volume.clone();
         let size = current.size;
+        let incarnation = current.incarnation;
+        let peer_incarnation = Arc::new(AtomicU64::new(current.peer_incarnation));
         let owner = MetaOwner {
+            peer_incarnation: peer_incarnation.clone(),
             id: id.clone(),
             storage: meta_storage,
             current,
@@ -291,6 +338,8 @@ impl Volume {
             writes_done: AtomicU64::new(0),
             resync_copied: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
+            incarnation,
+            peer_incarnation,
         })
     }
 
@@ -302,6 +351,31 @@ impl Volume {
     /// Foreground writes done so far.
     pub fn writes_done(&self) -> u64 {
         self.writes_done.load(Ordering::Relaxed)
+    }
+
+    /// This copy's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The incarnation of the peer as it was when it was last known in
+    /// sync (0: unknown).
+    pub fn peer_incarnation(&self) -> u64 {
+        self.peer_incarnation.load(Ordering::SeqCst)
+    }
+
+    /// Records (durably) that the peer now has `incarnation` (after the
+    /// resync found it recreated and reset its bitmap to a full copy).
+    pub async fn set_peer_incarnation(&self, incarnation: u64) -> Result<(), WireError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || WireError::Io {
+            message: format!("metadata task of volume {} is gone", self.id),
+        };
+        self.meta_tx
+            .send(MetaCommand::SetPeerIncarnation { incarnation, reply })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
     /// The resync copied `bytes` more to the peer (reported by
@@ -382,6 +456,7 @@ impl Volume {
         Ok(Reply::Opened {
             size: self.size,
             epoch: now,
+            incarnation: self.incarnation,
         })
     }
 
@@ -605,6 +680,7 @@ mod tests {
             peer: ReplicaId::new("a").expect("valid"),
             in_sync: false,
             arbiter_version: ArbiterVersion::new("7").expect("valid"),
+            peer_incarnation: 0,
         };
         assert_eq!(
             volume.peer_state(Epoch(2), change.clone()).await,
