@@ -46,9 +46,11 @@ pub enum ArbiterError {
     /// The change is not allowed from the current record.
     #[error(transparent)]
     Rejected(#[from] Rejected),
-    /// The arbiter could not be reached or read; nothing is known about
-    /// whether anything changed only for calls that say so (none here: a
-    /// failed call has changed nothing).
+    /// The arbiter could not be reached or read, or did not answer in time.
+    /// For an update the outcome is unknown (over HTTP a write that timed
+    /// out may still land): callers re-read and decide again — a swap that
+    /// landed shows as already done, a repeated lease acquisition only
+    /// bumps the epoch once more.
     #[error("arbiter unreachable at {location}: {source}")]
     Unreachable {
         location: String,
