@@ -144,6 +144,32 @@ fn acknowledged(stdout: &str) -> Vec<u64> {
         .collect()
 }
 
+/// A stack with a file arbiter whose frontend holds a short lease.
+fn short_lease_stack(size: u64) -> Stack {
+    let mut stack = Stack::start(StackOptions {
+        size,
+        arbiter: true,
+        frontend: false,
+        ..StackOptions::default()
+    });
+    stack.start_frontend_with(&SHORT_LEASE);
+    stack
+}
+
+/// Writes each 64 KiB slot of `slots` with its pattern, one after the
+/// other; returns the offsets acknowledged, checked to be all of them.
+fn write_slots(stack: &Stack, slots: impl Iterator<Item = u64>) -> Vec<u64> {
+    let cmds: Vec<String> = slots
+        .map(|slot| format!("write -P {} {} {SLOT}", pattern(slot), slot * SLOT))
+        .collect();
+    let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
+        .wait_with_output()
+        .expect("qemu-io");
+    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(acked.len(), cmds.len(), "not every write was acknowledged");
+    acked
+}
+
 /// Reads every slot in `acked` back through the frontend and checks its
 /// pattern.
 fn check_acked(stack: &Stack, acked: &[u64]) {
@@ -170,13 +196,7 @@ fn check_acked(stack: &Stack, acked: &[u64]) {
 
 #[test]
 fn a_frontend_killed_mid_writes_is_replaced_and_its_activity_log_reconciled() {
-    let mut stack = Stack::start(StackOptions {
-        size: 64 * MIB,
-        arbiter: true,
-        frontend: false,
-        ..StackOptions::default()
-    });
-    stack.start_frontend_with(&SHORT_LEASE);
+    let mut stack = short_lease_stack(64 * MIB);
     // 768 writes of 64 KiB, 16 in flight at a time, over the whole volume;
     // the frontend is killed while they run.
     let cmds: Vec<String> = (0..768u64)
@@ -226,21 +246,8 @@ fn a_frontend_killed_mid_writes_is_replaced_and_its_activity_log_reconciled() {
 
 #[test]
 fn a_frontend_stopped_cleanly_hands_over_at_once_with_nothing_to_reconcile() {
-    let mut stack = Stack::start(StackOptions {
-        size: 64 * MIB,
-        arbiter: true,
-        frontend: false,
-        ..StackOptions::default()
-    });
-    stack.start_frontend_with(&SHORT_LEASE);
-    let cmds: Vec<String> = (0..64u64)
-        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 7), s * 7 * SLOT))
-        .collect();
-    let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
-        .wait_with_output()
-        .expect("qemu-io");
-    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(acked.len(), 64);
+    let mut stack = short_lease_stack(64 * MIB);
+    let acked = write_slots(&stack, (0..64u64).map(|s| s * 7));
     assert!(
         stack.stop_frontend(Duration::from_secs(20)),
         "no clean stop"
@@ -267,21 +274,8 @@ fn a_frontend_stopped_cleanly_hands_over_at_once_with_nothing_to_reconcile() {
 
 #[test]
 fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
-    let mut stack = Stack::start(StackOptions {
-        size: 64 * MIB,
-        arbiter: true,
-        frontend: false,
-        ..StackOptions::default()
-    });
-    stack.start_frontend_with(&SHORT_LEASE);
-    let cmds: Vec<String> = (0..32u64)
-        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 5), s * 5 * SLOT))
-        .collect();
-    let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
-        .wait_with_output()
-        .expect("qemu-io");
-    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(acked.len(), 32);
+    let mut stack = short_lease_stack(64 * MIB);
+    let acked = write_slots(&stack, (0..32u64).map(|s| s * 5));
     // Site A goes dark: its frontend and its replica at once.
     stack.kill_frontend();
     stack.kill_replica(0);
@@ -307,14 +301,8 @@ fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
     assert_eq!(report["replicas"][0]["id"], "a", "{report}");
     assert_eq!(report["replicas"][0]["state"], "out_of_sync", "{report}");
     assert_eq!(report["replicas"][1]["state"], "in_sync", "{report}");
-    let more: Vec<String> = (32..64u64)
-        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 5), s * 5 * SLOT))
-        .collect();
-    let out = qemu_io::spawn(&stack.nbd_uri(), &more)
-        .wait_with_output()
-        .expect("qemu-io");
-    let acked2 = acknowledged(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(acked2.len(), 32, "writes on the surviving site failed");
+    // Writes on the surviving site.
+    let acked2 = write_slots(&stack, (32..64u64).map(|s| s * 5));
     // Site A returns.
     stack.start_replica(0);
     assert_rejoined_and_identical(&stack);
@@ -334,14 +322,7 @@ fn a_replica_recreated_under_its_name_is_never_read_as_in_sync_and_gets_a_full_c
         arbiter: true,
         ..StackOptions::default()
     });
-    let cmds: Vec<String> = (0..32u64)
-        .map(|s| format!("write -P {} {} {SLOT}", pattern(s * 9), s * 9 * SLOT))
-        .collect();
-    let out = qemu_io::spawn(&stack.nbd_uri(), &cmds)
-        .wait_with_output()
-        .expect("qemu-io");
-    let acked = acknowledged(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(acked.len(), 32);
+    let acked = write_slots(&stack, (0..32u64).map(|s| s * 9));
     // Site A's disk is replaced: same replica name, an empty new copy of
     // the volume, back before the frontend noticed anything.
     stack.kill_replica(0);

@@ -318,53 +318,50 @@ impl ReplicaHandle {
         metrics: OpHandles,
     ) -> Result<Self, ConnectError> {
         let session = establish(&spec, &params, None).await?;
-        let size = session.size;
-        let incarnation = Arc::new(AtomicU64::new(session.incarnation));
-        let pinned = Arc::new(AtomicBool::new(true));
-        let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
-        let (state_tx, state) = watch::channel(ReplicaState::InSync);
-        let reset = Arc::new(Notify::new());
-        let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
-        let owner = Owner {
-            reset: reset.clone(),
-            incarnation: incarnation.clone(),
-            pinned: pinned.clone(),
-            size,
-            spec: spec.clone(),
-            params,
-            rx,
-            state: state_tx,
-            metrics,
-            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            next_id: 1,
-        };
-        tokio::spawn(owner.run(Some(session)).instrument(span));
-        Ok(Self {
+        Ok(Self::spawn(
             spec,
-            size,
-            tx,
-            state,
-            reset,
-            incarnation,
-            pinned,
-        })
+            params,
+            metrics,
+            session.size,
+            session.incarnation,
+            Some(session),
+        ))
     }
 
     /// A handle to a replica that could not be reached at startup: the
     /// owner keeps connecting in the background (state `Connecting`, then
     /// `InSync`), expecting a volume of `size` bytes; requests wait
-    /// meanwhile (the mirror's timeout decides what that means).
+    /// meanwhile (the mirror's timeout decides what that means). Any copy
+    /// of the volume is accepted (nothing is known of it yet).
     pub fn unreachable(
         spec: ReplicaSpec,
         params: SessionParams,
         metrics: OpHandles,
         size: u64,
     ) -> Self {
+        Self::spawn(spec, params, metrics, size, 0, None)
+    }
+
+    /// Starts the owner task, on `session` if there is one (then pinned to
+    /// its incarnation), else connecting first.
+    fn spawn(
+        spec: ReplicaSpec,
+        params: SessionParams,
+        metrics: OpHandles,
+        size: u64,
+        incarnation: u64,
+        session: Option<Session>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
-        let (state_tx, state) = watch::channel(ReplicaState::Connecting);
+        let first = if session.is_some() {
+            ReplicaState::InSync
+        } else {
+            ReplicaState::Connecting
+        };
+        let (state_tx, state) = watch::channel(first);
         let reset = Arc::new(Notify::new());
-        let incarnation = Arc::new(AtomicU64::new(0));
-        let pinned = Arc::new(AtomicBool::new(false));
+        let incarnation = Arc::new(AtomicU64::new(incarnation));
+        let pinned = Arc::new(AtomicBool::new(session.is_some()));
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
             reset: reset.clone(),
@@ -379,7 +376,7 @@ impl ReplicaHandle {
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             next_id: 1,
         };
-        tokio::spawn(owner.run(None).instrument(span));
+        tokio::spawn(owner.run(session).instrument(span));
         Self {
             spec,
             size,
