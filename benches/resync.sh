@@ -3,40 +3,52 @@
 # Release build of twinvol-engine, two replicas and a frontend with a
 # file-backed arbiter on loopback, NBD export on a unix socket, a 4 GiB volume.
 #
+# How replica a goes out (OUTAGE):
+#   stop (default): SIGSTOP: a stops answering, as behind a cut link (the
+#        frontend's --replica-timeout, 1 s, then the swap); it comes back
+#        with SIGCONT, its process and activity log intact;
+#   kill: kill -9, and it comes back by a restart on its pool and address.
+#        Known today: when the writes before the loss touched 256 or more
+#        4 MiB extents, the restarted replica recovers a full activity log,
+#        keeps those extents pinned until a frontend reconciles them (not
+#        built yet) and accepts no write to any other extent, so the resync
+#        to it stops; the script then fails after STALL s without a copied
+#        byte and says so.
+#
 # 1. Dirty resync, for each dirty fraction (0.1 %, 1 %, 10 % of the 64 KiB
 #    regions), RUNS times on a fresh stack:
 #      - fio writes 4k at random over the whole volume for PRE_RUNTIME s with
 #        both replicas in sync (a volume in use: this fills the replicas'
-#        activity logs);
-#      - kill -9 replica a; one 4k write through the frontend makes it swap a
-#        out through the arbiter (b is told by PeerState and starts tracking);
+#        activity logs, 256 extents of 4 MiB);
+#      - replica a goes out; one 4k write through the frontend makes it swap
+#        a out through the arbiter (b is told by PeerState, starts tracking);
 #      - qemu-io writes one 4k block into each of N distinct random regions
 #        (N = fraction x regions; the first of them was the fail-over write);
 #        "dirtied" = N x 64 KiB, computed here from these offsets, not read
 #        from the engine;
-#      - replica a restarts on its pool and address; b resyncs to it by
-#        itself; the script waits for b's <pool>/bench/resync-status.json to
-#        say state "done" and reads copied_bytes, dirty_bytes_at_start and
-#        elapsed_ms (the engine's copy time), and times the wall clock from
-#        a's restart (which includes b's retry backoff, up to 5 s);
+#      - replica a comes back; b resyncs to it by itself; the script waits
+#        for b's <pool>/bench/resync-status.json to say state "done" and
+#        reads copied_bytes and elapsed_ms (the engine's copy time, from the
+#        first region to the last), and times the wall clock from a's return
+#        (which includes b's retry backoff after failed attempts, up to 5 s);
 #      - both data files are compared (cmp): they must be identical.
 # 2. Full copy, RUNS times: the engine's full resync of a replaced replica.
 #    After a's loss (as above, b tracks a), the frontend stops, a's volume is
 #    deleted and created blank, and a new replica "c" serves it at a's
 #    address (b runs with --peer c=ADDR); a new arbiter record {c, b}, a new
-#    frontend, kill -9 c and one write: b is told that c left while its
+#    frontend, c goes out and one write: b is told that c left while its
 #    bitmap tracks a, so it marks every region dirty ("a replaced replica")
-#    and copies the whole volume to c when c restarts. Timed as in 1.
+#    and copies the whole volume to c when c is back. Timed as in 1.
 # 3. Foreground latency, RUNS times, on the same full-copy setup: fio 4k
 #    random writes QD 1 for LAT_RUNTIME s (p99 completion latency) with c
 #    out and nothing copying ("idle": b alone, the same write path), then
 #    again while the full resync to c runs (checked to run the whole time).
 #    Also reported: the same with both replicas in sync, before c's loss.
-# 4. I/O pause at replica loss, PAUSE_REPS times on a fresh stack: fio 4k
-#    random writes QD 1 with a per-I/O completion log; kill -9 replica a
-#    PAUSE_KILL_AT s in; pause = the longest gap between two consecutive
-#    completions (ms). The frontend's own "pause_ms" log figure is shown next
-#    to it.
+# 4. I/O pause at replica loss, PAUSE_REPS times on a fresh stack (always
+#    kill -9): fio 4k random writes QD 1 with a per-I/O completion log;
+#    kill -9 replica a PAUSE_KILL_AT s in; pause = the longest gap between
+#    two consecutive completions (ms). The frontend's own "pause_ms" log
+#    figure is shown next to it.
 #
 # Medians over the runs; prints a Markdown section for docs/benchmarks.md.
 # Needs root, fio, qemu-io, jq, bc, awk (bash e2e/tools/install-deps.sh).
@@ -45,8 +57,10 @@
 # Usage: benches/resync.sh
 #   env: BENCH_DIR (on the disk to measure; default /var/tmp/twinvol-resync-bench),
 #        SIZE_MIB (4096), RUNS (3), FRACTIONS ("0.1 1 10", percent),
-#        PRE_RUNTIME (4 s), LAT_RUNTIME (8 s), PAUSE_REPS (15),
-#        ENGINE_BIN (a prebuilt release twinvol-engine; default: build one)
+#        PRE_RUNTIME (4 s; 0: none), LAT_RUNTIME (8 s), PAUSE_REPS (15),
+#        OUTAGE (stop | kill), STALL (90 s),
+#        ENGINE_BIN (a prebuilt release twinvol-engine; default: build one),
+#        KEEP=1 (on failure, keep BENCH_DIR with the logs)
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +73,8 @@ LAT_RUNTIME=${LAT_RUNTIME:-8}
 PAUSE_REPS=${PAUSE_REPS:-15}
 PAUSE_RUNTIME=4
 PAUSE_KILL_AT=1.5
+OUTAGE=${OUTAGE:-stop}
+STALL=${STALL:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/twinvol-bench-target}
 
 REGION=65536
@@ -68,6 +84,7 @@ VOL=bench
 URI="nbd+unix:///?socket=$BENCH_DIR/nbd.sock"
 STATUS=$BENCH_DIR/pool-b/$VOL/resync-status.json
 
+case $OUTAGE in stop | kill) ;; *) echo "resync bench: OUTAGE is stop or kill" >&2; exit 2 ;; esac
 [ "$(id -u)" -eq 0 ] || { echo "resync bench: run as root" >&2; exit 2; }
 for tool in fio qemu-io jq bc awk cmp; do
   command -v "$tool" >/dev/null || { echo "resync bench: $tool missing (bash e2e/tools/install-deps.sh)" >&2; exit 2; }
@@ -104,7 +121,11 @@ cleanup() {
       [ -f "$f" ] && { echo "----- $f" >&2; tail -n 15 "$f" >&2; }
     done
   fi
-  rm -rf "$BENCH_DIR"
+  if [ "$rc" -ne 0 ] && [ "${KEEP:-0}" = 1 ]; then
+    echo "resync bench: KEEP=1: left $BENCH_DIR for a look (remove it yourself)" >&2
+  else
+    rm -rf "$BENCH_DIR"
+  fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -114,10 +135,11 @@ log() { echo "resync bench: $*" >&2; }
 die() { echo "resync bench: $*" >&2; exit 1; }
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local deadline=$((SECONDS + $1)) what=$2
+  local secs=$1 what=$2
+  local deadline=$((SECONDS + secs))
   shift 2
   until "$@" 2>/dev/null; do
-    ((SECONDS < deadline)) || die "timed out after $1 s waiting for $what"
+    ((SECONDS < deadline)) || die "timed out after $secs s waiting for $what"
     sleep 0.05
   done
 }
@@ -214,10 +236,14 @@ qemu_io_writes() {
   [ "$got" -eq "$want" ] || die "qemu-io: $got of $want writes completed"
 }
 
-# lose REPLICA OFFSET: kill -9 REPLICA, then one 4k write at OFFSET; returns
-# once the arbiter has REPLICA out of sync (the write was held until then).
+# lose REPLICA OFFSET: takes REPLICA out (OUTAGE), then one 4k write at
+# OFFSET; returns once the arbiter has REPLICA out of sync (the write was
+# held until then).
 lose() {
-  stop_proc "$1" KILL
+  case $OUTAGE in
+    stop) kill -STOP "${procs[$1]}" ;;
+    kill) stop_proc "$1" KILL ;;
+  esac
   printf 'write -P 0x5a %d 4k\n' "$2" >"$BENCH_DIR/trigger.cmds"
   qemu_io_writes "$BENCH_DIR/trigger.cmds"
   wait_for 30 "the arbiter to take $1 out of sync" out_of_sync "$1"
@@ -241,13 +267,30 @@ status_field() { jq -r ".$1" "$STATUS"; }
 resync_done() { [ -s "$STATUS" ] && [ "$(jq -r '.state + " " + (.remaining_bytes|tostring)' "$STATUS")" = "done 0" ]; }
 resync_copying() { [ -s "$STATUS" ] && [ "$(jq -r .state "$STATUS")" = copying ]; }
 
-# restart_and_resync NAME: restarts replica NAME on pool-a at ADDR_A, waits for
-# b's resync to be done; sets WALL_MS.
-restart_and_resync() {
-  local t0
+# bring_back NAME: replica NAME (on pool-a at ADDR_A) answers again.
+bring_back() {
+  case $OUTAGE in
+    stop) kill -CONT "${procs[$1]}" ;;
+    kill) start_replica "$1" "$BENCH_DIR/pool-a" "$ADDR_A" ;;
+  esac
+}
+
+# return_and_resync NAME: brings replica NAME back, waits for b's resync to
+# be done (failing when no byte was copied for STALL s); sets WALL_MS.
+return_and_resync() {
+  local t0 copied last=-1 since=$SECONDS
   t0=$(now)
-  start_replica "$1" "$BENCH_DIR/pool-a" "$ADDR_A"
-  wait_for 600 "the resync to $1 to be done" resync_done
+  bring_back "$1"
+  until resync_done; do
+    copied=$(jq -r .copied_bytes "$STATUS" 2>/dev/null || echo -1)
+    if [ "$copied" != "$last" ]; then
+      last=$copied
+      since=$SECONDS
+    fi
+    ((SECONDS - since < STALL)) ||
+      die "the resync to $1 copied nothing for $STALL s ($(jq -c '{state, copied_bytes, remaining_bytes}' "$STATUS" 2>/dev/null)); see b.log and $1.log"
+    sleep 0.05
+  done
   WALL_MS=$(fmt "$(calc "($(now) - $t0) * 1000")" 0)
 }
 
@@ -262,6 +305,7 @@ full_copy_setup() {
   stack_up c
   lose a 0
   stop_proc frontend TERM
+  stop_proc a KILL
   new_volume a
   new_arbiter c b
   start_replica c "$BENCH_DIR/pool-a" "$ADDR_A"
@@ -291,8 +335,10 @@ for frac in $FRACTIONS; do
   for run in $(seq "$RUNS"); do
     log "dirty $frac %: run $run/$RUNS ($n regions)"
     stack_up a
-    fio_json --rw=randwrite --bs=4k --iodepth=1 --size="$SIZE" --time_based \
-      --runtime="$PRE_RUNTIME" >/dev/null
+    if [ "$PRE_RUNTIME" != 0 ]; then
+      fio_json --rw=randwrite --bs=4k --iodepth=1 --size="$SIZE" --time_based \
+        --runtime="$PRE_RUNTIME" >/dev/null
+    fi
     # N distinct regions (seeded: the same set for a fraction and a run),
     # one 4k write in each, at a varying 4k slot.
     awk -v n="$n" -v max="$NREGIONS" -v seed="$run$n" -v region="$REGION" 'BEGIN {
@@ -304,7 +350,7 @@ for frac in $FRACTIONS; do
     tail -n +2 "$BENCH_DIR/dirty.cmds" >"$BENCH_DIR/rest.cmds"
     [ ! -s "$BENCH_DIR/rest.cmds" ] || qemu_io_writes "$BENCH_DIR/rest.cmds"
     dirtied=$((n * REGION))
-    restart_and_resync a
+    return_and_resync a
     copied=$(status_field copied_bytes)
     [ -z "$(status_field 'full_copy // empty')" ] || die "unexpected full copy: $(status_field full_copy)"
     check_identical
@@ -332,7 +378,7 @@ for run in $(seq "$RUNS"); do
   log "full copy: run $run/$RUNS"
   full_copy_setup
   lose c 0
-  restart_and_resync c
+  return_and_resync c
   [ "$(status_field copied_bytes)" -eq "$SIZE" ] || die "full copy copied $(status_field copied_bytes) of $SIZE bytes"
   [ -n "$(status_field 'full_copy // empty')" ] || die "the status does not say it was a full copy"
   full_why=$(status_field full_copy)
@@ -353,10 +399,11 @@ for run in $(seq "$RUNS"); do
   lat_sync+=("$(p99_4k_write "$LAT_RUNTIME")")
   lose c 0
   idle=$(p99_4k_write "$LAT_RUNTIME")
-  start_replica c "$BENCH_DIR/pool-a" "$ADDR_A"
+  bring_back c
   wait_for 30 "the full resync to start copying" resync_copying
   during=$(p99_4k_write "$LAT_RUNTIME")
-  resync_copying || die "the resync stopped copying before the ${LAT_RUNTIME} s fio run ended: lower LAT_RUNTIME"
+  # Still in the first pass (later passes copy what fio wrote meanwhile).
+  [ "$(status_field completed)" = 0 ] || die "the full resync ended before the ${LAT_RUNTIME} s fio run did: lower LAT_RUNTIME"
   lat_idle+=("$idle")
   lat_during+=("$during")
   lat_ratios+=("$(calc "$during / $idle")")
@@ -407,9 +454,9 @@ rota=$(lsblk -ndo ROTA "$disk" 2>/dev/null | tr -d ' ' || echo "?")
 cat <<EOF
 ### $(date -u '+%Y-%m-%d %H:%M') UTC — $(nproc) CPUs, $mem, kernel $(uname -r), disk $disk (rotational=$rota), commit $(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo '?')
 
-${SIZE_MIB} MiB volume, 64 KiB regions; medians of $RUNS runs (pause: $PAUSE_REPS repetitions); took $((SECONDS - bench_start)) s.
+${SIZE_MIB} MiB volume, 64 KiB regions, OUTAGE=$OUTAGE; medians of $RUNS runs (pause: $PAUSE_REPS repetitions of kill -9); took $((SECONDS - bench_start)) s.
 
-| dirty | regions written | dirtied (MiB) | copied (MiB) | copied − dirtied (MiB) | copied / dirtied (runs) | target ≤ 1.05 | resync copy (ms) | wall from restart (ms) |
+| dirty | regions written | dirtied (MiB) | copied (MiB) | copied − dirtied (MiB) | copied / dirtied (runs) | target ≤ 1.05 | resync copy (ms) | wall from return (ms) |
 |---|---|---|---|---|---|---|---|---|
 EOF
 for frac in $FRACTIONS; do
@@ -419,7 +466,7 @@ cat <<EOF
 
 | figure | value | target | |
 |---|---|---|---|
-| full resync of a replaced replica (${SIZE_MIB} MiB): copy / wall from restart (ms) | ${fig[full.ms]} / ${fig[full.wall]} | | |
+| full resync of a replaced replica (${SIZE_MIB} MiB): copy / wall from return (ms) | ${fig[full.ms]} / ${fig[full.wall]} | | |
 EOF
 for frac in $FRACTIONS; do
   r=$(calc "${fig[full.ms]} / ${fig[$frac.ms]}")
