@@ -18,7 +18,11 @@
 //! When the connection breaks, requests in flight fail (the mirror reports
 //! the error), the state becomes `Disconnected`, and the owner reconnects
 //! with backoff, logging each failed attempt; meanwhile new requests wait
-//! in the channel (I/O waits). A replica that answers with a newer epoch
+//! in the channel (I/O waits). A request whose caller gave up on it (the
+//! mirror's deadline passed while it waited) is never sent: a write the
+//! mirror re-sent elsewhere must not land here later, over a newer copy
+//! from the resync. For the same reason [`ReplicaHandle::reset`] aborts the
+//! connection (RST: the socket's queue is dropped) and fails what waits. A replica that answers with a newer epoch
 //! fences this frontend for good (`Fenced`). Degraded operation — dropping
 //! the replica from the in-sync set through the arbiter — is the mirror's
 //! (`frontend::failover`): it times calls out and reports the loss.
@@ -609,8 +613,11 @@ impl Owner {
                 () = self.reset.notified() => {
                     // Abort (RST): whatever is still queued in the socket is
                     // dropped here, so that no request given up on can reach
-                    // the replica later, after a link comes back.
+                    // the replica later, after a link comes back; the
+                    // requests not sent yet are failed, not kept for the
+                    // next session.
                     let _ = writer.get_ref().as_ref().set_zero_linger();
+                    self.fail_queued();
                     break Ended::Lost("reset by the mirror: the replica left the write set; requests still queued for it are dropped".to_owned());
                 }
                 cmd = self.rx.recv() => {
@@ -644,12 +651,28 @@ impl Owner {
         (local_end, failed)
     }
 
+    /// Fails every request waiting to be sent.
+    fn fail_queued(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            let _ = cmd.reply.send(Err(CallError::ConnectionLost {
+                replica: self.spec.id.clone(),
+            }));
+        }
+    }
+
     async fn send(
         &mut self,
         writer: &mut FrameWriter<OwnedWriteHalf>,
         reg_tx: &mpsc::UnboundedSender<(u64, Pending)>,
         cmd: Command,
     ) -> std::io::Result<()> {
+        // The caller gave up on it (its deadline passed while the request
+        // waited, e.g. for a reconnection): never send it. A write the
+        // mirror gave up on may since have been overwritten elsewhere, and
+        // must not land here later, over a newer copy.
+        if cmd.reply.is_closed() {
+            return Ok(());
+        }
         // Waits while MAX_IN_FLIGHT requests are in flight.
         let slot = self
             .slots

@@ -23,9 +23,11 @@
 //!    after this frontend started — marks the returning replica's
 //!    activity-log extents dirty on the in-sync one (what a crashed
 //!    predecessor may have left there);
-//! 2. *catch-up*: every write now goes to the returning replica too and
-//!    must succeed there (if it fails there, the replica stops catching up
-//!    and the write is re-sent to the in-sync one alone, which records it);
+//! 2. *catch-up*: every write now goes to the returning replica too — once
+//!    the in-sync one has it, so that no resync copy older than the write
+//!    can land after it — and must succeed there (if it fails there, the
+//!    replica stops catching up and the write is re-sent to the in-sync one
+//!    alone, which records it);
 //!    such writes carry the `mirrored` flag, so the in-sync replica does
 //!    not mark them dirty and its resync converges under load;
 //! 3. once the requests sent without it have drained, the task polls the

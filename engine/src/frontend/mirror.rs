@@ -36,6 +36,9 @@ use super::failover::{Failover, Membership, Suspect};
 use super::lease::LeaseGuard;
 use crate::arbiter::{Arbiter, FrontendId};
 
+/// How often a request held on the last in-sync replica is sent again.
+const HELD_RETRY: Duration = Duration::from_millis(500);
+
 /// How a mirror is set up.
 #[derive(Debug, Clone)]
 pub struct MirrorConfig {
@@ -440,8 +443,33 @@ impl Mirror {
                     }
                 }
             };
-            let (a, b) = tokio::join!(one(0), one(1));
+            // To a catching-up replica only after the in-sync one has it:
+            // a resync copy of the same region then either started after
+            // the write (and carries it) or is seen as overlapped by it
+            // there (and goes again) — never a copy older than the write
+            // landing on the catching-up replica after it.
+            let catching_up = (0..2).find(|&i| sends[i] && !m.in_sync[i]);
+            let (a, b) = match catching_up {
+                None => tokio::join!(one(0), one(1)),
+                Some(c) => {
+                    let first = one(1 - c).await;
+                    let second = match &first {
+                        Some(Ok(_)) | None => one(c).await,
+                        // Held or failed on the in-sync replica: decided
+                        // below; the catching-up one gets it when re-sent.
+                        Some(Err(_)) => None,
+                    };
+                    if c == 0 {
+                        (second, first)
+                    } else {
+                        (first, second)
+                    }
+                }
+            };
             let mut lost = false;
+            // The lost replica is the last in sync: nobody can take it
+            // out, so only its return releases the request.
+            let mut last_lost = false;
             let mut again = false;
             for (i, r) in [a, b].into_iter().enumerate() {
                 match r {
@@ -480,6 +508,7 @@ impl Mirror {
                     Some(Err(e)) if self.is_loss(&e) => {
                         self.suspect(i, started);
                         lost = true;
+                        last_lost |= !m.in_sync[1 - i];
                     }
                     Some(Err(e)) => {
                         tracing::warn!(volume = %self.volume, error = %e, "mirrored request failed");
@@ -488,9 +517,22 @@ impl Mirror {
                 }
             }
             if lost {
-                // Held: no acknowledgement until the in-sync set changed.
-                if rx.changed().await.is_err() {
-                    return Err(BackendError::Io("the mirror is shutting down".to_owned()));
+                // Held: no acknowledgement until the in-sync set changed —
+                // or, when the lost replica is the last in sync (it cannot
+                // be dropped), until it answers again: tried again every
+                // HELD_RETRY.
+                let retry = async {
+                    if last_lost {
+                        tokio::time::sleep(HELD_RETRY).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() {
+                        return Err(BackendError::Io("the mirror is shutting down".to_owned()));
+                    },
+                    () = retry => {}
                 }
                 continue;
             }
