@@ -112,6 +112,13 @@ fn a_returning_replica_catches_up_under_load_and_rejoins() {
         panic!("{e}\n{}", stack.log_tails(30));
     }
     assert_rejoined_and_identical(&stack);
+    // Only what changed was copied: fio writes within its first 48 MiB.
+    let status = std::fs::read_to_string(stack.dir().join("pool-b/v1/resync-status.json"))
+        .expect("B's resync status");
+    let v: serde_json::Value = serde_json::from_str(&status).expect("json");
+    let copied = v["copied_bytes"].as_u64().expect("copied_bytes");
+    eprintln!("resync copied {copied} bytes of a 64 MiB volume");
+    assert!(copied > 0 && copied <= 48 * MIB, "copied {copied} bytes");
     let metrics = scrape(&stack.frontend_metrics_addr().expect("metrics"));
     for line in [
         "twinvol_frontend_failovers_total{volume=\"v1\"} 1",
