@@ -17,10 +17,9 @@
 //! is out the harness first waits, with a deadline, for the frontend to
 //! return it; if returns are never seen, it goes on with the faults that
 //! state allows (the survivor's outage, the other replica's, the frontend's).
-//! While the only in-sync replica is away the writer pauses, unless
-//! `TWINVOL_FAULT_HELD_IO=1`: a write that fails or times out on the last
-//! in-sync replica is held for good by today's frontend, even once the
-//! replica is back.
+//! While the only in-sync replica is away the writer goes on: its writes
+//! must be held, then completed once the replica is back
+//! (`TWINVOL_FAULT_HELD_IO=0` pauses the writer for such an outage instead).
 //!
 //! The write log: every write has its own data (each 4 KiB block starts with
 //! the seed, the write id and the block's offset, then seeded noise), so a
@@ -1073,9 +1072,8 @@ impl Harness {
             self.cluster.start_replica(i);
         }
         if !self.held_io {
-            // Writes resume once the frontend can use the replica again (a
-            // write that fails or times out on the only in-sync replica is
-            // held for good today; see TWINVOL_FAULT_HELD_IO): after a cut,
+            // Writes resume once the frontend can use the replica again
+            // (TWINVOL_FAULT_HELD_IO=0, the outage without I/O): after a cut,
             // once the site answers from the host (neighbour resolved);
             // after a kill, once the frontend logged its reconnection.
             if cut && !self.cluster.reachable(i) {
@@ -1338,7 +1336,7 @@ fn random_faults_lose_no_acknowledged_write_and_replicas_end_identical() {
         rejoins: None,
         write_log: Vec::new(),
         kinds: fault_kinds(),
-        held_io: std::env::var_os("TWINVOL_FAULT_HELD_IO").is_some_and(|v| v == "1"),
+        held_io: std::env::var_os("TWINVOL_FAULT_HELD_IO").is_none_or(|v| v != "0"),
     };
     h.run(target);
     let m = &h.model;
