@@ -769,10 +769,15 @@ impl<A: Arbiter> FailoverTask<A> {
         if self.rejoin[l].reconcile {
             let ranges = self.active_extents(l).await?;
             self.mark_dirty(s, &ranges).await?;
-            self.ask(l, Op::ForgetActivity).await?;
             self.rejoin[l].reconcile = false;
             tracing::info!(replica = %self.id(l), source = %self.id(s), extents = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's activity-log extents marked for the resync");
         }
+        // Its activity log may hold extents recovered after a crash, pinned
+        // until reconciled (a full log of them refuses every other write).
+        // They are: what this frontend held when the replica left was
+        // re-sent to the in-sync one and marked there, and what a previous
+        // frontend left was marked just above.
+        self.ask(l, Op::ForgetActivity).await?;
         self.f.membership.send_modify(|m| m.catch_up[l] = true);
         tracing::info!(replica = %self.id(l), source = %self.id(s), "replica answers again: catching up (it gets every write; the resync copies what it missed)");
         Ok(())
