@@ -2,7 +2,7 @@
 //! the arbiter before any write is acknowledged without it (design
 //! invariant 2).
 //!
-//! One task (the [`run`] loop) owns the procedure, so that concurrent
+//! One task (the [`FailoverTask::run`] loop) owns the procedure, so that concurrent
 //! writers that all saw the same replica fail trigger one swap. Writers
 //! report a suspect and wait on the [`Membership`] watch; the task reads the
 //! record, decides with the pure [`decide`], swaps (compare-and-swap on the
@@ -23,16 +23,19 @@
 //!    after this frontend started — marks the returning replica's
 //!    activity-log extents dirty on the in-sync one (what a crashed
 //!    predecessor may have left there);
-//! 2. *catch-up*: every write now goes to the returning replica too — once
+//! 2. the in-sync replica's resync copies what the replica missed while
+//!    writes still go to the in-sync replica alone (at full speed), until
+//!    less than `CATCH_UP_BELOW` is left (or `CATCH_UP_WAIT` passed);
+//! 3. *catch-up*: every write now goes to the returning replica too — once
 //!    the in-sync one has it, so that no resync copy older than the write
 //!    can land after it — and must succeed there (if it fails there, the
 //!    replica stops catching up and the write is re-sent to the in-sync one
 //!    alone, which records it);
 //!    such writes carry the `mirrored` flag, so the in-sync replica does
 //!    not mark them dirty and its resync converges under load;
-//! 3. once the requests sent without it have drained, the task polls the
+//! 4. once the requests sent without it have drained, the task polls the
 //!    in-sync replica's resync (`ResyncStatus`) until nothing is dirty;
-//! 4. it makes the replica in sync locally (writes to it are then required
+//! 5. it makes the replica in sync locally (writes to it are then required
 //!    and its loss is a fail-over), swaps it back in at the arbiter
 //!    (`ReturnToInSync`, compare-and-swap) — reverting to catch-up if the
 //!    arbiter cannot be reached — and tells the in-sync replica, which stops
@@ -65,6 +68,12 @@ use super::lease::{LeaseGuard, RateLimit};
 const REJOIN_TICK: Duration = Duration::from_millis(100);
 /// Longest wait for one control request of the rejoin or the startup.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The catch-up (writes sent to the returning replica too, after the
+/// in-sync one) starts once the resync has less than this left to copy, or
+/// after `CATCH_UP_WAIT` whatever is left: during the bulk of the copy the
+/// foreground writes to one replica only.
+const CATCH_UP_BELOW: u64 = 64 << 20;
+const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 /// How long a returning replica has to answer a probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the rejoin waits before retrying after a failed step, at most.
@@ -220,6 +229,10 @@ pub struct Failover<A> {
 enum Phase {
     /// Not catching up; started when the replica answers.
     Idle,
+    /// The in-sync replica's resync copies the bulk of what it missed;
+    /// writes still go to the in-sync replica alone (at full speed), until
+    /// little is left (`CATCH_UP_BELOW`).
+    Copying,
     /// Gets every write; waiting for requests sent without it to finish.
     Draining,
     /// Waiting for the in-sync replica's resync to have nothing dirty.
@@ -676,10 +689,22 @@ impl<A: Arbiter> FailoverTask<A> {
                 match self.start_catch_up(l, s).await {
                     Ok(()) => {
                         let r = &mut self.rejoin[l];
-                        r.phase = Phase::Draining;
+                        r.phase = Phase::Copying;
                         r.started = Instant::now();
                     }
                     Err(e) => self.step_failed(l, e),
+                }
+            }
+            Phase::Copying => {
+                let Some(dirty_bytes) = self.resync_left(l, s).await else {
+                    return;
+                };
+                if dirty_bytes <= CATCH_UP_BELOW
+                    || self.rejoin[l].started.elapsed() >= CATCH_UP_WAIT
+                {
+                    self.f.membership.send_modify(|m| m.catch_up[l] = true);
+                    self.rejoin[l].phase = Phase::Draining;
+                    tracing::info!(replica = %self.id(l), source = %self.id(s), dirty_bytes, "replica catching up: it gets every write now, after the in-sync replica");
                 }
             }
             Phase::Draining => {
@@ -694,45 +719,58 @@ impl<A: Arbiter> FailoverTask<A> {
                     self.give_up(l, "it failed a write while catching up");
                     return;
                 }
-                let report = match self.ask(s, Op::ResyncStatus).await {
-                    Ok(Reply::Resync(r)) => r,
-                    Ok(other) => {
-                        let why = format!("resync_status answered with {other:?}");
-                        self.give_up(l, &why);
-                        return;
-                    }
-                    Err(e) => {
-                        self.step_failed(l, e);
-                        return;
-                    }
+                let Some(dirty_bytes) = self.resync_left(l, s).await else {
+                    return;
                 };
-                let ResyncReport {
-                    tracking,
-                    dirty_bytes,
-                    copied_bytes,
-                } = report;
-                if tracking.as_ref() != Some(self.id(l)) {
-                    let why = format!(
-                        "replica {} tracks {:?}, not {}",
-                        self.id(s),
-                        tracking.as_ref().map(ReplicaId::as_str),
-                        self.id(l)
-                    );
-                    self.give_up(l, &why);
-                } else if dirty_bytes > 0 {
-                    self.f.progress.send_if_modified(|p| {
-                        let changed = p[l] != Some(dirty_bytes);
-                        p[l] = Some(dirty_bytes);
-                        changed
-                    });
-                    if let Some(n) = self.rejoin[l].log.allow() {
-                        tracing::info!(replica = %self.id(l), source = %self.id(s), dirty_bytes, copied_bytes, suppressed = n, "replica catching up: the resync is copying what it missed");
-                    }
-                } else {
+                if dirty_bytes == 0 {
                     self.finish_rejoin(l, s).await;
                 }
             }
         }
+    }
+
+    /// Bytes the in-sync replica `s` still has to copy to `l` (published
+    /// for status, logged now and then); `None` (after giving up) if `s`
+    /// does not answer or does not track `l`.
+    async fn resync_left(&mut self, l: usize, s: usize) -> Option<u64> {
+        let report = match self.ask(s, Op::ResyncStatus).await {
+            Ok(Reply::Resync(r)) => r,
+            Ok(other) => {
+                let why = format!("resync_status answered with {other:?}");
+                self.give_up(l, &why);
+                return None;
+            }
+            Err(e) => {
+                self.step_failed(l, e);
+                return None;
+            }
+        };
+        let ResyncReport {
+            tracking,
+            dirty_bytes,
+            copied_bytes,
+        } = report;
+        if tracking.as_ref() != Some(self.id(l)) {
+            let why = format!(
+                "replica {} tracks {:?}, not {}",
+                self.id(s),
+                tracking.as_ref().map(ReplicaId::as_str),
+                self.id(l)
+            );
+            self.give_up(l, &why);
+            return None;
+        }
+        self.f.progress.send_if_modified(|p| {
+            let changed = p[l] != Some(dirty_bytes);
+            p[l] = Some(dirty_bytes);
+            changed
+        });
+        if dirty_bytes > 0
+            && let Some(n) = self.rejoin[l].log.allow()
+        {
+            tracing::info!(replica = %self.id(l), source = %self.id(s), dirty_bytes, copied_bytes, suppressed = n, "replica returning: the resync is copying what it missed");
+        }
+        Some(dirty_bytes)
     }
 
     async fn start_catch_up(&mut self, l: usize, s: usize) -> Result<(), Step> {
@@ -778,8 +816,7 @@ impl<A: Arbiter> FailoverTask<A> {
         // re-sent to the in-sync one and marked there, and what a previous
         // frontend left was marked just above.
         self.ask(l, Op::ForgetActivity).await?;
-        self.f.membership.send_modify(|m| m.catch_up[l] = true);
-        tracing::info!(replica = %self.id(l), source = %self.id(s), "replica answers again: catching up (it gets every write; the resync copies what it missed)");
+        tracing::info!(replica = %self.id(l), source = %self.id(s), "replica answers again: the resync copies what it missed, then it catches up");
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! The replica server: accepts connections, authenticates them, and serves
 //! requests on the volumes of its pool.
 //!
-//! One task per connection owns that connection's state ([`ConnState`]):
+//! One task per connection owns that connection's state (`ConnState`):
 //! it reads frames, handles `Open` itself (in order, before anything else on
 //! the connection), and hands data requests to the blocking pool — a
 //! pipelined burst already in its buffer as one job, executed in order —

@@ -5,7 +5,7 @@
 //! a hand-over), so the volume is shared (`Arc`). Its mutable state is
 //! split so that nothing needs a lock on the hot path:
 //! - the highest persisted epoch is an atomic, read by every request;
-//! - the metadata area belongs to one task ([`MetaOwner`]); raising the epoch
+//! - the metadata area belongs to one task (`MetaOwner`); raising the epoch
 //!   is a message to it, answered only after the new metadata is durable;
 //! - data I/O is positional and goes straight to storage on the blocking
 //!   pool; a write first records itself in the activity log and, while the
