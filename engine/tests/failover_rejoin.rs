@@ -72,14 +72,14 @@ fn a_returning_replica_catches_up_under_load_and_rejoins() {
         metrics: true,
         ..StackOptions::default()
     });
-    // About 12 s of writes over 32 MiB: the kill, the return and the
+    // About 16 s of writes over 48 MiB: the kill, the return and the
     // rejoin all happen while fio writes.
     let mut fio = fio::Background::spawn(fio::verified_random_writes(
         stack.dir(),
         &stack.nbd_uri(),
         "twinvol-rejoin",
         91,
-        &["--iodepth=16", "--bs=64k", "--size=48m", "--rate=4m"],
+        &["--iodepth=16", "--bs=64k", "--size=48m", "--rate=3m"],
     ));
     let data_b = stack.replica_data_paths()[1].clone();
     assert!(
