@@ -517,31 +517,11 @@ impl Bitmap {
     /// this range is done.
     pub async fn mark(&self, offset: u64, len: u64) -> Result<MarkGuard, BitmapError> {
         let inner = &self.inner;
-        let regions = inner
-            .geometry
-            .regions(offset, len)
-            .ok_or(BitmapError::OutOfRange {
-                offset,
-                len,
-                volume_size: inner.geometry.volume_size(),
-            })?;
+        let regions = self.regions(offset, len)?;
         let (guard, start) = {
             let mut st = inner.lock();
             let session = inner.require_tracking(&st)?;
-            let id = st.next_write;
-            st.next_write += 1;
-            st.writes.insert(id, regions.clone());
-            if !st.copies.is_empty() {
-                for r in regions.clone() {
-                    if let Some(raced) = st.copies.get_mut(&r) {
-                        *raced = true;
-                    }
-                }
-            }
-            let guard = MarkGuard {
-                inner: inner.clone(),
-                id,
-            };
+            let guard = self.register_write(&mut st, &regions);
             if !st.set_bits(&regions) {
                 return Ok(guard);
             }
@@ -552,35 +532,45 @@ impl Bitmap {
         Ok(guard)
     }
 
+    /// The regions of `len` bytes at `offset`.
+    fn regions(&self, offset: u64, len: u64) -> Result<Range<u64>, BitmapError> {
+        let g = &self.inner.geometry;
+        g.regions(offset, len).ok_or(BitmapError::OutOfRange {
+            offset,
+            len,
+            volume_size: g.volume_size(),
+        })
+    }
+
+    /// Registers a write of `regions` until its guard drops: a copy of one
+    /// of them in progress, or begun meanwhile, goes again.
+    fn register_write(&self, st: &mut State, regions: &Range<u64>) -> MarkGuard {
+        let id = st.next_write;
+        st.next_write += 1;
+        st.writes.insert(id, regions.clone());
+        if !st.copies.is_empty() {
+            for r in regions.clone() {
+                if let Some(raced) = st.copies.get_mut(&r) {
+                    *raced = true;
+                }
+            }
+        }
+        MarkGuard {
+            inner: self.inner.clone(),
+            id,
+        }
+    }
+
     /// Registers a write of `len` bytes at `offset` that the peer receives
     /// too (it is catching up), without marking it: a copy of an
     /// overlapping region in progress, or begun while the guard lives, is
     /// not cleared by its `finish` (the copy may carry older data than the
     /// write the peer got directly), so the region is copied again. No I/O.
     pub fn note_write(&self, offset: u64, len: u64) -> Result<MarkGuard, BitmapError> {
-        let inner = &self.inner;
-        let regions = inner
-            .geometry
-            .regions(offset, len)
-            .ok_or(BitmapError::OutOfRange {
-                offset,
-                len,
-                volume_size: inner.geometry.volume_size(),
-            })?;
-        let mut st = inner.lock();
-        inner.require_tracking(&st)?;
-        let id = st.next_write;
-        st.next_write += 1;
-        st.writes.insert(id, regions.clone());
-        for r in regions {
-            if let Some(raced) = st.copies.get_mut(&r) {
-                *raced = true;
-            }
-        }
-        Ok(MarkGuard {
-            inner: inner.clone(),
-            id,
-        })
+        let regions = self.regions(offset, len)?;
+        let mut st = self.inner.lock();
+        self.inner.require_tracking(&st)?;
+        Ok(self.register_write(&mut st, &regions))
     }
 
     /// Waits until `regions` are stable, a round since `start.0` failed, or
