@@ -380,10 +380,7 @@ async fn flush_loop(inner: Arc<Inner>) {
                     (round, Vec::new(), None)
                 }
                 Err(e) => {
-                    let e = Arc::new(e);
-                    st.failed = Some(e.clone());
-                    st.flushing = false;
-                    let queued: Vec<Reply> = st.queue.drain(..).map(|q| q.reply).collect();
+                    let (e, queued) = poison(&mut st, e);
                     (round, queued, Some(e))
                 }
             }
@@ -399,14 +396,30 @@ async fn flush_loop(inner: Arc<Inner>) {
             });
         }
         if let Some(e) = failed {
-            for reply in queued {
-                let _ = reply.send(Outcome::Failed {
-                    source: e.clone(),
-                    holds_refs: false,
-                });
-            }
+            fail_queued(queued, &e);
             return;
         }
+    }
+}
+
+/// Marks the log failed (every later `begin_write` fails with `e`) and
+/// takes the replies of the requests still queued, which were never
+/// admitted.
+fn poison(st: &mut State, e: StorageError) -> (Arc<StorageError>, Vec<Reply>) {
+    let e = Arc::new(e);
+    st.failed = Some(e.clone());
+    st.flushing = false;
+    let queued = st.queue.drain(..).map(|q| q.reply).collect();
+    (e, queued)
+}
+
+/// Tells the requests taken by [`poison`] that the log failed.
+fn fail_queued(queued: Vec<Reply>, e: &Arc<StorageError>) {
+    for reply in queued {
+        let _ = reply.send(Outcome::Failed {
+            source: e.clone(),
+            holds_refs: false,
+        });
     }
 }
 
@@ -659,16 +672,9 @@ impl ActivityLog {
                 Ok(dropped)
             }
             Err(e) => {
-                let e = Arc::new(e);
-                st.failed = Some(e.clone());
-                let queued: Vec<Reply> = st.queue.drain(..).map(|q| q.reply).collect();
+                let (e, queued) = poison(&mut st, e);
                 drop(st);
-                for reply in queued {
-                    let _ = reply.send(Outcome::Failed {
-                        source: e.clone(),
-                        holds_refs: false,
-                    });
-                }
+                fail_queued(queued, &e);
                 Err(inner.failed(e))
             }
         }

@@ -420,7 +420,7 @@ impl Mirror {
     /// catching up and the request is sent again to the in-sync one alone,
     /// unflagged, so that it records the region for the resync before the
     /// acknowledgement.
-    async fn both(&self, op: Op) -> Result<(), BackendError> {
+    async fn both(&self, mut op: Op) -> Result<(), BackendError> {
         let mut rx = self.membership.subscribe();
         loop {
             let m = rx.borrow_and_update().clone();
@@ -430,7 +430,7 @@ impl Mirror {
             let sends = [m.gets_writes(0), m.gets_writes(1)];
             // Writes that reach both replicas carry the flag: a replica that
             // tracks its peer does not mark them dirty.
-            let op = with_mirrored(&op, sends[0] && sends[1]);
+            set_mirrored(&mut op, sends[0] && sends[1]);
             let _skipped = Skipping::new(&self.skipping, sends);
             let started = Instant::now();
             let one = |i: usize| {
@@ -580,16 +580,14 @@ fn spawn_state_gauge(
     });
 }
 
-/// `op` with its `mirrored` flag set to `v` (data requests only).
-fn with_mirrored(op: &Op, v: bool) -> Op {
-    let mut op = op.clone();
-    match &mut op {
+/// Sets `op`'s `mirrored` flag to `v` (data requests only).
+fn set_mirrored(op: &mut Op, v: bool) {
+    match op {
         Op::Write { mirrored, .. }
         | Op::Trim { mirrored, .. }
         | Op::WriteZeroes { mirrored, .. } => *mirrored = v,
         _ => {}
     }
-    op
 }
 
 /// Counts a request in flight that a replica does not get (see

@@ -157,10 +157,10 @@ pub async fn run_with<A: Arbiter>(
                 Ok(())
             }
         });
-        lease = Some((arbiter, guard, record));
+        lease = Some((arbiter, guard));
     }
     let mut mirror = Mirror::connect_with(config, metrics.clone(), lease.is_some()).await?;
-    if let (Some(a), Some((arbiter, guard, record))) = (&opts.arbiter, &lease) {
+    if let (Some(a), Some((arbiter, guard))) = (&opts.arbiter, &lease) {
         mirror
             .enable_failover(
                 arbiter.clone(),
@@ -185,11 +185,10 @@ pub async fn run_with<A: Arbiter>(
                 Ok(())
             }
         });
-        let _ = record;
     }
     let mirror = Arc::new(mirror);
     ready.push(("size", mirror.size().to_string()));
-    let reporter = Reporter::start(mirror.clone(), lease.as_ref().map(|(_, g, _)| g.clone()));
+    let reporter = Reporter::start(mirror.clone(), lease.as_ref().map(|(_, g)| g.clone()));
     if let Some(path) = opts.status_file.clone() {
         reporter.write_to(path);
     }
@@ -251,7 +250,7 @@ pub async fn run_with<A: Arbiter>(
         Ok(Err(e)) => tracing::warn!(error = %e, "final flush failed"),
         Err(_) => tracing::warn!("final flush timed out"),
     }
-    if let (Some(a), Some((arbiter, _, _))) = (&opts.arbiter, &lease) {
+    if let (Some(a), Some((arbiter, _))) = (&opts.arbiter, &lease) {
         match lease::release(arbiter.as_ref(), &a.lease.holder).await {
             Ok(()) => tracing::info!("lease released"),
             Err(e) => {
