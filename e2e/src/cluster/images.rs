@@ -408,7 +408,9 @@ fn split_reference(reference: &str) -> (&str, &str) {
 }
 
 /// The workload image: static busybox (every applet under /bin), curl
-/// (to call the API with a pod's token) and mkfs.ext4, with their libraries.
+/// (to call the API with a pod's token), mkfs.ext4 and util-linux's losetup
+/// (`/usr/sbin/losetup`, which prints the device it attached), with their
+/// libraries.
 pub fn workload(cache: &Path) -> Result<BuiltImage, HarnessError> {
     let busybox = Path::new("/bin/busybox");
     let applets = cmd::run("/bin/busybox", &["--list"])?;
@@ -417,6 +419,7 @@ pub fn workload(cache: &Path) -> Result<BuiltImage, HarnessError> {
         .file(busybox, "/bin/busybox", 0o755)
         .executable(Path::new("/usr/bin/curl"), "/usr/bin/curl")?
         .executable(Path::new("/sbin/mke2fs"), "/sbin/mke2fs")?
+        .executable(Path::new("/sbin/losetup"), "/usr/sbin/losetup")?
         .symlink("/sbin/mkfs.ext4", "mke2fs")
         .bytes(b"root:x:0:0:root:/:/bin/sh\n", "/etc/passwd", 0o644)
         .bytes(b"root:x:0:\n", "/etc/group", 0o644)

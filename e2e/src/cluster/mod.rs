@@ -89,6 +89,16 @@ pub struct StartTimes {
     pub total: Duration,
 }
 
+/// What the cluster's processes use (see [`Cluster::usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub processes: usize,
+    /// User and system CPU time, summed over the live processes.
+    pub cpu: Duration,
+    /// Resident memory, summed (shared pages count once per process).
+    pub rss_bytes: u64,
+}
+
 /// A running two-site cluster.
 pub struct Cluster {
     slot: Slot,
@@ -360,6 +370,53 @@ impl Cluster {
             .as_ref()
             .map(ControlPlane::pids)
             .unwrap_or_default()
+    }
+
+    /// CPU time used so far and memory held now by every process of the
+    /// cluster (the control plane's components, and everything in the
+    /// nodes' cgroups: daemons, shims, containers).
+    pub fn usage(&self) -> Usage {
+        let mut pids: Vec<i32> = self
+            .control_plane_pids()
+            .iter()
+            .filter_map(|(_, pid)| i32::try_from(*pid).ok())
+            .collect();
+        for node in self.nodes.values() {
+            pids.extend(node.all_pids());
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        let mut usage = Usage {
+            processes: 0,
+            cpu: Duration::ZERO,
+            rss_bytes: 0,
+        };
+        // Clock ticks: 100 per second on Linux.
+        const TICKS: u64 = 100;
+        for pid in pids {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            // After the command: state is field 3, utime 14 and stime 15.
+            let ticks: u64 = [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+                .sum();
+            let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            usage.processes += 1;
+            usage.cpu += Duration::from_millis(ticks * 1000 / TICKS);
+            usage.rss_bytes += rss_kib * 1024;
+        }
+        usage
     }
 
     /// Builds (cached) and imports `image` into every node, and into every

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!             host (the control plane: kube-apiserver on bridge tsc<s>-cp)
-//!              │ tsc<s>-a-cp                      │ tsc<s>-b-cp
+//!              │ tsc<s>-a-cp ↔ uplink             │ tsc<s>-b-cp ↔ uplink
 //!        ┌─────┴──────┐      inter-site      ┌────┴───────┐
 //!        │ router A   ├──────── isl ─────────┤ router B   │   (netns tsc<s>-ra / -rb)
 //!        │ switch sw  │                      │ switch sw  │
@@ -54,7 +54,7 @@ impl std::fmt::Display for Link {
 fn switch_of(slot: Slot, link: Link) -> (String, String) {
     match link {
         Link::InterSite => (slot.router_netns(Site::A), "isl".to_owned()),
-        Link::Uplink(site) => (slot.router_netns(site), "up".to_owned()),
+        Link::Uplink(site) => (slot.router_netns(site), "uplink".to_owned()),
         Link::Node(node) => (slot.router_netns(node.site), slot.node_port_if(node)),
     }
 }
@@ -107,19 +107,19 @@ pub fn create_backbone(slot: Slot) -> Result<(), HarnessError> {
         )?;
         ip_in(&router, &["link", "set", "sw", "up"])?;
 
-        // The uplink: host end in the host, router end `up` in the router.
+        // The uplink: host end in the host, router end `uplink` in the router.
         let host_if = slot.uplink_host_if(site);
         let (host_ip, router_ip) = slot.uplink_ips(site);
         ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "up", "netns", &router,
+            "link", "add", &host_if, "type", "veth", "peer", "name", "uplink", "netns", &router,
         ])?;
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
         ip(&["link", "set", &host_if, "up"])?;
         ip_in(
             &router,
-            &["addr", "add", &format!("{router_ip}/30"), "dev", "up"],
+            &["addr", "add", &format!("{router_ip}/30"), "dev", "uplink"],
         )?;
-        ip_in(&router, &["link", "set", "up", "up"])?;
+        ip_in(&router, &["link", "set", "uplink", "up"])?;
         // The host reaches the site's nodes and pods through it, and nothing
         // else: the host never forwards between sites.
         let via = router_ip.to_string();
@@ -150,7 +150,7 @@ pub fn create_backbone(slot: Slot) -> Result<(), HarnessError> {
                 "via",
                 &host_ip.to_string(),
                 "dev",
-                "up",
+                "uplink",
             ],
         )?;
     }
@@ -247,6 +247,19 @@ pub fn add_node(slot: Slot, node: NodeId) -> Result<(), HarnessError> {
         ],
     )?;
     Ok(())
+}
+
+/// Unplugs `node` and deletes its namespace. The link goes first: a
+/// namespace is destroyed asynchronously, after its last user, and its end
+/// of the veth pair with it; a new namespace of the same name must not
+/// race the old one's port.
+pub fn remove_node(slot: Slot, node: NodeId) -> Result<(), HarnessError> {
+    let router = slot.router_netns(node.site);
+    let port = slot.node_port_if(node);
+    if run_in(&router, "ip", &["link", "show", &port]).is_ok() {
+        ip_in(&router, &["link", "delete", &port])?;
+    }
+    ip(&["netns", "delete", &slot.node_netns(node)])
 }
 
 /// Cuts `link`: from now on it drops every packet both ways. Idempotent.

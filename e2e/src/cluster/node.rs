@@ -382,7 +382,7 @@ impl Node {
         self.processes.clear();
         result?;
         sweep::unmount_below(&self.config.dir)?;
-        for device in loop_devices_below(&self.config.dir) {
+        for device in sweep::loop_devices(&self.config.dir) {
             run("losetup", &["-d", &device])?;
         }
         Ok(())
@@ -422,7 +422,7 @@ impl Node {
             && net::is_cut(slot, link).unwrap_or(false);
         if Path::new("/run/netns").join(config.netns()).exists() {
             net::restore(slot, link)?;
-            run("ip", &["netns", "delete", &config.netns()])?;
+            net::remove_node(slot, id)?;
         }
         net::add_node(slot, id)?;
         if was_cut {
@@ -631,24 +631,6 @@ fn shared_bind(dir: &Path) -> Result<(), HarnessError> {
         None::<&str>,
     )
     .map_err(as_error("making shared"))
-}
-
-/// Loop devices backed by files under `dir`.
-fn loop_devices_below(dir: &Path) -> Vec<String> {
-    let marker = format!("{}/", dir.display());
-    let mut devices = Vec::new();
-    if let Ok(entries) = fs::read_dir("/sys/block") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("loop")
-                && fs::read_to_string(entry.path().join("loop/backing_file"))
-                    .is_ok_and(|b| b.trim().starts_with(&marker))
-            {
-                devices.push(format!("/dev/{name}"));
-            }
-        }
-    }
-    devices
 }
 
 #[cfg(test)]

@@ -139,25 +139,98 @@ fn unescape_mountinfo(field: &str) -> String {
         .replace("\\134", "\\")
 }
 
-/// Loop devices whose backing file is under `root`.
-fn loop_devices(root: &Path) -> Vec<String> {
+/// Loop devices whose backing file is under `root`. The kernel names a
+/// backing file by its path in the mount namespace that attached it (a
+/// pod's `/host/disk.img` shows as `/disk.img`), so a device also counts as
+/// ours when its backing inode is a file under `root`.
+pub fn loop_devices(root: &Path) -> Vec<String> {
     let marker = under(root);
-    let mut devices = Vec::new();
-    if let Ok(entries) = fs::read_dir("/sys/block") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("loop") {
-                continue;
-            }
-            let backing =
-                fs::read_to_string(entry.path().join("loop/backing_file")).unwrap_or_default();
-            if backing.trim().starts_with(&marker) {
-                devices.push(format!("/dev/{name}"));
+    let Ok(out) = run(
+        "losetup",
+        &[
+            "--list",
+            "--json",
+            "--output",
+            "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN",
+        ],
+    ) else {
+        return Vec::new();
+    };
+    let Ok(list) = serde_json::from_str::<serde_json::Value>(&out) else {
+        return Vec::new();
+    };
+    let mut ours = Vec::new();
+    let mut by_inode = Vec::new();
+    for device in list["loopdevices"].as_array().into_iter().flatten() {
+        let name = device["name"].as_str().unwrap_or_default().to_owned();
+        let file = device["back-file"].as_str().unwrap_or_default();
+        if file.starts_with(&marker) {
+            ours.push(name);
+            continue;
+        }
+        let inode = match &device["back-ino"] {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        let dev = device["back-maj:min"]
+            .as_str()
+            .and_then(|m| m.trim().split_once(':'))
+            .and_then(|(maj, min)| Some((maj.trim().parse().ok()?, min.trim().parse().ok()?)))
+            .map(|(maj, min): (u64, u64)| nix::sys::stat::makedev(maj, min));
+        if let (Some(inode), Some(dev)) = (inode, dev) {
+            by_inode.push((name, dev, inode));
+        }
+    }
+    if !by_inode.is_empty()
+        && let Ok(meta) = fs::metadata(root)
+    {
+        let wanted: BTreeSet<(u64, u64)> = by_inode
+            .iter()
+            .filter(|(_, dev, _)| *dev == meta.dev())
+            .map(|(_, dev, ino)| (*dev, *ino))
+            .collect();
+        let found = files_with_inodes(root, meta.dev(), &wanted);
+        for (name, dev, ino) in by_inode {
+            if found.contains(&(dev, ino)) {
+                ours.push(name);
             }
         }
     }
-    devices.sort();
-    devices
+    ours.sort();
+    ours
+}
+
+/// Which of `wanted` (device, inode) are regular files under `dir`, on
+/// `dev` only.
+fn files_with_inodes(dir: &Path, dev: u64, wanted: &BTreeSet<(u64, u64)>) -> BTreeSet<(u64, u64)> {
+    let mut found = BTreeSet::new();
+    if wanted.is_empty() {
+        return found;
+    }
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.dev() != dev {
+                continue;
+            }
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() && wanted.contains(&(dev, meta.ino())) {
+                found.insert((dev, meta.ino()));
+                if found.len() == wanted.len() {
+                    return found;
+                }
+            }
+        }
+    }
+    found
 }
 
 fn netns(slot: Slot) -> Vec<String> {
@@ -394,8 +467,12 @@ pub fn sweep(slot: Slot, root: &Path, keep: KeepFiles) -> Result<Leftovers, Harn
             errors.push(e.to_string());
         }
     }
+    // A veth whose peer was in a deleted namespace goes away by itself,
+    // asynchronously: only one still there after the attempt is an error.
     for link in links(slot) {
-        if let Err(e) = run("ip", &["link", "delete", &link]) {
+        if let Err(e) = run("ip", &["link", "delete", &link])
+            && links(slot).contains(&link)
+        {
             errors.push(e.to_string());
         }
     }
