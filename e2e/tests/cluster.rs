@@ -11,10 +11,7 @@
 //! Needs root, the upstream binaries (`e2e/tools/build-upstream.sh`) and the
 //! Debian packages of `e2e/tools/install-deps.sh`.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
@@ -24,7 +21,7 @@ use twinvol_e2e::{
     wait::{self, Poll},
 };
 
-static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const POD_TIMEOUT: &str = "--timeout=180s";
 
@@ -176,9 +173,7 @@ const WEB: &str = "mkdir -p /www && echo hello-from-$(hostname) > /www/index.htm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sites_run_pods_and_survive_their_faults() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster starts (binaries from e2e/tools/build-upstream.sh)");
@@ -468,9 +463,7 @@ async fn two_sites_run_pods_and_survive_their_faults() {
 
 #[test]
 fn a_failed_test_leaves_nothing_behind() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_CLUSTER_AT_A_TIME.blocking_lock();
     let (tx, rx) = std::sync::mpsc::channel();
     let outcome = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
