@@ -12,6 +12,7 @@
 //! also while a test panics (printing the logs' tails first).
 
 pub mod cgroup;
+pub mod cli;
 pub mod cmd;
 pub mod images;
 pub mod layout;
@@ -431,7 +432,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until every node in `ids` is Ready and carries its zone label.
+    /// Waits until every node in `ids` is Ready, as its kubelet reported
+    /// since the node's last boot, and carries its zone label.
     pub async fn wait_ready(
         &mut self,
         ids: &[NodeId],
@@ -439,6 +441,11 @@ impl Cluster {
     ) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;
         let api: Api<KubeNode> = Api::all(self.client());
+        // A Ready reported before the node's last boot does not count.
+        let mut booted = BTreeMap::new();
+        for id in ids {
+            booted.insert(*id, self.node(*id)?.booted_epoch_seconds());
+        }
         loop {
             for id in ids {
                 self.node_mut(*id)?.check_alive()?;
@@ -455,6 +462,12 @@ impl Cluster {
                             match node {
                                 None => Some(format!("{id} not registered")),
                                 Some(n) if !node_ready(n) => Some(format!("{id} not Ready")),
+                                Some(n)
+                                    if ready_since(n)
+                                        < booted.get(id).copied().flatten().map(|s| s - 1) =>
+                                {
+                                    Some(format!("{id} Ready only from before its boot"))
+                                }
                                 Some(n) if zone_of(n).as_deref() != Some(&id.site.zone()) => {
                                     Some(format!("{id} has zone {:?}", zone_of(n)))
                                 }
@@ -667,6 +680,19 @@ pub fn node_condition(node: &KubeNode, kind: &str) -> Option<String> {
         .iter()
         .find(|c| c.type_ == kind)
         .map(|c| c.status.clone())
+}
+
+/// When the kubelet last reported the Ready condition (epoch seconds).
+fn ready_since(node: &KubeNode) -> Option<i64> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")?
+        .last_heartbeat_time
+        .as_ref()
+        .map(|t| t.0.as_second())
 }
 
 fn zone_of(node: &KubeNode) -> Option<String> {

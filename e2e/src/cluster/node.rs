@@ -315,6 +315,9 @@ pub struct Node {
     boots: u32,
     /// When the last boot started (for time-to-Ready).
     booted_at: Option<Instant>,
+    /// The same on the wall clock, to tell a kubelet's first status after
+    /// the boot from the last one before it (one machine, one clock).
+    booted_wall: Option<std::time::SystemTime>,
 }
 
 impl Node {
@@ -324,6 +327,7 @@ impl Node {
             processes: Vec::new(),
             boots: 0,
             booted_at: None,
+            booted_wall: None,
         }
     }
 
@@ -341,6 +345,15 @@ impl Node {
 
     pub fn booted_at(&self) -> Option<Instant> {
         self.booted_at
+    }
+
+    /// Seconds since the epoch of the last boot.
+    pub fn booted_epoch_seconds(&self) -> Option<i64> {
+        let since = self
+            .booted_wall?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        i64::try_from(since.as_secs()).ok()
     }
 
     /// Process ids of the node's daemons (containerd, kubelet, kube-proxy).
@@ -413,6 +426,7 @@ impl Node {
         let (slot, id) = (config.slot, config.id);
         self.boots += 1;
         self.booted_at = Some(Instant::now());
+        self.booted_wall = Some(std::time::SystemTime::now());
 
         // The network namespace anew (kernel state — bridges, kube-proxy's
         // rules, conntrack — does not survive a power cut). A cut of the
