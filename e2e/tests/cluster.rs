@@ -257,6 +257,48 @@ async fn two_sites_run_pods_and_survive_their_faults() {
         "the API server did not see the pod's token: {answer}"
     );
 
+    // An image made from a Go-built CSI sidecar runs as a pod.
+    let sidecar = twinvol_e2e::cluster::images::sidecar(
+        &ClusterOptions::default().image_cache,
+        &ClusterOptions::default().upstream,
+        "csi-provisioner",
+        "v6.4.0",
+    )
+    .expect("sidecar image builds");
+    let reference = sidecar.reference.clone();
+    cluster
+        .add_image(sidecar)
+        .expect("imported into every node");
+    let version_pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "provisioner-version"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": b1.node_name()},
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main",
+                "image": reference,
+                "imagePullPolicy": "Never",
+                "args": ["--version"],
+            }],
+        },
+    })
+    .to_string();
+    apply(&cluster, &version_pod).await;
+    cluster
+        .kubectl_ok(&[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/provisioner-version",
+            POD_TIMEOUT,
+        ])
+        .expect("the sidecar's pod ran to completion");
+    let version = cluster
+        .kubectl_ok(&["logs", "provisioner-version"])
+        .expect("logs");
+    assert!(version.contains("v6.4.0"), "{version}");
+
     // Bidirectional mount propagation: a privileged pod mounts ext4 on a
     // loop device under a shared hostPath; the node's host path and a
     // second pod on that node see it.
@@ -370,6 +412,38 @@ async fn two_sites_run_pods_and_survive_their_faults() {
             .expect("A reaches B again")
             .trim(),
         "hello-from-web-b"
+    );
+
+    // The inter-site link shaped to 40 Mbit/s with tbf: 2 MiB from B to A
+    // take at least 0.4 s (unshaped: milliseconds).
+    exec(
+        &cluster,
+        "web-b",
+        "dd if=/dev/zero of=/www/big bs=1M count=2 2>/dev/null",
+    )
+    .expect("a 2 MiB file on B");
+    let download = |cluster: &Cluster| -> (u64, f64) {
+        let out = exec(
+            cluster,
+            "web-a",
+            &format!("curl -s -o /dev/null --max-time 20 -w '%{{size_download}} %{{time_total}}' http://{ip_b}:8080/big"),
+        )
+        .expect("download from B");
+        let mut fields = out.split_whitespace();
+        let size = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let secs = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        (size, secs)
+    };
+    let (size, free) = download(&cluster);
+    assert_eq!(size, 2 * 1024 * 1024);
+    cluster.limit_intersite(Some(40)).expect("tbf");
+    let (size, shaped) = download(&cluster);
+    cluster.limit_intersite(None).expect("tbf removed");
+    println!("2 MiB from B to A: {free:.3} s unshaped, {shaped:.3} s at 40 Mbit/s");
+    assert_eq!(size, 2 * 1024 * 1024);
+    assert!(
+        shaped >= 0.35,
+        "tbf did not shape the inter-site link: {shaped} s"
     );
 
     // Fault: site A partitioned from the control plane (still reaches B).

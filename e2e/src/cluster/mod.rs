@@ -549,6 +549,12 @@ impl Cluster {
         net::is_cut(self.slot, link)
     }
 
+    /// Limits the inter-site link's bandwidth (Mbit/s each way; `None`:
+    /// unlimited).
+    pub fn limit_intersite(&self, mbit: Option<u32>) -> Result<(), HarnessError> {
+        net::limit_intersite(self.slot, mbit)
+    }
+
     /// Cuts the link between the two sites.
     pub fn cut_intersite(&self) -> Result<(), HarnessError> {
         self.cut(Link::InterSite)

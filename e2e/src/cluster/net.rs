@@ -249,6 +249,32 @@ pub fn add_node(slot: Slot, node: NodeId) -> Result<(), HarnessError> {
     Ok(())
 }
 
+/// Limits the inter-site link to `mbit` Mbit/s each way (tbf on both
+/// routers' ends), as a WAN between two rooms; `None` lifts the limit.
+/// Latency cannot come from the kernel here (no netem): put a delaying
+/// proxy in the path where it matters.
+pub fn limit_intersite(slot: Slot, mbit: Option<u32>) -> Result<(), HarnessError> {
+    for site in Site::ALL {
+        let router = slot.router_netns(site);
+        // Deleting a root qdisc that is the default fails: ignore.
+        let _ = run_in(&router, "tc", &["qdisc", "del", "dev", "isl", "root"]);
+        if let Some(mbit) = mbit {
+            let rate = format!("{mbit}mbit");
+            // A burst of at least one timer tick's worth at this rate.
+            let burst = format!("{}kb", (mbit / 8).max(32));
+            run_in(
+                &router,
+                "tc",
+                &[
+                    "qdisc", "add", "dev", "isl", "root", "tbf", "rate", &rate, "burst", &burst,
+                    "latency", "50ms",
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Unplugs `node` and deletes its namespace. The link goes first: a
 /// namespace is destroyed asynchronously, after its last user, and its end
 /// of the veth pair with it; a new namespace of the same name must not
