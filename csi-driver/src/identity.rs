@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::names::DRIVER_NAME;
 use crate::proto::csi::identity_server::Identity;
-use crate::proto::csi::plugin_capability::{self, service, volume_expansion};
+use crate::proto::csi::plugin_capability::{self, service};
 use crate::proto::csi::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
@@ -80,18 +80,10 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        let expansion = PluginCapability {
-            r#type: Some(plugin_capability::Type::VolumeExpansion(
-                plugin_capability::VolumeExpansion {
-                    r#type: volume_expansion::Type::Online as i32,
-                },
-            )),
-        };
         Ok(Response::new(GetPluginCapabilitiesResponse {
             capabilities: vec![
                 service_capability(service::Type::ControllerService),
                 service_capability(service::Type::VolumeAccessibilityConstraints),
-                expansion,
             ],
         }))
     }

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::{Resource, ResourceExt};
 use twinvol_crds::{MirroredVolume, MirroredVolumeSpec, SiteName, VolumeSize};
 
@@ -308,33 +308,28 @@ impl ControllerService {
         }
         // Sites where no replica was ever placed have no data to remove:
         // drop their finalizers here, nobody else would.
-        let placed: Vec<&SiteName> = mv
-            .status
-            .iter()
-            .flat_map(|s| &s.replicas)
-            .filter(|r| r.node.is_some())
-            .map(|r| &r.site)
-            .collect();
-        let finalizers = mv.finalizers().to_vec();
-        let keep: Vec<String> = finalizers
-            .iter()
-            .filter(|f| {
-                !mv.spec
-                    .sites
-                    .iter()
-                    .any(|s| !placed.contains(&s) && **f == replica_finalizer(s))
-            })
-            .cloned()
-            .collect();
-        if keep.len() != finalizers.len() {
-            let patch = serde_json::json!({
-                "metadata": {"resourceVersion": mv.resource_version(), "finalizers": keep}
-            });
-            self.volumes
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| CsiError::kube(format!("removing finalizers of {name}"), e))?;
-        }
+        self.swap_metadata(&name, "removing finalizers", |mv| {
+            let Some(mv) = mv else { return Ok(None) };
+            let placed: Vec<&SiteName> = mv
+                .status
+                .iter()
+                .flat_map(|s| &s.replicas)
+                .filter(|r| r.node.is_some())
+                .map(|r| &r.site)
+                .collect();
+            let finalizers = mv.finalizers();
+            let keep: Vec<&String> = finalizers
+                .iter()
+                .filter(|f| {
+                    !mv.spec
+                        .sites
+                        .iter()
+                        .any(|s| !placed.contains(&s) && **f == replica_finalizer(s))
+                })
+                .collect();
+            Ok((keep.len() != finalizers.len()).then(|| serde_json::json!({ "finalizers": keep })))
+        })
+        .await?;
         match self.volumes.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}

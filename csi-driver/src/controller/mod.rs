@@ -16,7 +16,7 @@ pub mod publish;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use tonic::{Request, Response, Status};
-use twinvol_crds::{MirroredVolume, Site, VolumeSize};
+use twinvol_crds::{MirroredVolume, Site};
 
 use crate::capability;
 use crate::error::{CsiError, CsiResult};
@@ -52,6 +52,42 @@ impl ControllerService {
         }
     }
 
+    /// Changes a volume's metadata by compare-and-swap: reads it, lets
+    /// `decide` say what to merge into `metadata` (`None`: nothing to do),
+    /// and patches with the resourceVersion read. A lost race (the node
+    /// plugins write the same object's status) reads and decides again.
+    async fn swap_metadata(
+        &self,
+        name: &str,
+        what: &str,
+        mut decide: impl FnMut(Option<&MirroredVolume>) -> CsiResult<Option<serde_json::Value>>,
+    ) -> CsiResult<()> {
+        const ATTEMPTS: usize = 10;
+        for _ in 0..ATTEMPTS {
+            let mv = volume::get(&self.volumes, name).await?;
+            let Some(mut fields) = decide(mv.as_ref())? else {
+                return Ok(());
+            };
+            let Some(mv) = mv else {
+                return Ok(());
+            };
+            fields["resourceVersion"] = serde_json::Value::from(mv.resource_version());
+            let patch = serde_json::json!({ "metadata": fields });
+            match self
+                .volumes
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(CsiError::kube(format!("{what} of {name}"), e)),
+            }
+        }
+        Err(CsiError::OperationInProgress {
+            volume: format!("{name} ({what}: the object kept changing under {ATTEMPTS} attempts)"),
+        })
+    }
+
     /// The names of every Site, sorted.
     async fn site_names(&self) -> CsiResult<Vec<String>> {
         let sites: Api<Site> = Api::all(self.client.clone());
@@ -74,6 +110,9 @@ impl ControllerService {
             .await
             .map_err(|e| CsiError::kube("listing MirroredVolumes", e))?
             .items;
+        // A deleted volume waits for its node plugins to remove the
+        // replicas' data; for the CO it is gone already.
+        all.retain(|mv| mv.metadata.deletion_timestamp.is_none());
         all.sort_by_key(ResourceExt::name_any);
         let start: usize = if request.starting_token.is_empty() {
             0
@@ -146,48 +185,6 @@ impl ControllerService {
             available_capacity: clamp(nodes.iter().map(|n| n.free).sum()),
             maximum_volume_size: Some(clamp(nodes.iter().map(|n| n.free).max().unwrap_or(0))),
             minimum_volume_size: Some(clamp(params::SIZE_ALIGN)),
-        })
-    }
-
-    async fn expand_impl(
-        &self,
-        request: ControllerExpandVolumeRequest,
-    ) -> CsiResult<ControllerExpandVolumeResponse> {
-        if request.volume_id.is_empty() {
-            return Err(CsiError::MissingField { field: "volume_id" });
-        }
-        let range = request
-            .capacity_range
-            .as_ref()
-            .ok_or(CsiError::MissingField {
-                field: "capacity_range",
-            })?;
-        if let Some(cap) = &request.volume_capability {
-            capability::check(cap)?;
-        }
-        let name = request.volume_id.clone();
-        let _guard = self.locks.try_lock(&name)?;
-        let mv = volume::require(&self.volumes, &name).await?;
-        let current = volume::size_bytes(&mv)?;
-        let wanted = params::size_for(range.required_bytes, range.limit_bytes)?;
-        let size = if wanted > current {
-            let quantity = VolumeSize::from_bytes(wanted).map_err(|e| CsiError::Internal {
-                detail: e.to_string(),
-            })?;
-            let patch = serde_json::json!({"spec": {"size": quantity}});
-            self.volumes
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| CsiError::kube(format!("growing {name}"), e))?;
-            tracing::info!(volume = %name, from = current, to = wanted, "expanded");
-            wanted
-        } else {
-            // Volumes never shrink: a smaller request is already met.
-            current
-        };
-        Ok(ControllerExpandVolumeResponse {
-            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
-            node_expansion_required: true,
         })
     }
 }
@@ -273,10 +270,10 @@ impl Controller for ControllerService {
             capabilities: [
                 rpc::Type::CreateDeleteVolume,
                 rpc::Type::PublishUnpublishVolume,
+                rpc::Type::PublishReadonly,
                 rpc::Type::ListVolumes,
                 rpc::Type::ListVolumesPublishedNodes,
                 rpc::Type::GetCapacity,
-                rpc::Type::ExpandVolume,
                 rpc::Type::VolumeCondition,
                 rpc::Type::SingleNodeMultiWriter,
             ]
@@ -318,7 +315,11 @@ impl Controller for ControllerService {
         &self,
         request: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        Ok(Response::new(self.expand_impl(request.into_inner()).await?))
+        let _ = request;
+        // Growing needs the engine to grow a replica and a running
+        // mirror (its size is fixed when it connects): not built yet, so
+        // the capability is not advertised.
+        unimplemented("ControllerExpandVolume")
     }
 
     async fn controller_get_volume(

@@ -11,8 +11,6 @@
 //! takes (after its lease expired), not by anything done here.
 
 use k8s_openapi::api::core::v1::Node;
-use kube::ResourceExt;
-use kube::api::{Patch, PatchParams};
 
 use crate::capability;
 use crate::error::{CsiError, CsiResult};
@@ -47,7 +45,7 @@ impl ControllerService {
             .and_then(capability::check)?;
         let name = request.volume_id.clone();
         let _guard = self.locks.try_lock(&name)?;
-        let mv = volume::require(&self.volumes, &name).await?;
+        volume::require(&self.volumes, &name).await?;
         let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
         if nodes
             .get_opt(&request.node_id)
@@ -63,46 +61,38 @@ impl ControllerService {
             node: request.node_id.clone(),
             read_only: request.readonly || cap.read_only_mode(),
         };
-        match volume::published(&mv) {
-            Some(p) if p == wanted => return Ok(response()),
-            Some(p) if p.node == wanted.node => {
-                return Err(CsiError::AlreadyInUse {
-                    volume: name,
+        let record = serde_json::to_string(&wanted).map_err(|e| CsiError::Internal {
+            detail: e.to_string(),
+        })?;
+        self.swap_metadata(&name, "recording the publish", |mv| {
+            let Some(mv) = mv else {
+                return Err(CsiError::VolumeNotFound {
+                    volume: name.clone(),
+                });
+            };
+            match volume::published(mv) {
+                Some(p) if p == wanted => Ok(None),
+                Some(p) if p.node == wanted.node => Err(CsiError::AlreadyInUse {
+                    volume: name.clone(),
                     what: format!(
                         "published to node {} {}",
                         p.node,
-                        if p.read_only {
-                            "read-only"
-                        } else {
-                            "read-write"
-                        }
+                        if p.read_only { "read-only" } else { "read-write" }
                     ),
-                });
-            }
-            Some(p) => {
-                return Err(CsiError::Precondition {
-                    volume: name,
+                }),
+                Some(p) => Err(CsiError::Precondition {
+                    volume: name.clone(),
                     detail: format!(
                         "it is published to node {}; a mirrored volume is served by one node at a time (unpublish it there first)",
                         p.node
                     ),
-                });
+                }),
+                None => Ok(Some(serde_json::json!({
+                    "annotations": {ANNOTATION_PUBLISHED: record},
+                }))),
             }
-            None => {}
-        }
-        let record = serde_json::to_string(&wanted).map_err(|e| CsiError::Internal {
-            detail: e.to_string(),
-        })?;
-        let patch = serde_json::json!({
-            "metadata": {
-                "resourceVersion": mv.resource_version(),
-                "annotations": {ANNOTATION_PUBLISHED: record},
-            }
-        });
-        self.volumes
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| CsiError::kube(format!("recording the publish of {name}"), e))?;
+        })
+        .await?;
         tracing::info!(volume = %name, node = %request.node_id, "published");
         Ok(response())
     }
@@ -116,25 +106,18 @@ impl ControllerService {
         }
         let name = request.volume_id;
         let _guard = self.locks.try_lock(&name)?;
-        let Some(mv) = volume::get(&self.volumes, &name).await? else {
-            return Ok(());
-        };
-        match volume::published(&mv) {
-            Some(p) if request.node_id.is_empty() || p.node == request.node_id => {}
-            // Not published there: nothing to undo.
-            _ => return Ok(()),
-        }
-        let patch = serde_json::json!({
-            "metadata": {
-                "resourceVersion": mv.resource_version(),
-                "annotations": {ANNOTATION_PUBLISHED: null},
-            }
-        });
-        self.volumes
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| CsiError::kube(format!("removing the publish record of {name}"), e))?;
-        tracing::info!(volume = %name, node = %request.node_id, "unpublished");
+        let node = request.node_id;
+        self.swap_metadata(&name, "removing the publish record", |mv| {
+            Ok(match mv.and_then(volume::published) {
+                Some(p) if node.is_empty() || p.node == node => Some(serde_json::json!({
+                    "annotations": {ANNOTATION_PUBLISHED: null},
+                })),
+                // Not published there (or no such volume): nothing to undo.
+                _ => None,
+            })
+        })
+        .await?;
+        tracing::info!(volume = %name, node = %node, "unpublished");
         Ok(())
     }
 

@@ -153,8 +153,15 @@ struct Seen {
 
 fn seen(mv: &MirroredVolume) -> Option<Seen> {
     let status = mv.status.as_ref()?;
+    // An empty set before any frontend held the volume means both sites
+    // (see the arbiter's mapping), not none.
+    let in_sync = if status.in_sync.is_empty() && status.epoch.get() == 0 {
+        &mv.spec.sites
+    } else {
+        &status.in_sync
+    };
     Some(Seen {
-        in_sync: status.in_sync.iter().map(ToString::to_string).collect(),
+        in_sync: in_sync.iter().map(ToString::to_string).collect(),
         epoch: status.epoch.get(),
         frontend_node: status.frontend.as_ref().map(|f| f.node.to_string()),
     })

@@ -29,6 +29,9 @@ use crate::error::{CsiError, CsiResult};
 pub struct ProcessFiles {
     pub dir: PathBuf,
     pub role: &'static str,
+    /// The log, when it lives elsewhere than `<dir>/<role>.log` (so that
+    /// it outlives the directory).
+    pub log_file: Option<PathBuf>,
 }
 
 impl ProcessFiles {
@@ -36,7 +39,14 @@ impl ProcessFiles {
         Self {
             dir: dir.into(),
             role,
+            log_file: None,
         }
+    }
+
+    /// The same files with the log at `log`.
+    pub fn with_log(mut self, log: PathBuf) -> Self {
+        self.log_file = Some(log);
+        self
     }
 
     fn file(&self, ext: &str) -> PathBuf {
@@ -52,7 +62,7 @@ impl ProcessFiles {
     }
 
     pub fn log(&self) -> PathBuf {
-        self.file("log")
+        self.log_file.clone().unwrap_or_else(|| self.file("log"))
     }
 
     pub fn ready(&self) -> PathBuf {
@@ -147,6 +157,9 @@ pub struct Launch {
 /// Starts the process described by `files` (its spec already written),
 /// detached. Returns its pid.
 pub fn spawn(launch: &Launch, files: &ProcessFiles) -> CsiResult<u32> {
+    if let Some(dir) = files.log().parent() {
+        std::fs::create_dir_all(dir).map_err(|e| CsiError::io("creating directory", dir, e))?;
+    }
     let log = OpenOptions::new()
         .create(true)
         .append(true)

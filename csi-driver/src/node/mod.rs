@@ -4,7 +4,7 @@
 //!   block device (FUSE file + loop device; the kernel NBD client where the
 //!   kernel has one), the filesystem.
 //! - [`publish`]: NodePublish/Unpublish — bind mounts for pods.
-//! - [`stats`]: NodeGetVolumeStats and NodeExpandVolume.
+//! - [`stats`]: NodeGetVolumeStats (usage, health).
 //! - [`replicas`]: the replica servers of the replicas placed on this node.
 //! - [`site`]: which Site the node is in; [`state`]: what is kept on disk.
 //!
@@ -152,7 +152,11 @@ impl Node for NodeService {
         &self,
         request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Ok(Response::new(self.expand_impl(request.into_inner()).await?))
+        let _ = request;
+        Err(CsiError::Unsupported {
+            what: "NodeExpandVolume (volumes cannot grow yet)",
+        }
+        .into())
     }
 
     async fn node_get_capabilities(
@@ -163,7 +167,6 @@ impl Node for NodeService {
             capabilities: [
                 rpc::Type::StageUnstageVolume,
                 rpc::Type::GetVolumeStats,
-                rpc::Type::ExpandVolume,
                 rpc::Type::VolumeCondition,
                 rpc::Type::SingleNodeMultiWriter,
             ]

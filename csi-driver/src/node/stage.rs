@@ -191,7 +191,9 @@ impl NodeService {
                 lease_margin_ms: millis(self.config.lease_margin),
                 replica_timeout_ms: millis(self.config.replica_timeout),
                 fuse_dir: vdir.fuse_dir(),
-                nbd_socket: Some(vdir.nbd_socket()),
+                // The kernel has no NBD client here; when it has, the
+                // frontend also exports on a socket in the state dir.
+                nbd_socket: None,
                 ready_file: files.ready(),
                 status_file: vdir.status_file(),
                 metrics_listen: None,
@@ -212,7 +214,6 @@ impl NodeService {
         }
         loopdev::detach_file(&vdir.fuse_file()).await?;
         mounts::unmount_lazy(&vdir.fuse_dir()).await?;
-        let _ = std::fs::remove_file(vdir.nbd_socket());
         Ok(())
     }
 

@@ -3,10 +3,9 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `frontend.json`, `.pid`, `.log`, `.ready` | the frontend process (see `dataplane::process`) |
+//! | `frontend.json`, `.pid`, `.ready` | the frontend process (see `dataplane::process`; its log is `<state-dir>/logs/<volume>.frontend.log`, kept after unstaging) |
 //! | `frontend.status.json` | the frontend's own report (lease, replica states) |
 //! | `fuse/<volume>` | the FUSE file the loop device is attached to |
-//! | `nbd.sock` | the frontend's NBD export |
 //! | `stage.json` | the staging record: path, access type, device, publish targets |
 //!
 //! Everything else (is it mounted, which loop device) is read back from
@@ -71,8 +70,17 @@ impl VolumeDir {
         }
     }
 
+    /// The frontend's files; its log is `<state-dir>/logs/<volume>.frontend.log`,
+    /// kept after unstaging for whoever investigates later.
     pub fn frontend(&self) -> ProcessFiles {
+        let logs = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|state| state.join("logs"))
+            .unwrap_or_else(|| self.dir.clone());
         ProcessFiles::new(&self.dir, "frontend")
+            .with_log(logs.join(format!("{}.frontend.log", self.volume)))
     }
 
     pub fn fuse_dir(&self) -> PathBuf {
@@ -81,10 +89,6 @@ impl VolumeDir {
 
     pub fn fuse_file(&self) -> PathBuf {
         self.fuse_dir().join(&self.volume)
-    }
-
-    pub fn nbd_socket(&self) -> PathBuf {
-        self.dir.join("nbd.sock")
     }
 
     pub fn status_file(&self) -> PathBuf {

@@ -1,4 +1,4 @@
-//! NodeGetVolumeStats (usage and health) and NodeExpandVolume.
+//! NodeGetVolumeStats: usage and health.
 //!
 //! Health is abnormal when the volume is degraded (a replica out of the
 //! in-sync set: writes are acknowledged by one Site alone), when its
@@ -8,13 +8,11 @@
 use std::path::Path;
 
 use crate::error::{CsiError, CsiResult};
-use crate::params::FsType;
 use crate::proto::csi::volume_usage::Unit;
 use crate::proto::csi::{
-    NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetVolumeStatsRequest,
-    NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage,
+    NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage,
 };
-use crate::sys::{filesystem, loopdev};
+use crate::sys::loopdev;
 use crate::volume;
 
 use super::state::{Exposure, StageRecord, VolumeDir};
@@ -118,39 +116,6 @@ impl NodeService {
                 message: format!("health unknown: {e}"),
             },
         }
-    }
-
-    pub(super) async fn expand_impl(
-        &self,
-        request: NodeExpandVolumeRequest,
-    ) -> CsiResult<NodeExpandVolumeResponse> {
-        required(&request.volume_id, "volume_id")?;
-        required(&request.volume_path, "volume_path")?;
-        let name = request.volume_id.clone();
-        let _guard = self.locks.try_lock(&name)?;
-        let (_vdir, rec) = self.staged_at(&name, &request.volume_path).await?;
-        loopdev::refresh(&rec.device).await?;
-        let size = loopdev::size(&rec.device)?;
-        let wanted = request
-            .capacity_range
-            .as_ref()
-            .and_then(|r| u64::try_from(r.required_bytes).ok())
-            .unwrap_or(0);
-        if size < wanted {
-            return Err(CsiError::NotReady {
-                volume: name,
-                detail: format!(
-                    "the device is {size} bytes, {wanted} were asked for: the replicas have not grown yet"
-                ),
-            });
-        }
-        if let Exposure::Mount { fs_type } = &rec.exposure {
-            let fs = FsType::parse(fs_type).unwrap_or(FsType::Ext4);
-            filesystem::grow(&rec.device, &rec.staging_path, fs).await?;
-        }
-        Ok(NodeExpandVolumeResponse {
-            capacity_bytes: clamp(size),
-        })
     }
 }
 

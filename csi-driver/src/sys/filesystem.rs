@@ -1,4 +1,4 @@
-//! Making and growing the filesystem of a staged volume, never over data.
+//! Making the filesystem of a staged volume, never over data.
 //!
 //! Before `mkfs`, `blkid -p` (low-level probing, no cache) looks for any
 //! signature on the device — a filesystem, a partition table, LVM, RAID.
@@ -105,16 +105,6 @@ async fn mkfs(device: &Path, fs: FsType) -> CsiResult<()> {
             .await
         }
         FsType::Xfs => command::run("mkfs.xfs", &["-q", "-K", dev]).await,
-    }
-    .map(drop)
-}
-
-/// Grows the filesystem mounted at `mount_point` (on `device`) to the
-/// device's size.
-pub async fn grow(device: &Path, mount_point: &Path, fs: FsType) -> CsiResult<()> {
-    match fs {
-        FsType::Ext4 => command::run("resize2fs", &[path_str(device)?]).await,
-        FsType::Xfs => command::run("xfs_growfs", &[path_str(mount_point)?]).await,
     }
     .map(drop)
 }

@@ -106,13 +106,6 @@ pub async fn detach_file(file: &Path) -> CsiResult<()> {
     Ok(())
 }
 
-/// Makes the loop device over `file` re-read its backing file's size.
-pub async fn refresh(device: &Path) -> CsiResult<()> {
-    command::run("losetup", &["-c", path_str(device)?])
-        .await
-        .map(drop)
-}
-
 /// The size of a block device in bytes, from sysfs.
 pub fn size(device: &Path) -> CsiResult<u64> {
     let name = device
