@@ -138,7 +138,7 @@ pub async fn run(spec: FrontendSpec, client: Client) -> Result<(), DataPlaneErro
         twinvol_engine::process::shutdown_signal(),
     )
     .await
-    .map_err(DataPlaneError::Frontend);
+    .map_err(|e| DataPlaneError::Frontend(Box::new(e)));
     events.abort();
     result
 }

@@ -21,7 +21,7 @@ pub enum DataPlaneError {
     #[error("the process spec is unusable: {detail}")]
     Spec { detail: String },
     #[error(transparent)]
-    Frontend(#[from] twinvol_engine::frontend::service::FrontendError),
+    Frontend(Box<twinvol_engine::frontend::service::FrontendError>),
     #[error(transparent)]
-    Replica(#[from] twinvol_engine::replica::service::ReplicaProcessError),
+    Replica(Box<twinvol_engine::replica::service::ReplicaProcessError>),
 }

@@ -61,5 +61,5 @@ pub async fn run(spec: ReplicaServerSpec) -> Result<(), DataPlaneError> {
     };
     service::run(opts, twinvol_engine::process::shutdown_signal())
         .await
-        .map_err(DataPlaneError::Replica)
+        .map_err(|e| DataPlaneError::Replica(Box::new(e)))
 }
