@@ -49,6 +49,8 @@ pub struct ReplicaSupervisor {
     site: SiteName,
     /// The Site's pool on this node.
     pool_root: PathBuf,
+    /// Volumes whose server this process found running (logged once).
+    adopted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl ReplicaSupervisor {
@@ -59,6 +61,7 @@ impl ReplicaSupervisor {
             config,
             site,
             pool_root,
+            adopted: Default::default(),
         }
     }
 
@@ -242,11 +245,19 @@ impl ReplicaSupervisor {
             .as_ref()
             .and_then(|r| r.bytes().ok());
         let previous: Option<ReplicaServerSpec> = files.read_spec().ok();
-        if let (Some(spec), Some(_)) = (&previous, files.running())
+        if let (Some(spec), Some(pid)) = (&previous, files.running())
             && spec.resync_rate_limit == rate
         {
+            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
+            if adopted.insert(name.clone()) {
+                tracing::info!(volume = %name, pid, listen = %spec.listen, "adopted the running replica server");
+            }
             return Ok(spec.listen.to_string());
         }
+        self.adopted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone());
         if files.running().is_some() {
             // The rate limit changed: restart with the new one.
             process::stop(&files, STOP_GRACE).await?;
