@@ -210,6 +210,29 @@ async fn losing_replica_a_while_staged_on_b_takes_a_out_through_the_api() {
         }
     })
     .await;
+    // The resync's progress reached the status: node B (the source)
+    // reports it into room-a's entry.
+    wait_for(
+        "the resync progress in A's status entry",
+        Duration::from_secs(30),
+        || async {
+            let done = bed
+                .plane
+                .kubectl_ok(&[
+                    "get",
+                    "mv",
+                    &id,
+                    "-o",
+                    "jsonpath={.status.replicas[?(@.site==\"room-a\")].resyncBytesDone}",
+                ])
+                .unwrap_or_default();
+            match done.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Ok(()),
+                _ => Err(format!("resyncBytesDone of room-a: {done:?}")),
+            }
+        },
+    )
+    .await;
     for (file, byte, len) in [
         ("before", 1u8, 1 << 20),
         ("during", 2, 4 << 20),

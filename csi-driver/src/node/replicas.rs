@@ -7,7 +7,10 @@
 //! port kept across restarts, keeps the peers file pointing at the other
 //! Site's replica, and reports the replica's address and state into the
 //! MirroredVolume status by server-side apply (field manager
-//! `twinvol-node-<node>`), only when they change. When the volume is
+//! `twinvol-node-<node>`), only when they change — and, while this replica
+//! resyncs its peer, the progress (`resyncBytesDone`/`Remaining`) in the
+//! peer's entry, at most every 3 s; the peer's plugin then reports its
+//! state `Resyncing` until it is back in the in-sync set. When the volume is
 //! deleted it stops the server, removes the data and drops the Site's
 //! finalizer. Level-triggered: every event, and a tick every few seconds,
 //! reconciles from what is (processes, files, the object), so a restarted
@@ -30,6 +33,7 @@ use kube::{Client, Resource, ResourceExt};
 use twinvol_crds::{MirroredVolume, ReplicaState, SiteName};
 use twinvol_engine::protocol::VolumeId;
 use twinvol_engine::replica::Pool;
+use twinvol_engine::resync::{ResyncState, ResyncStatus};
 
 use crate::dataplane::process::{self, ProcessFiles};
 use crate::dataplane::{Launch, ReplicaServerSpec};
@@ -41,6 +45,8 @@ use super::NodeConfig;
 const TICK: Duration = Duration::from_secs(5);
 const READY_WAIT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(15);
+/// Resync progress goes into the status at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Runs the replicas placed on this node.
 pub struct ReplicaSupervisor {
@@ -51,6 +57,8 @@ pub struct ReplicaSupervisor {
     pool_root: PathBuf,
     /// Volumes whose server this process found running (logged once).
     adopted: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// When each volume's resync progress was last written.
+    progress_reported: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl ReplicaSupervisor {
@@ -62,6 +70,7 @@ impl ReplicaSupervisor {
             site,
             pool_root,
             adopted: Default::default(),
+            progress_reported: Default::default(),
         }
     }
 
@@ -288,30 +297,81 @@ impl ReplicaSupervisor {
         Ok(listen.to_string())
     }
 
-    /// Reports this replica's address and state, when they changed.
+    /// The progress of this replica's resync to its peer, as its server
+    /// last wrote it: (peer, bytes copied this attempt, bytes remaining).
+    fn resync_progress(&self, volume: &str) -> Option<(SiteName, u64, u64)> {
+        let status = ResyncStatus::load(&self.replica_dir(volume), volume).ok()??;
+        let peer = SiteName::new(status.peer.clone()?).ok()?;
+        let active = matches!(
+            status.state,
+            ResyncState::Copying
+                | ResyncState::Done
+                | ResyncState::Waiting
+                | ResyncState::Connecting
+        ) || status.copied_bytes > 0;
+        active.then_some((peer, status.attempt_copied_bytes, status.remaining_bytes))
+    }
+
+    /// Reports, when they changed: this replica's address and state, and —
+    /// when this replica resyncs its peer — the resync's progress in the
+    /// peer's entry (at most every [`PROGRESS_EVERY`] while it moves). One
+    /// apply carries every field this node's manager owns, since an apply
+    /// drops the fields it leaves out.
     async fn report(&self, mv: &MirroredVolume, address: &str) -> CsiResult<()> {
+        let name = mv.name_any();
         let status = mv.status.clone().unwrap_or_default();
         let in_sync = status.in_sync.contains(&self.site)
             || (status.in_sync.is_empty() && status.epoch.get() == 0);
+        let current = status.replicas.iter().find(|r| r.site == self.site);
+        // The peer copying to this replica writes the progress into this
+        // replica's entry: while some remains, it is resyncing.
         let state = if in_sync {
             ReplicaState::InSync
+        } else if current
+            .and_then(|r| r.resync_bytes_remaining)
+            .is_some_and(|b| b.get() > 0)
+        {
+            ReplicaState::Resyncing
         } else {
             ReplicaState::OutOfSync
         };
-        let current = status.replicas.iter().find(|r| r.site == self.site);
-        if current.is_some_and(|r| r.address.as_deref() == Some(address) && r.state == state) {
+        // Progress only into an entry the operator created (it holds the
+        // required fields), and only while this replica is the source.
+        let progress = self.resync_progress(&name).filter(|(peer, _, _)| {
+            in_sync && *peer != self.site && status.replicas.iter().any(|r| r.site == *peer)
+        });
+        let own_same =
+            current.is_some_and(|r| r.address.as_deref() == Some(address) && r.state == state);
+        let progress_same = progress.as_ref().is_none_or(|(peer, done, remaining)| {
+            status.replicas.iter().any(|r| {
+                r.site == *peer
+                    && r.resync_bytes_done.map(|b| b.get()) == Some(*done)
+                    && r.resync_bytes_remaining.map(|b| b.get()) == Some(*remaining)
+            })
+        });
+        if own_same && progress_same {
             return Ok(());
         }
-        let name = mv.name_any();
+        if own_same && !self.progress_due(&name, progress.as_ref().is_some_and(|p| p.2 == 0)) {
+            return Ok(());
+        }
+        let mut replicas = vec![serde_json::json!({
+            "site": self.site,
+            "address": address,
+            "state": state,
+        })];
+        if let Some((peer, done, remaining)) = &progress {
+            replicas.push(serde_json::json!({
+                "site": peer,
+                "resyncBytesDone": done,
+                "resyncBytesRemaining": remaining,
+            }));
+        }
         let patch = serde_json::json!({
             "apiVersion": "twinvol.io/v1alpha1",
             "kind": "MirroredVolume",
             "metadata": {"name": name},
-            "status": {"replicas": [{
-                "site": self.site,
-                "address": address,
-                "state": state,
-            }]},
+            "status": {"replicas": replicas},
         });
         self.api
             .patch_status(
@@ -321,8 +381,25 @@ impl ReplicaSupervisor {
             )
             .await
             .map_err(|e| CsiError::kube(format!("reporting the replica of {name}"), e))?;
-        tracing::info!(volume = %name, address, state = ?state, "reported the replica");
+        tracing::info!(volume = %name, address, state = ?state, progress = ?progress, "reported the replica");
         Ok(())
+    }
+
+    /// Whether a progress-only report of `volume` may be written now: at
+    /// most every [`PROGRESS_EVERY`], except the final one (nothing left).
+    fn progress_due(&self, volume: &str, finished: bool) -> bool {
+        let mut last = self
+            .progress_reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let due = finished
+            || last
+                .get(volume)
+                .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        if due {
+            last.insert(volume.to_owned(), std::time::Instant::now());
+        }
+        due
     }
 
     /// Stops the server and removes everything of the volume's replica.
