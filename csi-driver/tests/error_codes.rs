@@ -232,25 +232,26 @@ async fn aborted_while_another_call_on_the_volume_runs() {
         .expect("node socket");
     let mut second = first.clone();
     let request = stage_request("pvc-busy", &staging, rwo());
-    let waiting = tokio::spawn(async move { first.node.node_stage_volume(request).await });
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let (code, message) = loop {
-        let result = second
-            .node
-            .node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: "pvc-busy".into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await;
-        match result {
-            Err(s) if s.code() == Code::Aborted => break (s.code(), s.message().to_owned()),
-            other => assert!(
-                Instant::now() < deadline,
-                "a call during the waiting NodeStage was never Aborted: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let waiting = tokio::spawn({
+        let request = request.clone();
+        async move { first.node.node_stage_volume(request).await }
+    });
+    // The volume's state directory appears once the first NodeStage holds
+    // the volume and waits.
+    let state = bed.nodes[0].state_dir().join("volumes/pvc-busy");
+    common::wait_for(
+        "the first NodeStage to be waiting",
+        Duration::from_secs(15),
+        || async {
+            if state.is_dir() {
+                Ok(())
+            } else {
+                Err("no state directory yet".to_owned())
+            }
+        },
+    )
+    .await;
+    let (code, message) = code_of(second.node.node_stage_volume(request).await);
     assert_eq!(code, Code::Aborted);
     assert!(message.contains("in progress"), "{message}");
     let (code, message) = code_of(waiting.await.expect("the first call ends"));
