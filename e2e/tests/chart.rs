@@ -250,13 +250,36 @@ fn template_renders_every_component() {
             && !rendered.contains("/var/lib/kubelet"),
         "{rendered}"
     );
+
+    // A per-node kubeletDir (the cluster bed's): the directory above the
+    // node's name is mounted, the arguments carry $(NODE_NAME) for
+    // Kubernetes to expand.
+    let per_node = "/var/lib/twinvol-cluster/tsc0/nodes/$(NODE_NAME)/kubelet";
+    let set = format!("kubeletDir={per_node}");
+    let objs = objects(&render(home.path(), &["--set", &set]));
+    let node = &find(&objs, "DaemonSet", "node")["spec"]["template"]["spec"];
+    let volume = node["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "kubelet-dir")
+        .expect("kubelet-dir volume");
+    assert_eq!(
+        volume["hostPath"]["path"],
+        "/var/lib/twinvol-cluster/tsc0/nodes"
+    );
+    let args = node["containers"][0]["args"].to_string();
+    assert!(
+        args.contains(&format!("--kubelet-dir={per_node}")),
+        "{args}"
+    );
 }
 
 #[test]
 fn bad_values_are_refused_naming_them() {
     let home = home();
     let chart = chart();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &[
                 "--set",
@@ -280,6 +303,10 @@ fn bad_values_are_refused_naming_them() {
         ),
         (&["--set", "storageClass.failback=Sometimes"], "failback"),
         (&["--set", "kubeletDir=var/lib/kubelet"], "kubeletDir"),
+        (
+            &["--set", "kubeletDir=/nodes/x-$(NODE_NAME)/kubelet"],
+            "whole path component",
+        ),
     ];
     for (extra, message) in cases {
         let mut args = vec!["template", "twinvol", chart.as_str()];

@@ -70,4 +70,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (hasPrefix "/" .Values.kubeletDir) -}}
 {{- fail "kubeletDir must be an absolute path" -}}
 {{- end -}}
+{{- if and (contains "$(NODE_NAME)" .Values.kubeletDir) (not (regexMatch "^/.+/\\$\\(NODE_NAME\\)(/|$)" .Values.kubeletDir)) -}}
+{{- fail "kubeletDir: $(NODE_NAME) must be a whole path component below the root, as in /nodes/$(NODE_NAME)/kubelet" -}}
+{{- end -}}
 {{- end -}}
