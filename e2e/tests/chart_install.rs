@@ -279,6 +279,72 @@ async fn helm_install_on_the_two_site_bed_brings_every_pod_ready() {
         started.elapsed().as_secs_f64()
     );
 
+    // The components talk to the API with their ServiceAccounts: an
+    // operator replica holds the leader Lease, each node plugin renews its
+    // heartbeat Lease, and the operator counts them into each Site's status.
+    let operators: Vec<String> = states
+        .iter()
+        .map(|(name, _)| name.clone())
+        .filter(|n| n.contains("operator"))
+        .collect();
+    let by = Instant::now() + Duration::from_secs(60);
+    let expect = |what: &str, args: &[&str], ok: &dyn Fn(&str) -> bool| {
+        let mut last = String::new();
+        while Instant::now() < by {
+            last = cluster.kubectl_ok(args).unwrap_or_else(|e| e.to_string());
+            if ok(&last) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("{what}: last {last:?}\n{}", diagnostics(&cluster));
+    };
+    expect(
+        "the leader Lease is held by an operator pod",
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "lease",
+            "twinvol-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+        &|holder| operators.iter().any(|o| o == holder),
+    );
+    for site in Site::ALL {
+        let name = node(site).node_name();
+        let lease = format!("twinvol-node-{name}");
+        expect(
+            "the node plugin's heartbeat Lease",
+            &[
+                "-n",
+                NAMESPACE,
+                "get",
+                "lease",
+                &lease,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ],
+            &|holder| holder == name,
+        );
+        expect(
+            "the Site counts its node plugin, unfenced",
+            &[
+                "get",
+                "site",
+                &site.zone(),
+                "-o",
+                "jsonpath={.status.pluginsHeartbeating} {.status.fenced}",
+            ],
+            &|status| status == "1 false",
+        );
+    }
+    eprintln!(
+        "leader Lease, heartbeat Leases and Site status {:.1} s after helm install",
+        started.elapsed().as_secs_f64()
+    );
+
     // Each node plugin registered with its kubelet: kubelet wrote the
     // driver into the node's CSINode.
     let registered_by = Instant::now() + Duration::from_secs(60);
