@@ -1,5 +1,11 @@
 //! The operator: reconcilers for Site and MirroredVolume, and the pure
-//! decision functions (placement, fail-over, fencing, fail-back).
+//! decisions they apply (placement, fail-over, fencing, fail-back, planned
+//! maintenance).
 //!
-//! Not built yet: it follows the CSI driver. This crate exists so that the
-//! workspace has the shape of the design from the start; it exports nothing.
+//! - [`decide`]: pure functions over a snapshot; everything the design
+//!   promises about fail-over is tested there.
+//! - [`annotations`]: the knobs an admin turns.
+
+pub mod annotations;
+pub mod decide;
+pub mod observe;
