@@ -102,7 +102,6 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
     let mut b_acquired_at = None;
     let mut history: Vec<Snapshot> = Vec::new();
     let mut tracker = Tracker::new(timings.staleness);
-    let mut observing_since = 0;
     let mut next_poll = 0;
     let mut site_fenced = false;
     let mut fenced_at = None;
@@ -142,7 +141,6 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
 
         if p.restarts.contains(&t) {
             tracker = Tracker::new(timings.staleness);
-            observing_since = t;
             next_poll = t;
         }
         if t >= next_poll {
@@ -182,7 +180,6 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
                 maintenance: None,
                 out_of_service_taint: false,
                 frontends,
-                observing_since: Mono::from_millis(observing_since),
                 now,
             };
             let decision = site::decide(&input, &timings);

@@ -70,7 +70,6 @@ fn arb_site_input() -> impl Strategy<Value = SiteInput> {
                         survivor_in_sync: in_sync,
                     })
                     .collect(),
-                observing_since: Mono::from_millis(since),
                 now: Mono::from_millis(since + now),
             },
         )

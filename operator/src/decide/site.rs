@@ -32,7 +32,10 @@ pub struct NodeInput {
     /// The Node's Ready condition is True.
     pub ready: bool,
     /// The node plugin's heartbeat Lease as observed; `None` when there is
-    /// none (counted as last seen when the operator began observing).
+    /// none: no node plugin runs there (yet). A node plugin that died
+    /// leaves its Lease behind, so a dead site is never mistaken for one
+    /// not yet installed — and a site with no node plugin at all is never
+    /// fenced.
     pub heartbeat: Option<Beat>,
     /// Which of the operator's taints the node carries now.
     pub taints: OurTaints,
@@ -101,8 +104,6 @@ pub struct SiteInput {
     /// `spec.outOfServiceTaint`.
     pub out_of_service_taint: bool,
     pub frontends: Vec<FrontendAtSite>,
-    /// When this operator began observing heartbeats.
-    pub observing_since: Mono,
     pub now: Mono,
 }
 
@@ -111,6 +112,8 @@ pub struct SiteInput {
 pub enum Health {
     /// No node matches the selector.
     NoNodes,
+    /// No node of the site has a node plugin heartbeat Lease.
+    NoPlugins,
     /// Every node plugin heartbeats.
     Healthy,
     /// Some node plugins heartbeat, some are stale.
@@ -139,6 +142,7 @@ impl HealthReport {
     pub fn recovered(&self, now: Mono, timings: &Timings) -> bool {
         self.health != Health::Lost
             && self.health != Health::NoNodes
+            && self.health != Health::NoPlugins
             && self
                 .proven_since
                 .is_some_and(|s| now.since(s) >= timings.recovery)
@@ -146,20 +150,17 @@ impl HealthReport {
 }
 
 /// The health of a site from its nodes.
-pub fn health(
-    nodes: &[NodeInput],
-    observing_since: Mono,
-    now: Mono,
-    timings: &Timings,
-) -> HealthReport {
+pub fn health(nodes: &[NodeInput], now: Mono, timings: &Timings) -> HealthReport {
     let mut stale = Vec::new();
     let mut proven_since: Option<Mono> = None;
     let mut heartbeating = 0;
+    let mut with_plugin = 0;
     for node in nodes {
-        let beat = node.heartbeat.unwrap_or(Beat {
-            last_change: observing_since,
-            proven_since: None,
-        });
+        let Some(beat) = node.heartbeat else {
+            stale.push(node.name.clone());
+            continue;
+        };
+        with_plugin += 1;
         if beat.stale(now, timings.staleness) {
             stale.push(node.name.clone());
         } else {
@@ -172,6 +173,8 @@ pub fn health(
     stale.sort();
     let health = if nodes.is_empty() {
         Health::NoNodes
+    } else if with_plugin == 0 {
+        Health::NoPlugins
     } else if heartbeating == 0 {
         Health::Lost
     } else if heartbeating < nodes.len() {
@@ -228,7 +231,7 @@ pub struct SiteDecision {
 /// Decides about one Site.
 pub fn decide(input: &SiteInput, timings: &Timings) -> SiteDecision {
     let now = input.now;
-    let report = health(&input.nodes, input.observing_since, now, timings);
+    let report = health(&input.nodes, now, timings);
     let lost = report.health == Health::Lost;
 
     let mut frontends: Vec<&FrontendAtSite> = input.frontends.iter().collect();
@@ -364,6 +367,12 @@ fn conditions(
             "NoNodes",
             "no node matches spec.nodeSelector",
         ),
+        Health::NoPlugins => CondPlan::new(
+            healthy,
+            false,
+            "NoNodePlugins",
+            format!("no node plugin runs on the site's nodes yet ({counts})"),
+        ),
         Health::Healthy => CondPlan::new(healthy, true, "Heartbeating", counts),
         Health::Partial => CondPlan::new(
             healthy,
@@ -397,7 +406,9 @@ fn conditions(
         )
     };
     let fenced = match fencing {
-        Fencing::NotFenced => CondPlan::new(fenced_type, false, "NotFenced", ""),
+        Fencing::NotFenced => {
+            CondPlan::new(fenced_type, false, "NotFenced", "the site is not fenced")
+        }
         Fencing::WaitingForLeases(w) => CondPlan::new(
             fenced_type,
             false,
@@ -492,7 +503,6 @@ mod tests {
             maintenance: None,
             out_of_service_taint: false,
             frontends,
-            observing_since: Mono::ZERO,
             now: Mono::from_millis(now_ms),
         }
     }
@@ -570,12 +580,23 @@ mod tests {
     }
 
     #[test]
-    fn a_node_without_any_heartbeat_counts_from_the_start_of_observation() {
-        let mut input = site(vec![node("a1", None)], vec![], 8_000);
-        input.observing_since = Mono::from_millis(1_000);
-        assert_eq!(decide(&input, &timings()).health.health, Health::Healthy);
-        input.now = Mono::from_millis(9_001);
-        assert_eq!(decide(&input, &timings()).health.health, Health::Lost);
+    fn a_site_without_any_node_plugin_is_not_lost_and_never_fenced() {
+        let input = site(vec![node("a1", None), node("a2", None)], vec![], 60_000);
+        let d = decide(&input, &timings());
+        assert_eq!(d.health.health, Health::NoPlugins);
+        assert!(!d.fenced);
+        let with_dead_plugin = site(
+            vec![node("a1", None), node("a2", Some(beat(0, Some(0))))],
+            vec![],
+            60_000,
+        );
+        let d = decide(&with_dead_plugin, &timings());
+        assert_eq!(
+            d.health.health,
+            Health::Lost,
+            "a plugin's Lease outlives the plugin"
+        );
+        assert!(d.fenced);
     }
 
     #[test]

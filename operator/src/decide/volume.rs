@@ -369,7 +369,12 @@ pub fn decide(input: &VolumeInput, timings: &Timings) -> VolumeDecision {
         )
     });
     d.conditions.push(if fenced.is_empty() {
-        CondPlan::new(t(VolumeConditionType::Fenced), false, "NotFenced", "")
+        CondPlan::new(
+            t(VolumeConditionType::Fenced),
+            false,
+            "NotFenced",
+            "no replica's site is fenced",
+        )
     } else {
         CondPlan::new(
             t(VolumeConditionType::Fenced),
