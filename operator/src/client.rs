@@ -28,8 +28,13 @@ pub enum ClientError {
 }
 
 /// The client for `kubeconfig`, or the inferred one.
+///
+/// Without kube's default retry layer: it retries a 429 up to 15 times,
+/// honouring Retry-After, so an eviction a PodDisruptionBudget refuses
+/// would hang the reconcile for minutes instead of being reported and
+/// retried by the controller.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let read = |source| ClientError::Read {
                 path: path.display().to_string(),
@@ -44,5 +49,6 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
             .await
             .map_err(|source| ClientError::Infer { source })?,
     };
+    config.default_retry = false;
     Client::try_from(config).map_err(|source| ClientError::Build { source })
 }

@@ -188,6 +188,7 @@ pub async fn reconcile(mv: Arc<MirroredVolume>, ctx: Arc<Context>) -> Result<Act
     }
     let input = gather_input(&ctx, &mv)?;
     let decision = volume::decide(&input, &ctx.config.timings);
+    tracing::debug!(volume = %input.name, ?input, ?decision, "decided");
     apply(&ctx, &mv, &input, &decision).await?;
     Ok(Action::requeue(decision.requeue_after))
 }
@@ -285,7 +286,9 @@ async fn apply(
                     .unwrap_or_else(|| s.clone())
             });
         let target = target.map(|s| s.to_string()).unwrap_or_default();
-        match ops::evict_pod(ctx, pod).await? {
+        let outcome = ops::evict_pod(ctx, pod).await?;
+        tracing::info!(volume = %name, pod = %format!("{}/{}", pod.namespace, pod.name), why = ?why, outcome = ?outcome, "eviction");
+        match outcome {
             Evicted::Yes => {
                 ctx.memory().eviction_refused.remove(name.as_str());
                 if *why == MoveReason::MoveHome {

@@ -262,6 +262,17 @@ impl Bed {
                                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": format!("data-{volume}")}}]}}),
             )
             .await;
+        // The kubelet's report: running and ready (a pending pod would be
+        // evicted without asking its PodDisruptionBudget).
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": now}]}})),
+        )
+        .await
+        .expect("pod status");
         let vas: Api<VolumeAttachment> = Api::all(self.client.clone());
         self.create(
             &vas,
