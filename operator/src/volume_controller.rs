@@ -259,6 +259,7 @@ async fn apply(
     }
     for va in &d.delete_attachments {
         if ops::delete_attachment(ctx, va).await? {
+            tracing::warn!(volume = %name, attachment = %va, "deleted a VolumeAttachment to a node of a fenced site");
             ops::event(
                 ctx,
                 &me,

@@ -163,6 +163,10 @@ impl Bed {
         )
     }
 
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
     pub fn operator_log(&self, name: &str) -> String {
         twinvol_e2e::process::tail(&self.logs.join(format!("{name}.log")), 400)
     }
