@@ -236,6 +236,24 @@ async fn placement_site_loss_and_automatic_failback() {
         assert!(described.contains(event), "no {event} event:\n{described}");
     }
 
+    // What Prometheus and a liveness probe see.
+    let (status, _) = bed.http_get("operator", "/healthz");
+    assert!(status.contains("200"), "{status}");
+    let (status, metrics) = bed.http_get("operator", "/metrics");
+    assert!(status.contains("200"), "{status}");
+    for line in [
+        "twinvol_operator_failovers_total 1",
+        "twinvol_operator_leader 1",
+        "twinvol_operator_sites_fenced 1",
+        "twinvol_operator_volumes{state=\"Degraded\"} 1",
+        "twinvol_operator_reconcile_runs_total{controller=\"site\"}",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line} missing from /metrics:\n{metrics}"
+        );
+    }
+
     // The StatefulSet controller recreates the pod; the scheduler puts it
     // on west (east is tainted); its frontend starts there.
     bed.pod("app-0", "vol-1", "west-1").await;
@@ -272,11 +290,14 @@ async fn placement_site_loss_and_automatic_failback() {
         RECOVERY
     ));
     assert!(unfenced >= RECOVERY, "unfenced before the recovery period");
-    assert!(
-        !bed.node_taints("east-1")
-            .await
-            .contains(&"twinvol.io/fenced".to_owned())
-    );
+    bed.until("east's fenced taint removed", "operator", || async {
+        ready(
+            !bed.node_taints("east-1")
+                .await
+                .contains(&"twinvol.io/fenced".to_owned()),
+        )
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         bed.pod_uid("app-0").await.is_some_and(|(_, t)| !t),

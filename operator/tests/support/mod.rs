@@ -46,6 +46,7 @@ pub struct Bed {
     logs: PathBuf,
     started: Instant,
     timeline: Mutex<Vec<String>>,
+    ports: Mutex<std::collections::HashMap<String, u16>>,
 }
 
 impl Bed {
@@ -77,6 +78,7 @@ impl Bed {
             logs,
             started: Instant::now(),
             timeline: Mutex::new(Vec::new()),
+            ports: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -117,6 +119,10 @@ impl Bed {
     /// A twinvol-operator process with the test timings.
     pub fn operator(&self, name: &str) -> ManagedProcess {
         let port = twinvol_e2e::ports::free_port().expect("a free port");
+        self.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), port);
         self.spawn(
             name,
             env!("CARGO_BIN_EXE_twinvol-operator"),
@@ -160,6 +166,24 @@ impl Bed {
                 "--lease-duration=2s".into(),
                 "--lease-margin=500ms".into(),
             ],
+        )
+    }
+
+    /// GET `path` from operator `name`'s HTTP endpoint: (status line, body).
+    pub fn http_get(&self, name: &str, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let port = self.ports.lock().unwrap_or_else(|e| e.into_inner())[name];
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("sends");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("reads");
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
         )
     }
 
