@@ -215,11 +215,14 @@ async fn placement_site_loss_and_automatic_failback() {
         "VolumeAttachment csi-vol-1-east-1 gone after {:.2}s",
         dark.elapsed().as_secs_f64()
     ));
-    let taints = bed.node_taints("east-1").await;
-    assert!(
-        taints.contains(&"twinvol.io/fenced".to_owned()),
-        "{taints:?}"
-    );
+    bed.until("east's nodes tainted", "operator", || async {
+        ready(
+            bed.node_taints("east-1")
+                .await
+                .contains(&"twinvol.io/fenced".to_owned()),
+        )
+    })
+    .await;
     let described = bed
         .plane
         .kubectl_ok(&["describe", "mirroredvolume", "vol-1"])
