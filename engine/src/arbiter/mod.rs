@@ -19,7 +19,7 @@ pub mod record;
 use std::future::Future;
 
 pub use file::FileArbiter;
-pub use record::{Change, FrontendId, Lease, Rejected, VolumeRecord};
+pub use record::{Change, FrontendId, Lease, LeaseId, Rejected, VolumeRecord};
 
 /// An opaque version of a volume's record: what a compare-and-swap expects.
 /// A counter for the file arbiter, a resourceVersion for Kubernetes; callers

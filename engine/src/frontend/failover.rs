@@ -935,6 +935,7 @@ mod tests {
         rec.epoch = Epoch(epoch);
         rec.lease = Some(Lease {
             holder: FrontendId(holder.into()),
+            epoch: Epoch(epoch),
             renewed_at_ms: 0,
             duration: Duration::from_secs(10),
         });

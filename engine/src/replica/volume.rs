@@ -528,6 +528,23 @@ impl Volume {
         r
     }
 
+    /// Applies a range operation (trim, write-zeroes) in pieces that each
+    /// fit the activity log, each logged (and marked, while tracking)
+    /// before it is applied: a range of any length a request can carry.
+    fn in_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        mirrored: bool,
+        apply: impl Fn(u64, u64) -> Result<(), StorageError>,
+    ) -> Result<(), WireError> {
+        for (o, l) in self.logs.pieces(offset, len) {
+            let _logged = self.logs.before_write(o, l, mirrored)?;
+            apply(o, l).map_err(|e| io_error(&e))?;
+        }
+        Ok(())
+    }
+
     fn execute_inner(&self, epoch: Epoch, op: Op) -> Result<Reply, WireError> {
         let _in_flight = self.gate.enter(epoch)?;
         let data = &self.data;
@@ -566,8 +583,8 @@ impl Volume {
                 mirrored,
             } => {
                 self.check_range(offset, u64::from(len), false)?;
-                let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
-                data.punch(offset, u64::from(len)).map(|()| Reply::Done)
+                self.in_pieces(offset, u64::from(len), mirrored, |o, l| data.punch(o, l))?;
+                Ok(Reply::Done)
             }
             Op::WriteZeroes {
                 offset,
@@ -576,10 +593,9 @@ impl Volume {
                 mirrored,
             } => {
                 self.check_range(offset, u64::from(len), false)?;
-                let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
-                data.zero(offset, u64::from(len))
-                    .and_then(|()| if fua { data.sync() } else { Ok(()) })
-                    .map(|()| Reply::Done)
+                self.in_pieces(offset, u64::from(len), mirrored, |o, l| data.zero(o, l))?;
+                let synced = if fua { data.sync() } else { Ok(()) };
+                synced.map(|()| Reply::Done)
             }
             Op::ResyncStatus => {
                 let bitmap = self.logs.bitmap();
