@@ -20,7 +20,8 @@
 //! # A write is never abandoned half-way
 //!
 //! Once a write (or trim, or write-zeroes) has been handed to the mirror it
-//! runs to its end in a task of its own, whatever happens to its caller: an
+//! runs to its end, whatever happens to its caller — driven by the caller
+//! while it waits, by a task of its own once it stopped waiting: an
 //! NBD client that resets its connection drops the export's futures, a
 //! shutdown stops the exports, a failed chunk of a large write ends the
 //! caller's wait — none of that may leave the write on one in-sync replica
@@ -37,8 +38,11 @@
 //! arbiter there is nothing else to record that in): the replicas'
 //! activity logs then stay for the next frontend to reconcile.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -132,7 +136,7 @@ struct Inner {
     progress: watch::Sender<[Option<u64>; 2]>,
     /// Set by [`Mirror::enable_failover`].
     degrade: OnceLock<Degrade>,
-    /// Writes (and trims, write-zeroes) running in their own tasks.
+    /// Writes (and trims, write-zeroes) not ended yet, waited for or not.
     writes: WritesInFlight,
     /// Set when a write ended in an error after it may have reached one
     /// replica and not the other, with nothing recording the region (see
@@ -145,6 +149,53 @@ struct Inner {
 struct WritesInFlight {
     count: AtomicU64,
     idle: Notify,
+}
+
+/// A future that is driven by its caller while the caller waits (no task,
+/// no extra wake-up on the hot path) and, if the caller drops it before it
+/// ended, by a task of its own from there on: it never stops half-way.
+struct RunToEnd<T: Send + 'static> {
+    fut: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+}
+
+impl<T: Send + 'static> RunToEnd<T> {
+    fn new(fut: impl Future<Output = T> + Send + 'static) -> Self {
+        Self {
+            fut: Some(Box::pin(fut)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for RunToEnd<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(fut) = self.fut.as_mut() else {
+            return Poll::Pending;
+        };
+        match fut.as_mut().poll(cx) {
+            Poll::Ready(v) => {
+                self.fut = None;
+                Poll::Ready(v)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for RunToEnd<T> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            // Outside a runtime (the process is going down) there is
+            // nothing left to run it on.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let future = async move {
+                    let _ = fut.await;
+                };
+                drop(rt.spawn(future));
+            }
+        }
+    }
 }
 
 /// One write counted in flight until dropped.
@@ -450,11 +501,12 @@ impl Mirror {
             .collect()
     }
 
-    /// Runs `op` (a write, trim or write-zeroes) to its end in a task of
-    /// its own (see the module doc); its result, if the caller still waits.
+    /// Runs `op` (a write, trim or write-zeroes) to its end, whatever
+    /// happens to its caller (see the module doc and [`RunToEnd`]); its
+    /// result, if the caller still waits.
     async fn detached(&self, op: Op) -> Result<(), BackendError> {
         let ticket = WriteTicket::new(&self.inner);
-        let task = tokio::spawn(async move {
+        RunToEnd::new(async move {
             let inner = ticket.0.clone();
             let r = inner.both(op).await;
             if let Err(e) = &r
@@ -467,14 +519,8 @@ impl Mirror {
             }
             drop(ticket);
             r
-        });
-        match task.await {
-            Ok(r) => r,
-            Err(e) => {
-                self.inner.unsettled.store(true, Ordering::SeqCst);
-                Err(BackendError::Io(format!("a write task failed: {e}")))
-            }
-        }
+        })
+        .await
     }
 
     /// Splits a trim or write-zeroes of `len` bytes at `offset` into

@@ -3,8 +3,8 @@
 //! the ready file, until a shutdown signal or an export fails.
 //!
 //! On shutdown the exports stop first (the FUSE file is unmounted, the NBD
-//! socket removed); the writes they had handed to the mirror run on (each
-//! in a task of its own, see `frontend::mirror`) and are waited for
+//! socket removed); the writes they had handed to the mirror run on (see
+//! `frontend::mirror`) and are waited for
 //! ([`DRAIN_TIMEOUT`]), with the lease still renewed and the fail-over
 //! still working, so that none is left on one replica only. Then the mirror
 //! is flushed so that nothing written through it is left only in the
