@@ -101,6 +101,8 @@ fn a_frontend_whose_clock_runs_ahead_never_takes_a_live_lease() {
             "a frontend whose clock is a minute ahead took a live lease:\n{show}"
         );
         assert!(!ahead_ready.exists(), "the frontend ahead serves");
+        // Sampling a window in which nothing may happen, not waiting for
+        // something to happen.
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = qemu(&stack.nbd_socket(), &["write -P 0x21 0 64k"]);

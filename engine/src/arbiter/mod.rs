@@ -51,8 +51,9 @@ pub enum ArbiterError {
     /// The arbiter could not be reached or read, or did not answer in time.
     /// For an update the outcome is unknown (over HTTP a write that timed
     /// out may still land): callers re-read and decide again — a swap that
-    /// landed shows as already done, a repeated lease acquisition only
-    /// bumps the epoch once more.
+    /// landed shows as already done, and an acquisition that landed shows
+    /// as a lease with the caller's holder, the expected epoch and the
+    /// caller's `now_ms` (`frontend::lease` takes it as its own).
     #[error("arbiter unreachable at {location}: {source}")]
     Unreachable {
         location: String,
