@@ -413,7 +413,8 @@ impl Harness {
         let cut_for = self.rng.ms(30_000, 60_001);
         let after = self.rng.ms(3_000, 8_001);
         self.writer().set_mix(Mix::Large);
-        let age = self.rng.ms(50, 400);
+        // Early in the batch: most of its 64 MiB still queued for the wire.
+        let age = self.rng.ms(5, 80);
         if !self.writer().wait_client(true, age, Duration::from_secs(30)) {
             self.fail("long-cut: no large batch in flight within 30 s");
         }
