@@ -99,6 +99,12 @@ struct ReplicaArgs {
     /// Resyncs copying at once on this server.
     #[arg(long, env = "TWINVOL_RESYNC_MAX", default_value_t = twinvol_engine::resync::DEFAULT_MAX_CONCURRENT)]
     resync_max: usize,
+    /// Storage fault injection (test builds only; docs/engine.md): e.g.
+    /// `volatile` (writes held in this process until synced, so kill -9 is
+    /// a power cut) or `data::sync=fail@3x1`.
+    #[cfg(feature = "failpoints")]
+    #[arg(long, env = "TWINVOL_STORAGE_FAULTS")]
+    storage_faults: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +200,24 @@ struct FrontendArgs {
     /// Speak another protocol version (tests of version refusal only).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
+    /// Stall the file arbiter after chosen commits (test builds only;
+    /// docs/engine.md): e.g. `return-to-in-sync#1=8s`.
+    #[cfg(feature = "failpoints")]
+    #[arg(long, env = "TWINVOL_ARBITER_STALL")]
+    arbiter_stall: Option<String>,
+}
+
+/// Refuses a fault-injection variable that this build would ignore: a test
+/// asking for a power cut must not silently get none.
+#[cfg(not(feature = "failpoints"))]
+fn refuse_fault_env() -> anyhow::Result<()> {
+    for var in ["TWINVOL_STORAGE_FAULTS", "TWINVOL_ARBITER_STALL"] {
+        anyhow::ensure!(
+            std::env::var_os(var).is_none(),
+            "{var} is set, but this build has no fault injection (build with --features failpoints, as `cargo test` does)"
+        );
+    }
+    Ok(())
 }
 
 /// `1500ms`, `10s`, `2m`.
@@ -275,6 +299,8 @@ fn limit_malloc_arenas() {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
+    #[cfg(not(feature = "failpoints"))]
+    refuse_fault_env()?;
     match command {
         Command::Arbiter {
             command: ArbiterCommand::Create { path, replicas },
@@ -320,6 +346,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replica(a) => {
+            #[cfg(feature = "failpoints")]
+            if let Some(spec) = &a.storage_faults {
+                let faults = twinvol_engine::storage::StorageFaults::parse(spec)?;
+                twinvol_engine::storage::install_process_faults(faults);
+            }
             let secret = Secret::from_file(&a.secret_file)?;
             let opts = ReplicaProcess {
                 server: ReplicaConfig {
@@ -341,6 +372,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Frontend(a) => {
             let a = *a;
+            #[cfg(feature = "failpoints")]
+            if let Some(spec) = &a.arbiter_stall {
+                let stall = twinvol_engine::arbiter::stall::CommitStall::parse(spec)?;
+                twinvol_engine::arbiter::stall::install_commit_stall(stall);
+            }
             let secret = Secret::from_file(&a.secret_file)?;
             let fuse_file_name = a.fuse_file_name.unwrap_or_else(|| a.volume.to_string());
             let opts = FrontendProcess {

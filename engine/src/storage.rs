@@ -11,7 +11,8 @@
 //! [`FileStorage`] is the implementation for regular files (and block
 //! devices). Under the `failpoints` cargo feature, `FaultyStorage` wraps any
 //! storage and injects faults at named points `module::op`, e.g.
-//! `meta::write_at` or `data::sync`.
+//! `meta::write_at` or `data::sync`, and can hold writes in a volatile
+//! cache until they are synced (a power cut is then the process's death).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -251,10 +252,16 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
 }
 
 #[cfg(feature = "failpoints")]
+#[path = "storage_cache.rs"]
+mod cache;
+#[cfg(feature = "failpoints")]
 #[path = "storage_faults.rs"]
 mod faults;
 #[cfg(feature = "failpoints")]
-pub use faults::{FaultAction, FaultPlan, FaultyStorage};
+pub use faults::{
+    DEFAULT_CACHE_LIMIT, FaultAction, FaultPlan, FaultSpecError, FaultyStorage, StorageFaults,
+    install_process_faults, process_faults,
+};
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,11 @@ const FORMAT: u32 = 1;
 #[derive(Debug, Clone)]
 pub struct FileArbiter {
     path: PathBuf,
+    /// The deadline of one async call (as the Kubernetes arbiter's).
+    timeout: Duration,
+    /// Stalls after chosen commits (tests only, see [`super::stall`]).
+    #[cfg(feature = "failpoints")]
+    stall: Option<std::sync::Arc<super::stall::CommitStall>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -54,9 +59,7 @@ impl FileArbiter {
     /// Creates the record of a new volume (both replicas in sync, epoch 0).
     /// Refuses to overwrite an existing record.
     pub fn create(path: &Path, replicas: BTreeSet<ReplicaId>) -> Result<Self, ArbiterError> {
-        let arbiter = Self {
-            path: path.to_owned(),
-        };
+        let arbiter = Self::at(path);
         let _lock = arbiter.lock()?;
         if path.exists() {
             return Err(arbiter.corrupt(
@@ -69,11 +72,38 @@ impl FileArbiter {
 
     /// Uses an existing record.
     pub fn open(path: &Path) -> Result<Self, ArbiterError> {
-        let arbiter = Self {
-            path: path.to_owned(),
-        };
+        let arbiter = Self::at(path);
         arbiter.load()?;
         Ok(arbiter)
+    }
+
+    /// The deadline of one async call unless [`Self::with_timeout`] says
+    /// otherwise: the Kubernetes arbiter's, so that a caller sees the same
+    /// "outcome unknown" ([`ArbiterError::Unreachable`]) from both.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// Bounds every async call by `timeout`. An update that times out may
+    /// still land (it runs on): the caller must re-read.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn at(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            #[cfg(feature = "failpoints")]
+            stall: super::stall::process_stall(),
+        }
+    }
+
+    /// Stalls after the commits `stall` chooses (instead of the process's,
+    /// [`super::stall::install_commit_stall`]).
+    #[cfg(feature = "failpoints")]
+    pub fn with_commit_stall(mut self, stall: std::sync::Arc<super::stall::CommitStall>) -> Self {
+        self.stall = Some(stall);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -91,7 +121,7 @@ impl FileArbiter {
         expected: &Version,
         change: Change,
     ) -> Result<VolumeRecord, ArbiterError> {
-        let _lock = self.lock()?;
+        let lock = self.lock()?;
         let current = self.load()?;
         if current.version != *expected {
             return Err(ArbiterError::Conflict {
@@ -104,8 +134,20 @@ impl FileArbiter {
             .0
             .parse()
             .map_err(|_| self.corrupt("version is not a counter"))?;
+        #[cfg(feature = "failpoints")]
+        let stall = self.stall.as_ref().and_then(|s| s.after_commit(&change));
+        #[cfg(feature = "failpoints")]
+        let kind = super::stall::change_kind(&change);
         let next = current.apply(change, Version((counter + 1).to_string()))?;
         self.store(&next)?;
+        drop(lock);
+        #[cfg(feature = "failpoints")]
+        if let Some(d) = stall {
+            // Committed and unlocked: the record has the change, other
+            // callers go on; only this caller waits for its answer.
+            tracing::warn!(change = kind, version = %next.version, stall_ms = d.as_millis() as u64, "arbiter commit stalled (injected): the change is in the record, its answer comes late");
+            std::thread::sleep(d);
+        }
         Ok(next)
     }
 
@@ -200,7 +242,7 @@ impl FileArbiter {
 impl Arbiter for FileArbiter {
     async fn read(&self) -> Result<VolumeRecord, ArbiterError> {
         let this = self.clone();
-        blocking(move || this.read_blocking()).await
+        self.deadline(blocking(move || this.read_blocking())).await
     }
 
     async fn update(
@@ -210,7 +252,26 @@ impl Arbiter for FileArbiter {
     ) -> Result<VolumeRecord, ArbiterError> {
         let this = self.clone();
         let expected = expected.clone();
-        blocking(move || this.update_blocking(&expected, change)).await
+        self.deadline(blocking(move || this.update_blocking(&expected, change)))
+            .await
+    }
+}
+
+impl FileArbiter {
+    async fn deadline<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, ArbiterError>>,
+    ) -> Result<T, ArbiterError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(self.unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {:?} (an update may still land)",
+                    self.timeout
+                ),
+            ))),
+        }
     }
 }
 
@@ -280,6 +341,33 @@ mod tests {
             .count();
         assert_eq!(winners, 1, "no split brain: one swap wins");
         assert_eq!(arb.read_blocking().unwrap().in_sync.len(), 1);
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn a_stalled_commit_lands_while_its_caller_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.json");
+        FileArbiter::create(&path, [r("a"), r("b")].into()).unwrap();
+        let stall = super::super::stall::CommitStall::parse("remove-from-in-sync#1=2s").unwrap();
+        let arb = FileArbiter::open(&path)
+            .unwrap()
+            .with_commit_stall(std::sync::Arc::new(stall))
+            .with_timeout(Duration::from_millis(300));
+        let v1 = arb.read().await.unwrap();
+        let t = std::time::Instant::now();
+        let answer = arb
+            .update(&v1.version, Change::RemoveFromInSync(r("a")))
+            .await;
+        assert!(
+            matches!(answer, Err(ArbiterError::Unreachable { .. })),
+            "{answer:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // The change is in the record all the same, and nobody else waits.
+        let now = arb.read().await.unwrap();
+        assert_eq!(now.in_sync, [r("b")].into());
+        assert_ne!(now.version, v1.version);
     }
 
     #[test]

@@ -15,6 +15,8 @@
 
 pub mod file;
 pub mod record;
+#[cfg(feature = "failpoints")]
+pub mod stall;
 
 use std::future::Future;
 

@@ -27,6 +27,7 @@ use crate::protocol::{
 };
 
 use crate::resync::{ResyncConfig, ResyncManager};
+use crate::storage::{FileStorage, Storage};
 
 use super::logs::VolumeLogs;
 use super::pool::{Pool, PoolError};
@@ -76,6 +77,9 @@ struct Shared {
     /// logs unique). A cell per volume so that concurrent first opens
     /// open the files once, without a lock held across the open.
     volumes: Mutex<HashMap<VolumeId, Arc<OnceCell<Arc<Volume>>>>>,
+    /// Storage faults applied to every volume opened (tests only).
+    #[cfg(feature = "failpoints")]
+    faults: Option<Arc<crate::storage::StorageFaults>>,
 }
 
 /// A bound replica server.
@@ -127,8 +131,21 @@ impl ReplicaServer {
                 version: config.protocol_version,
                 metrics,
                 volumes: Mutex::new(HashMap::new()),
+                #[cfg(feature = "failpoints")]
+                faults: crate::storage::process_faults(),
             }),
         })
+    }
+
+    /// Applies `faults` to every volume this server opens (instead of the
+    /// process's, [`crate::storage::install_process_faults`]). Before
+    /// [`ReplicaServer::run`]; ignored once the server is shared.
+    #[cfg(feature = "failpoints")]
+    pub fn with_storage_faults(mut self, faults: Arc<crate::storage::StorageFaults>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.faults = Some(faults);
+        }
+        self
     }
 
     /// The address actually bound (resolves port 0).
@@ -403,12 +420,18 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
             return Err(WireError::Io { message });
         }
     };
-    let meta_storage: Arc<dyn crate::storage::Storage> = Arc::new(opened.meta_storage);
+    let files = VolumeFiles::wrap(
+        shared,
+        opened.data,
+        opened.meta_storage,
+        opened.bitmap_storage,
+    );
+    let meta_storage = files.meta;
     let logs = VolumeLogs::open(
         id.as_str(),
         opened.meta.size,
         meta_storage.clone(),
-        Arc::new(opened.bitmap_storage),
+        files.bitmap,
     )
     .await
     .map_err(|e| {
@@ -417,7 +440,7 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
         WireError::Io { message }
     })?;
     let volume = Volume::start(
-        Arc::new(opened.data),
+        files.data,
         meta_storage,
         opened.meta,
         logs,
@@ -425,6 +448,41 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
     );
     shared.resync.watch(volume.clone());
     Ok(volume)
+}
+
+/// The storages of one open volume, wrapped by the server's storage faults
+/// if it has any.
+struct VolumeFiles {
+    data: Arc<dyn Storage>,
+    meta: Arc<dyn Storage>,
+    bitmap: Arc<dyn Storage>,
+}
+
+impl VolumeFiles {
+    #[cfg(feature = "failpoints")]
+    fn wrap(shared: &Shared, data: FileStorage, meta: FileStorage, bitmap: FileStorage) -> Self {
+        match &shared.faults {
+            Some(f) => Self {
+                data: f.wrap("data", data),
+                meta: f.wrap("meta", meta),
+                bitmap: f.wrap("bitmap", bitmap),
+            },
+            None => Self::plain(data, meta, bitmap),
+        }
+    }
+
+    #[cfg(not(feature = "failpoints"))]
+    fn wrap(_: &Shared, data: FileStorage, meta: FileStorage, bitmap: FileStorage) -> Self {
+        Self::plain(data, meta, bitmap)
+    }
+
+    fn plain(data: FileStorage, meta: FileStorage, bitmap: FileStorage) -> Self {
+        Self {
+            data: Arc::new(data),
+            meta: Arc::new(meta),
+            bitmap: Arc::new(bitmap),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
