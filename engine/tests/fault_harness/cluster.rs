@@ -115,13 +115,19 @@ pub struct Cluster {
     replicas: [Option<Proc>; 2],
     frontend: Option<Proc>,
     frontends_started: u32,
+    /// Whether each replica runs with the volatile write cache
+    /// (`--storage-faults volatile`): then kill -9 is a power cut of its
+    /// site, every write it has not flushed gone.
+    pub volatile: [bool; 2],
     pub sites: Sites,
     secret: PathBuf,
     root: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
-    pub fn start(tag: u32) -> Cluster {
+    /// Starts the volume: replicas with volatile caches as `volatile`
+    /// says, a frontend with the commit stall `stall`.
+    pub fn start(tag: u32, volatile: [bool; 2], stall: Option<&str>) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("twinvol-faults-")
             .tempdir()
@@ -132,6 +138,7 @@ impl Cluster {
             replicas: [None, None],
             frontend: None,
             frontends_started: 0,
+            volatile: [false; 2],
             sites: Sites::create(tag),
             secret,
             root: Some(root),
@@ -144,9 +151,9 @@ impl Cluster {
         let arbiter = c.arbiter_path().display().to_string();
         let replicas = ["--replica", "a", "--replica", "b"];
         c.engine(&[&["arbiter", "create", "--path", &arbiter][..], &replicas].concat());
-        c.start_replica(0);
-        c.start_replica(1);
-        c.start_frontend();
+        c.start_replica(0, volatile[0]);
+        c.start_replica(1, volatile[1]);
+        c.start_frontend(stall);
         c
     }
 
@@ -174,8 +181,10 @@ impl Cluster {
             .join(file)
     }
 
-    pub fn start_replica(&mut self, i: usize) {
-        let args = vec![
+    /// (Re)starts replica `i`; with `volatile`, under the volatile write
+    /// cache (its next kill -9 is a power cut).
+    pub fn start_replica(&mut self, i: usize, volatile: bool) {
+        let mut args = vec![
             "replica".to_owned(),
             "--pool".into(),
             self.dir()
@@ -191,6 +200,10 @@ impl Cluster {
             "--resync-rate".into(),
             RESYNC_RATE.into(),
         ];
+        if volatile {
+            args.extend(["--storage-faults".into(), "volatile".into()]);
+        }
+        self.volatile[i] = volatile;
         let name = format!("replica-{}", NAMES[i]);
         let p = start_proc_in(&name, args, self.dir(), Some(&self.sites.ns[i]));
         self.replicas[i] = Some(p);
@@ -211,7 +224,10 @@ impl Cluster {
 
     /// Starts a frontend (a new lease holder) and waits until it serves:
     /// after a killed one, that is after its lease expired plus the margin.
-    pub fn start_frontend(&mut self) {
+    /// `stall`: an `--arbiter-stall` spec (the file arbiter sleeps after
+    /// those commits, past the frontend's deadline: the swap landed, its
+    /// caller does not know).
+    pub fn start_frontend(&mut self, stall: Option<&str>) {
         self.frontends_started += 1;
         let mut args: Vec<String> = [
             "frontend",
@@ -236,6 +252,9 @@ impl Cluster {
             args.extend(["--replica".into(), format!("{name}={}", self.addr(i))]);
         }
         args.extend(LEASE.map(str::to_owned));
+        if let Some(spec) = stall {
+            args.extend(["--arbiter-stall".into(), spec.to_owned()]);
+        }
         args.extend([
             "--nbd-unix".into(),
             self.dir().join("nbd.sock").display().to_string(),
@@ -260,6 +279,19 @@ impl Cluster {
             None => true,
         };
         (clean, t.elapsed())
+    }
+
+    /// How many commit stalls (`--arbiter-stall`) the frontends logged.
+    pub fn commit_stalls(&self) -> usize {
+        std::fs::read_dir(self.dir())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("frontend-"))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .map(|t| t.matches("arbiter commit stalled").count())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     /// Stalls the arbiter: takes the file arbiter's lock (the one every

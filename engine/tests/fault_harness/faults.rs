@@ -108,9 +108,13 @@ impl Kind {
     }
 }
 
-/// Whether the engine can model a power cut (see [`Harness::power_cut`]).
+/// Whether the engine can model a power cut: its replicas take
+/// `--storage-faults volatile` (test builds).
 pub fn power_loss_supported() -> bool {
-    false
+    let out = std::process::Command::new(crate::common::engine_bin())
+        .args(["replica", "--help"])
+        .output();
+    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--storage-faults"))
 }
 
 /// `TWINVOL_FAULT_KINDS=a,b` (names of [`Kind`]), to soak or replay some
@@ -141,12 +145,12 @@ pub fn fault_kinds() -> Vec<Kind> {
     kinds
 }
 
-/// How a replica goes away.
+/// How a replica goes away: its process killed (a power cut if it runs
+/// with the volatile cache), or its site's link cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outage {
     Kill,
     Cut,
-    Power,
 }
 
 impl Harness {
@@ -239,13 +243,13 @@ impl Harness {
                 Kind::SurvivorKill => (vec![kind], self.survivor_outage(survivor, false)),
                 Kind::LinkCut if x == survivor => (vec![kind], self.survivor_outage(x, true)),
                 Kind::ReplicaKill | Kind::LinkCut => {
-                    let how = if kind == Kind::LinkCut {
-                        Outage::Cut
+                    let (how, done) = if kind == Kind::LinkCut {
+                        (Outage::Cut, kind)
                     } else {
-                        Outage::Kill
+                        (Outage::Kill, self.kill_kind(1 - survivor))
                     };
                     let note = self.replica_outage(1 - survivor, how, in_sync, false);
-                    (vec![kind], note)
+                    (vec![done], note)
                 }
                 _ => self.inject_any(kind, x, in_sync),
             }
@@ -261,13 +265,14 @@ impl Harness {
     fn inject_any(&mut self, kind: Kind, x: usize, in_sync: [bool; 2]) -> (Vec<Kind>, String) {
         match kind {
             Kind::ReplicaKill | Kind::LinkCut | Kind::PowerLoss => {
-                let how = match kind {
-                    Kind::ReplicaKill => Outage::Kill,
-                    Kind::LinkCut => Outage::Cut,
-                    _ => Outage::Power,
+                let (x, how, first) = if kind == Kind::LinkCut {
+                    (x, Outage::Cut, kind)
+                } else {
+                    let x = self.victim(x, kind);
+                    (x, Outage::Kill, self.kill_kind(x))
                 };
                 let mut note = self.replica_outage(x, how, in_sync, false);
-                let mut kinds = vec![kind];
+                let mut kinds = vec![first];
                 // At times a second fault while the returned replica catches up.
                 if self.rng.one_in(6) && self.kinds.contains(&Kind::FrontendKill) {
                     note.push_str(&format!(
@@ -288,7 +293,7 @@ impl Harness {
                 let first = if how == Outage::Cut {
                     Kind::LinkCut
                 } else {
-                    Kind::ReplicaKill
+                    self.kill_kind(x)
                 };
                 let mut note = self.replica_outage(x, how, in_sync, true);
                 let (k, more) = self.kill_survivor_during_resync(1 - x);
@@ -308,29 +313,52 @@ impl Harness {
         }
     }
 
+    /// What killing replica `i` now is: a power cut under the volatile
+    /// cache, a process crash (page cache kept) without.
+    fn kill_kind(&self, i: usize) -> Kind {
+        if self.cluster.volatile[i] {
+            Kind::PowerLoss
+        } else {
+            Kind::ReplicaKill
+        }
+    }
+
+    /// The replica to kill for `kind` (replica-kill or power-loss): `x`
+    /// if its cache fits, else the other if that one's does; if neither
+    /// does, `x`, and `kind` is dealt again soon.
+    fn victim(&mut self, x: usize, kind: Kind) -> usize {
+        let fits = |h: &Self, i: usize| h.kill_kind(i) == kind;
+        if fits(self, x) {
+            x
+        } else if fits(self, 1 - x) {
+            1 - x
+        } else {
+            let at = self.deck.len().saturating_sub(2);
+            self.deck.insert(at, kind);
+            x
+        }
+    }
+
+    fn outage_name(&self, i: usize, how: Outage) -> String {
+        match how {
+            Outage::Cut => format!("cut {}'s link", NAMES[i]),
+            Outage::Kill if self.cluster.volatile[i] => format!("power cut of {}", NAMES[i]),
+            Outage::Kill => format!("kill -9 {}", NAMES[i]),
+        }
+    }
+
     fn take_out(&mut self, i: usize, how: Outage) {
         match how {
             Outage::Kill => self.cluster.kill_replica(i),
             Outage::Cut => self.cluster.sites.set_link(i, false),
-            Outage::Power => self.power_cut(i),
         }
     }
 
     fn bring_back(&mut self, i: usize, how: Outage) {
         match how {
-            Outage::Kill | Outage::Power => self.cluster.start_replica(i),
+            Outage::Kill => self.restart_replica(i),
             Outage::Cut => self.cluster.sites.set_link(i, true),
         }
-    }
-
-    /// Cuts replica `i`'s power: the process dies and what it had not
-    /// flushed is gone.
-    fn power_cut(&mut self, i: usize) {
-        // Reached only when `power_loss_supported`.
-        self.fail(&format!(
-            "power cut of replica {}: no power-loss storage in this engine",
-            NAMES[i]
-        ));
     }
 
     /// Replica `i` goes away with degraded writes, and returns. With
@@ -340,11 +368,12 @@ impl Harness {
         if large {
             self.writer().set_mix(Mix::Large);
         }
+        let name = self.outage_name(i, how);
         self.take_out(i, how);
         let note = if in_sync[i] {
-            format!("{how:?} {}: failed over in {:.1?}", NAMES[i], self.wait_out(i))
+            format!("{name}: failed over in {:.1?}", self.wait_out(i))
         } else {
-            format!("{how:?} {}: out of sync already, writes went on", NAMES[i])
+            format!("{name}: out of sync already, writes went on")
         };
         self.let_writes_flow(n, "while a replica was away");
         self.bring_back(i, how);
@@ -355,7 +384,7 @@ impl Harness {
     fn frontend_kill(&mut self) -> String {
         self.cluster.kill_frontend();
         let t = Instant::now();
-        self.cluster.start_frontend();
+        self.restart_frontend();
         format!("new frontend serving after {:.1?}", t.elapsed())
     }
 
@@ -370,7 +399,7 @@ impl Harness {
         }
         let (clean, took) = self.cluster.terminate_frontend(Duration::from_secs(30));
         let t = Instant::now();
-        self.cluster.start_frontend();
+        self.restart_frontend();
         self.writer().set_mix(Mix::Mixed);
         format!(
             "SIGTERM {age:?} into a {} batch: {} in {took:.1?}; new frontend serving after {:.1?}",
@@ -462,6 +491,7 @@ impl Harness {
                 } else {
                     Outage::Kill
                 };
+                let name = self.outage_name(i, how);
                 let stall = self.cluster.stall_arbiter();
                 let t = Instant::now();
                 self.take_out(i, how);
@@ -472,9 +502,8 @@ impl Harness {
                 self.let_writes_flow(n, "after a stalled fail-over");
                 self.bring_back(i, how);
                 format!(
-                    "at the fail-over: {how:?} {} with the arbiter stalled for {hold:.1?}, out {:.1?} \
+                    "at the fail-over: {name} with the arbiter stalled for {hold:.1?}, out {:.1?} \
                      after the stall ended ({:.1?} in all)",
-                    NAMES[i],
                     out,
                     t.elapsed()
                 )
@@ -495,12 +524,13 @@ impl Harness {
     /// times out and lands later. Then, at times, `i` killed again at once.
     fn stall_at_rejoin(&mut self, i: usize, hold: Duration) -> String {
         let survivor = 1 - i;
+        let name = self.outage_name(i, Outage::Kill);
         self.cluster.kill_replica(i);
         let out = self.wait_out(i);
         let n = self.rng.range(2, 12);
         self.let_writes_flow(n, "while a replica was away");
         let stall = self.cluster.stall_arbiter();
-        self.cluster.start_replica(i);
+        self.restart_replica(i);
         let done = wait_until(Duration::from_secs(60), || {
             self.cluster
                 .resync_state(survivor)
@@ -509,9 +539,8 @@ impl Harness {
         std::thread::sleep(hold);
         drop(stall);
         let mut note = format!(
-            "at the rejoin: kill -9 {} (out in {out:.1?}), back with the arbiter stalled until \
+            "at the rejoin: {name} (out in {out:.1?}), back with the arbiter stalled until \
              {hold:.1?} after its resync {}",
-            NAMES[i],
             if done.is_some() {
                 "was done"
             } else {
@@ -521,6 +550,7 @@ impl Harness {
         if self.rng.one_in(2) {
             // The frontend does not know whether its swap landed: the
             // returned replica fails again at once.
+            let again = self.outage_name(i, Outage::Kill);
             self.cluster.kill_replica(i);
             let n = self.rng.range(2, 8);
             self.let_writes_flow(n, "after the returned replica died again");
@@ -528,10 +558,9 @@ impl Harness {
                 "arbiter-stall: {} killed again right after the stall",
                 NAMES[i]
             ));
-            self.cluster.start_replica(i);
+            self.restart_replica(i);
             note.push_str(&format!(
-                "; then kill -9 {} again at once (in sync at the arbiter after that: {})",
-                NAMES[i],
+                "; then {again} again at once (in sync at the arbiter after that: {})",
                 show_set(self.cluster.in_sync())
             ));
         }
@@ -594,11 +623,12 @@ impl Harness {
                     if clean { "exited" } else { "killed" }
                 )
             }
-            7 if self.kinds.contains(&Kind::ReplicaKill) => {
+            7 if self.kinds.contains(&self.kill_kind(i)) => {
                 std::thread::sleep(delay);
+                let name = self.outage_name(i, Outage::Kill);
+                kinds.push(self.kill_kind(i));
                 self.cluster.kill_replica(i);
-                kinds.push(Kind::ReplicaKill);
-                format!("; kill -9 replica {} {delay:?} into it", NAMES[i])
+                format!("; {name} {delay:?} into it")
             }
             _ => String::new(),
         };
@@ -618,11 +648,11 @@ impl Harness {
             ));
         }
         if kinds.contains(&Kind::FrontendKill) || kinds.contains(&Kind::FrontendTerm) {
-            self.cluster.start_frontend();
+            self.restart_frontend();
         }
-        if kinds.contains(&Kind::ReplicaKill) {
+        if kinds.contains(&Kind::ReplicaKill) || kinds.contains(&Kind::PowerLoss) {
             self.wait_out(i);
-            self.cluster.start_replica(i);
+            self.restart_replica(i);
         }
         self.start_writer(Mix::Mixed);
         let note = format!(
@@ -638,6 +668,9 @@ impl Harness {
     /// returns: I/O is held meanwhile and must resume after. Without
     /// `held_io` the writer is stopped first (see `TWINVOL_FAULT_HELD_IO`).
     fn survivor_outage(&mut self, i: usize, cut: bool) -> String {
+        // A power cut of the only in-sync replica may lose what it had not
+        // flushed, legitimately: a volatile one loses its link instead.
+        let cut = cut || self.cluster.volatile[i];
         let resync = self.cluster.resync_state(i);
         let reconnects = self.cluster.reconnects(i);
         if !self.held_io {
@@ -653,7 +686,7 @@ impl Harness {
         if cut {
             self.cluster.sites.set_link(i, true);
         } else {
-            self.cluster.start_replica(i);
+            self.restart_replica(i);
         }
         if !self.held_io {
             // Writes resume once the frontend can use the replica again

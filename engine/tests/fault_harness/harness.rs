@@ -72,11 +72,14 @@ pub struct Harness {
 impl Harness {
     pub fn new(seed: u64, target: u32, long_cuts: u32, kinds: Vec<Kind>) -> Harness {
         let tag = (stream(seed, 0).next() ^ u64::from(std::process::id())) as u32 & 0xff_ffff;
+        let mut rng = stream(seed, 1);
+        let volatile = [0, 1].map(|_| volatile_draw(&kinds, &mut rng));
+        let stall = stall_draw(&mut rng);
         let mut h = Harness {
-            cluster: Cluster::start(tag),
+            cluster: Cluster::start(tag, volatile, stall),
             model: Model::new(seed),
             seed,
-            rng: stream(seed, 1),
+            rng,
             write_rng: Some(stream(seed, 2)),
             next_id: 1,
             writer: None,
@@ -122,12 +125,13 @@ impl Harness {
         let m = &self.model;
         format!(
             "writes acknowledged {}, unacknowledged (failed or in flight at a fault) {}, large batches {}, \
-             checks {}, transient differences {}, {} s",
+             checks {}, transient differences {}, arbiter commit stalls {}, {} s",
             m.acked,
             m.maybe,
             self.large_batches,
             self.checks,
             self.transient,
+            self.cluster.commit_stalls(),
             self.started.elapsed().as_secs()
         )
     }
@@ -153,6 +157,18 @@ impl Harness {
 
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
+    }
+
+    /// (Re)starts replica `i`, with or without the volatile cache (drawn).
+    pub fn restart_replica(&mut self, i: usize) {
+        let v = volatile_draw(&self.kinds, &mut self.rng);
+        self.cluster.start_replica(i, v);
+    }
+
+    /// Starts a new frontend, at times with a commit stall (drawn).
+    pub fn restart_frontend(&mut self) {
+        let stall = stall_draw(&mut self.rng);
+        self.cluster.start_frontend(stall);
     }
 
     // ----------------------------------------------------------- writer --
@@ -512,6 +528,36 @@ impl Harness {
             "[{:6.1}s] converged in {took:.1?}: replica files identical",
             self.elapsed()
         );
+    }
+}
+
+/// Whether a replica (re)starts with the volatile cache: both ways when
+/// both replica-kill and power-loss may be injected, else the one that may.
+fn volatile_draw(kinds: &[Kind], rng: &mut Rng) -> bool {
+    match (
+        kinds.contains(&Kind::ReplicaKill),
+        kinds.contains(&Kind::PowerLoss),
+    ) {
+        (false, true) => true,
+        (true, true) => rng.one_in(2),
+        _ => false,
+    }
+}
+
+/// An `--arbiter-stall` spec for a new frontend, one time in two: one of
+/// its first commits of a kind sleeps past its deadline after landing.
+fn stall_draw(rng: &mut Rng) -> Option<&'static str> {
+    const SPECS: [&str; 5] = [
+        "return-to-in-sync#1=5s",
+        "return-to-in-sync#2=5s",
+        "remove-from-in-sync#1=5s",
+        "remove-from-in-sync#2=5s",
+        "renew-lease#20=4s",
+    ];
+    if rng.one_in(2) {
+        Some(SPECS[rng.range(0, SPECS.len() as u64) as usize])
+    } else {
+        None
     }
 }
 
