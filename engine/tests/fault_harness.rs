@@ -38,9 +38,9 @@
 //! the only in-sync replica is away. Needs root (network namespaces),
 //! qemu-io, qemu-img and nbdcopy.
 
-mod common;
 #[path = "fault_harness/cluster.rs"]
 mod cluster;
+mod common;
 #[path = "fault_harness/compare.rs"]
 mod compare;
 #[path = "fault_harness/faults.rs"]

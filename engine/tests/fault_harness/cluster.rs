@@ -368,7 +368,13 @@ impl Cluster {
         logs.retain(|p| p.extension().is_some_and(|x| x == "log"));
         logs.sort();
         logs.iter()
-            .map(|l| format!("----- {} -----\n{}\n", l.display(), crate::common::tail(l, lines)))
+            .map(|l| {
+                format!(
+                    "----- {} -----\n{}\n",
+                    l.display(),
+                    crate::common::tail(l, lines)
+                )
+            })
             .collect()
     }
 }
@@ -399,4 +405,3 @@ impl Drop for Cluster {
         }
     }
 }
-

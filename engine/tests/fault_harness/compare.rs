@@ -105,7 +105,8 @@ impl Comparison {
 
 /// Compares the two data files whole (see the module note).
 pub fn compare_files(paths: [&Path; 2]) -> Comparison {
-    let files = paths.map(|p| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())));
+    let files =
+        paths.map(|p| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())));
     let ranges = union(data_ranges(&files[0], SIZE), data_ranges(&files[1], SIZE));
     let mut c = Comparison::default();
     let chunk = 4 * MIB;

@@ -301,6 +301,8 @@ impl Harness {
                 let mut kinds = vec![first];
                 if k {
                     kinds.push(Kind::SurvivorKill);
+                } else {
+                    self.requeue(Kind::SurvivorKill);
                 }
                 (kinds, note)
             }
@@ -333,10 +335,15 @@ impl Harness {
         } else if fits(self, 1 - x) {
             1 - x
         } else {
-            let at = self.deck.len().saturating_sub(2);
-            self.deck.insert(at, kind);
+            self.requeue(kind);
             x
         }
+    }
+
+    /// Deals `kind` again soon (it could not be injected this time).
+    fn requeue(&mut self, kind: Kind) {
+        let at = self.deck.len().saturating_sub(2);
+        self.deck.insert(at, kind);
     }
 
     fn outage_name(&self, i: usize, how: Outage) -> String {
@@ -394,7 +401,10 @@ impl Harness {
         self.writer()
             .set_mix(if large { Mix::Large } else { Mix::Small });
         let age = self.rng.ms(20, 400);
-        if !self.writer().wait_client(large, age, Duration::from_secs(30)) {
+        if !self
+            .writer()
+            .wait_client(large, age, Duration::from_secs(30))
+        {
             self.fail("frontend-term: no write batch in flight within 30 s");
         }
         let (clean, took) = self.cluster.terminate_frontend(Duration::from_secs(30));
@@ -444,7 +454,10 @@ impl Harness {
         self.writer().set_mix(Mix::Large);
         // Early in the batch: most of its 64 MiB still queued for the wire.
         let age = self.rng.ms(5, 80);
-        if !self.writer().wait_client(true, age, Duration::from_secs(30)) {
+        if !self
+            .writer()
+            .wait_client(true, age, Duration::from_secs(30))
+        {
             self.fail("long-cut: no large batch in flight within 30 s");
         }
         self.cluster.sites.set_link(i, false);

@@ -486,10 +486,7 @@ impl Harness {
             if before != [true, true] && self.wait_both_in_sync() {
                 // A replica the frontend returned to the in-sync set must
                 // hold every acknowledged write, and be identical to its peer.
-                self.check_all(&format!(
-                    "after {} rejoined",
-                    show_set(before.map(|s| !s))
-                ));
+                self.check_all(&format!("after {} rejoined", show_set(before.map(|s| !s))));
             }
             let in_sync = self.cluster.in_sync();
             let kind = self.choose(in_sync);
@@ -513,7 +510,11 @@ impl Harness {
                 show_set(in_sync),
             );
             self.history.push(line.clone());
-            let checked = self.check_all(&format!("after fault {}: {}", self.faults, names.join(" + ")));
+            let checked = self.check_all(&format!(
+                "after fault {}: {}",
+                self.faults,
+                names.join(" + ")
+            ));
             eprintln!(
                 "{line}; checked through the frontend and {checked} in-sync replica file(s){}: \
                  {} writes acked, {} verified so far, 0 lost ({:.1?})",

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::common::rng::Rng;
 use crate::common::{MIB, qemu_io, wait_until};
 use crate::model::{Outcome, Write};
-use crate::{BLOCK, Draw, LARGE, LARGE_WRITE, SMALL_START, SMALL_LEN};
+use crate::{BLOCK, Draw, LARGE, LARGE_WRITE, SMALL_LEN, SMALL_START};
 
 /// A write batch held longer than this: I/O is stuck.
 pub const IO_STALL: Duration = Duration::from_secs(90);
@@ -391,9 +391,7 @@ fn run_large(
     cmd.arg(t.dir.join("large")).arg(&t.uri);
     let (out, stalled) = run_client(cmd, true, shared);
     let outcome = if out.status.success() {
-        shared
-            .acked
-            .fetch_add(batch.len() as u64, Ordering::SeqCst);
+        shared.acked.fetch_add(batch.len() as u64, Ordering::SeqCst);
         Outcome::Acked
     } else if String::from_utf8_lossy(&out.stderr).contains("nbd_connect_uri") {
         Outcome::NotSent
