@@ -7,7 +7,8 @@
 //! cheaply: it asks each file where its data is (`SEEK_DATA`/`SEEK_HOLE`;
 //! a hole reads as zeros), compares the union of those ranges byte for byte
 //! and checks that nothing outside the live region holds anything but
-//! zeros (only zeroing operations reach it).
+//! zeros (only zeroing operations reach it). Replica files are read after
+//! a flush through the frontend ([`flush_via_frontend`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -41,6 +42,20 @@ pub fn read_live_via_frontend(uri: &str, scratch: &Path) -> Result<Vec<u8>, Stri
         return Err(format!("qemu-img dd read {} bytes of {LIVE}", data.len()));
     }
     Ok(data)
+}
+
+/// A flush through the frontend (qemu-io), so that every in-sync
+/// replica's data file holds what it acknowledged: a replica with the
+/// volatile cache keeps unflushed writes in its process, not its file.
+pub fn flush_via_frontend(uri: &str) -> Result<(), String> {
+    let c = crate::common::qemu_io::command(uri, &["flush"]);
+    let out = run_with_deadline(c, Duration::from_secs(60));
+    let text = crate::common::output_text(&out);
+    if out.status.success() && !text.contains("failed") {
+        Ok(())
+    } else {
+        Err(format!("qemu-io flush: {} {text}", out.status))
+    }
 }
 
 /// The live region of a replica's data file.

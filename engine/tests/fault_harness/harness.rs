@@ -1,6 +1,7 @@
 //! The run: the loop of faults, the writer around them, and the checks.
 //!
-//! Checks, always with the writer quiet (every client process finished):
+//! Checks, always with the writer quiet (every client process finished),
+//! replica files read after a flush through the frontend:
 //! - the live region read through the frontend, and from the data file of
 //!   every replica the arbiter lists in sync, block by block against the
 //!   write log ([`crate::model`]);
@@ -317,6 +318,9 @@ impl Harness {
             .model
             .check(&format!("{when}, read through the frontend"), &image);
         drop(image);
+        if let Err(e) = compare::flush_via_frontend(&self.cluster.nbd_uri()) {
+            self.fail(&format!("{when}: a flush with the writer quiet failed: {e}"));
+        }
         let in_sync = self.cluster.in_sync();
         for i in 0..2 {
             if in_sync[i] {
@@ -369,6 +373,7 @@ impl Harness {
                 self.transient += 1;
                 return;
             }
+            let _ = compare::flush_via_frontend(&self.cluster.nbd_uri());
             last = self.compare_replicas();
             self.fail_on_stray(when, &last);
             if last.identical() {
@@ -437,8 +442,11 @@ impl Harness {
                 Some((s, rem)) => (s == "done" || s == "idle") && rem == 0,
             })
         };
+        let uri = self.cluster.nbd_uri();
         let same = wait_until(Duration::from_secs(60), || {
-            let same = settled(&self.cluster) && self.compare_replicas().identical();
+            let same = settled(&self.cluster)
+                && compare::flush_via_frontend(&uri).is_ok()
+                && self.compare_replicas().identical();
             if !same {
                 std::thread::sleep(Duration::from_millis(200));
             }
