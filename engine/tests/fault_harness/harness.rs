@@ -319,7 +319,9 @@ impl Harness {
             .check(&format!("{when}, read through the frontend"), &image);
         drop(image);
         if let Err(e) = compare::flush_via_frontend(&self.cluster.nbd_uri()) {
-            self.fail(&format!("{when}: a flush with the writer quiet failed: {e}"));
+            self.fail(&format!(
+                "{when}: a flush with the writer quiet failed: {e}"
+            ));
         }
         let in_sync = self.cluster.in_sync();
         for i in 0..2 {
@@ -474,11 +476,11 @@ impl Harness {
             eprintln!("note: the replicas are identical, but one is still out of the in-sync set");
         }
         self.fail_on_stray("end", &self.compare_replicas());
-        for i in 0..2 {
+        for (i, name) in NAMES.iter().enumerate() {
             let data = compare::read_live(&self.cluster.pool_file(i, "data"));
             let bad = self
                 .model
-                .check(&format!("end, replica {} data file", NAMES[i]), &data);
+                .check(&format!("end, replica {name} data file"), &data);
             if !bad.is_empty() {
                 self.fail(&format!("acknowledged writes lost:\n{}", bad.join("\n")));
             }
