@@ -108,13 +108,24 @@ impl Kind {
     }
 }
 
-/// Whether the engine can model a power cut: its replicas take
-/// `--storage-faults volatile` (test builds).
-pub fn power_loss_supported() -> bool {
+/// Whether `twinvol-engine CMD --help` lists `flag` (the fault hooks exist
+/// only in test builds, with the `failpoints` feature).
+fn engine_has(cmd: &str, flag: &str) -> bool {
     let out = std::process::Command::new(crate::common::engine_bin())
-        .args(["replica", "--help"])
+        .args([cmd, "--help"])
         .output();
-    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--storage-faults"))
+    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+}
+
+/// Whether the engine can model a power cut: its replicas take
+/// `--storage-faults volatile`.
+pub fn power_loss_supported() -> bool {
+    engine_has("replica", "--storage-faults")
+}
+
+/// Whether a frontend takes `--arbiter-stall` (a stall after a commit).
+pub fn commit_stall_supported() -> bool {
+    engine_has("frontend", "--arbiter-stall")
 }
 
 /// `TWINVOL_FAULT_KINDS=a,b` (names of [`Kind`]), to soak or replay some

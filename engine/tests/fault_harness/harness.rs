@@ -68,6 +68,8 @@ pub struct Harness {
     /// flight must be held, then completed when it returns).
     pub held_io: bool,
     large_batches: u64,
+    /// Whether new frontends may get an `--arbiter-stall` spec.
+    commit_stalls: bool,
 }
 
 impl Harness {
@@ -75,7 +77,8 @@ impl Harness {
         let tag = (stream(seed, 0).next() ^ u64::from(std::process::id())) as u32 & 0xff_ffff;
         let mut rng = stream(seed, 1);
         let volatile = [0, 1].map(|_| volatile_draw(&kinds, &mut rng));
-        let stall = stall_draw(&mut rng);
+        let stalls = crate::faults::commit_stall_supported();
+        let stall = stall_draw(stalls, &mut rng);
         let mut h = Harness {
             cluster: Cluster::start(tag, volatile, stall),
             model: Model::new(seed),
@@ -99,6 +102,7 @@ impl Harness {
             long_cuts_left: long_cuts,
             held_io: std::env::var_os("TWINVOL_FAULT_HELD_IO").is_none_or(|v| v != "0"),
             large_batches: 0,
+            commit_stalls: stalls,
         };
         h.deal(target);
         h
@@ -168,7 +172,7 @@ impl Harness {
 
     /// Starts a new frontend, at times with a commit stall (drawn).
     pub fn restart_frontend(&mut self) {
-        let stall = stall_draw(&mut self.rng);
+        let stall = stall_draw(self.commit_stalls, &mut self.rng);
         self.cluster.start_frontend(stall);
     }
 
@@ -557,7 +561,7 @@ fn volatile_draw(kinds: &[Kind], rng: &mut Rng) -> bool {
 
 /// An `--arbiter-stall` spec for a new frontend, one time in two: one of
 /// its first commits of a kind sleeps past its deadline after landing.
-fn stall_draw(rng: &mut Rng) -> Option<&'static str> {
+fn stall_draw(supported: bool, rng: &mut Rng) -> Option<&'static str> {
     const SPECS: [&str; 5] = [
         "return-to-in-sync#1=5s",
         "return-to-in-sync#2=5s",
@@ -565,7 +569,7 @@ fn stall_draw(rng: &mut Rng) -> Option<&'static str> {
         "remove-from-in-sync#2=5s",
         "renew-lease#20=4s",
     ];
-    if rng.one_in(2) {
+    if rng.one_in(2) && supported {
         Some(SPECS[rng.range(0, SPECS.len() as u64) as usize])
     } else {
         None
