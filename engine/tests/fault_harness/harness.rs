@@ -34,6 +34,8 @@ pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(20);
 pub const REJOIN_DEADLINE: Duration = Duration::from_secs(20);
 /// ... and at most this long in all.
 const REJOIN_CAP: Duration = Duration::from_secs(300);
+/// For a check's read or flush through the frontend to succeed.
+const CHECK_IO_DEADLINE: Duration = Duration::from_secs(30);
 /// For a difference between two in-sync replicas to go away.
 const SETTLE: Duration = Duration::from_secs(5);
 
@@ -53,6 +55,8 @@ pub struct Harness {
     comparisons: u32,
     pub divergent: u32,
     transient: u32,
+    /// Check reads and flushes the frontend refused (retried).
+    refused: u32,
     /// None: not known yet; Some(false): a returned replica never came back
     /// into the in-sync set within the deadline (the harness stops waiting).
     rejoins: Option<bool>,
@@ -95,6 +99,7 @@ impl Harness {
             comparisons: 0,
             divergent: 0,
             transient: 0,
+            refused: 0,
             rejoins: None,
             write_log: Vec::new(),
             kinds,
@@ -130,11 +135,12 @@ impl Harness {
         let m = &self.model;
         format!(
             "writes acknowledged {}, unacknowledged (failed or in flight at a fault) {}, large batches {}, \
-             checks {}, transient differences {}, arbiter commit stalls {}, {} s",
+             checks {}, check I/O refused and retried {}, transient differences {}, arbiter commit stalls {}, {} s",
             m.acked,
             m.maybe,
             self.large_batches,
             self.checks,
+            self.refused,
             self.transient,
             self.cluster.commit_stalls(),
             self.started.elapsed().as_secs()
@@ -314,19 +320,17 @@ impl Harness {
     pub fn check_all(&mut self, when: &str) -> usize {
         self.checks += 1;
         let scratch = self.cluster.dir().join("read-back");
-        let image = match compare::read_live_via_frontend(&self.cluster.nbd_uri(), &scratch) {
-            Ok(image) => image,
-            Err(e) => self.fail(&format!("{when}: reading through the frontend: {e}")),
-        };
+        let uri = self.cluster.nbd_uri();
+        let image = self.retry(when, "reading through the frontend", || {
+            compare::read_live_via_frontend(&uri, &scratch)
+        });
         let mut bad = self
             .model
             .check(&format!("{when}, read through the frontend"), &image);
         drop(image);
-        if let Err(e) = compare::flush_via_frontend(&self.cluster.nbd_uri()) {
-            self.fail(&format!(
-                "{when}: a flush with the writer quiet failed: {e}"
-            ));
-        }
+        self.retry(when, "a flush through the frontend", || {
+            compare::flush_via_frontend(&uri)
+        });
         let in_sync = self.cluster.in_sync();
         for i in 0..2 {
             if in_sync[i] {
@@ -349,6 +353,27 @@ impl Harness {
             self.divergence_check(when);
         }
         in_sync.iter().filter(|&&s| s).count()
+    }
+
+    /// Runs a check's I/O through the frontend until it succeeds, for up
+    /// to [`CHECK_IO_DEADLINE`]: a frontend may refuse I/O for a while
+    /// (its lease not renewed in time while the arbiter stalls); that is
+    /// noted and counted, not a lost write. Fails the run after that.
+    fn retry<T>(&mut self, when: &str, what: &str, mut io: impl FnMut() -> Result<T, String>) -> T {
+        let t = Instant::now();
+        loop {
+            match io() {
+                Ok(v) => return v,
+                Err(e) if t.elapsed() < CHECK_IO_DEADLINE => {
+                    self.refused += 1;
+                    eprintln!("note: {when}: {what} failed ({e}); again in 500 ms");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => self.fail(&format!(
+                    "{when}: {what} failed for {CHECK_IO_DEADLINE:?} with the writer quiet: {e}"
+                )),
+            }
+        }
     }
 
     fn compare_replicas(&self) -> Comparison {
