@@ -578,11 +578,14 @@ impl Harness {
             self.cluster.kill_replica(i);
             let n = self.rng.range(2, 8);
             self.let_writes_flow(n, "after the returned replica died again");
+            // Checks need the writer quiet (and its writes in the log).
+            self.stop_writer();
             self.check_all(&format!(
                 "arbiter-stall: {} killed again right after the stall",
                 NAMES[i]
             ));
             self.restart_replica(i);
+            self.start_writer(Mix::Mixed);
             note.push_str(&format!(
                 "; then {again} again at once (in sync at the arbiter after that: {})",
                 show_set(self.cluster.in_sync())
