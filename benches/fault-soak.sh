@@ -22,6 +22,7 @@
 #   env: TWINVOL_FAULTS (500), TWINVOL_FAULT_SEED (random), PROFILE (debug|release),
 #        TWINVOL_FAULT_KINDS (e.g. link-cut,frontend-kill; default all kinds),
 #        TWINVOL_FAULT_LONG_CUTS (default one per 40 faults),
+#        TWINVOL_FAULT_MINUTES (stop injecting after that long; default none),
 #        TWINVOL_FAULT_HELD_IO=0 (pause the writer while the only in-sync
 #        replica is away), TWINVOL_FAULT_KEEP=1 (keep the run's directory and logs),
 #        SOAK_LOG (full output; default /var/tmp/twinvol-fault-soak-SEED.log)

@@ -32,7 +32,8 @@
 //! number of faults (default 30; `benches/fault-soak.sh` runs 500);
 //! `TWINVOL_FAULT_KINDS=link-cut,frontend-kill` restricts the kinds;
 //! `TWINVOL_FAULT_LONG_CUTS=N` the number of long cuts (default one per 40
-//! faults, at least one); `TWINVOL_FAULT_KEEP=1` keeps the directory with
+//! faults, at least one); `TWINVOL_FAULT_MINUTES=M` stops injecting after M
+//! minutes (then converges and checks as after the last fault); `TWINVOL_FAULT_KEEP=1` keeps the directory with
 //! the logs (and, after a failure, `write-log.txt`: each write, its outcome,
 //! its batch's UTC time); `TWINVOL_FAULT_HELD_IO=0` pauses the writer while
 //! the only in-sync replica is away. Needs root (network namespaces),

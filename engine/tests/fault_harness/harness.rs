@@ -519,7 +519,16 @@ impl Harness {
 
     pub fn run(&mut self, target: u32) {
         self.check_all("at start");
+        let budget = crate::env_u64("TWINVOL_FAULT_MINUTES").map(|m| Duration::from_secs(m * 60));
         while self.faults < target {
+            if budget.is_some_and(|b| self.started.elapsed() > b) {
+                eprintln!(
+                    "note: TWINVOL_FAULT_MINUTES={} reached after {} faults: no more faults",
+                    budget.map_or(0, |b| b.as_secs() / 60),
+                    self.faults
+                );
+                break;
+            }
             let t = Instant::now();
             let before = self.cluster.in_sync();
             if before != [true, true] && self.wait_both_in_sync() {
