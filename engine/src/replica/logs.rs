@@ -49,7 +49,10 @@
 //!
 //! A failed activity-log update poisons the log: every later write of the
 //! volume fails until the replica restarts (which runs recovery). That is
-//! the "fatal for the volume" the activity log asks for.
+//! the "fatal for the volume" the activity log asks for. A request larger
+//! than the log holds at once is that request's refusal only (`TooLarge`);
+//! the volume splits trims and write-zeroes into [`VolumeLogs::pieces`]
+//! so that they never are.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -301,6 +304,32 @@ impl VolumeLogs {
         lock(&self.unreconciled).clone()
     }
 
+    /// The largest range one request may cover in the activity log: half
+    /// its extents (whole, aligned), so that one request never waits for
+    /// the whole log. Larger trims and write-zeroes go in [`Self::pieces`].
+    pub fn max_piece_bytes(&self) -> u64 {
+        let c = self.al.config();
+        (c.max_active() as u64 / 2).max(1) * c.extent_size()
+    }
+
+    /// `[offset, offset + len)` cut at multiples of [`Self::max_piece_bytes`]:
+    /// pieces that each fit the activity log, to be logged and applied one
+    /// after the other.
+    pub fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + use<> {
+        let piece = self.max_piece_bytes();
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let next = ((at / piece) + 1).saturating_mul(piece).min(end);
+            let r = (at, next - at);
+            at = next;
+            Some(r)
+        })
+    }
+
     /// Records the write of `len` bytes at `offset` before it starts: the
     /// activity log, then the bitmap when the peer is out of sync — a mark,
     /// or with `mirrored` (the frontend sends the write to the peer too)
@@ -320,9 +349,23 @@ impl VolumeLogs {
             });
         }
         self.runtime.block_on(async {
-            let al = self.al.begin_write(offset, len).await.map_err(|e| {
-                tracing::error!(error = %crate::error_chain(&e), "activity log failed: volume refuses writes until restarted");
-                WireError::Io { message: crate::error_chain(&e) }
+            let al = self.al.begin_write(offset, len).await.map_err(|e| match &e {
+                // This request only: the log is fine and later writes pass.
+                AlError::TooLarge { .. } => {
+                    tracing::warn!(error = %crate::error_chain(&e), "request refused: larger than the activity log holds at once");
+                    WireError::TooLarge {
+                        len,
+                        max: self.max_piece_bytes(),
+                    }
+                }
+                AlError::Failed { .. } => {
+                    tracing::error!(error = %crate::error_chain(&e), "activity log failed: the volume refuses writes until the replica restarts (recovery runs then)");
+                    WireError::Io { message: crate::error_chain(&e) }
+                }
+                _ => {
+                    tracing::warn!(error = %crate::error_chain(&e), "request refused by the activity log");
+                    WireError::Io { message: crate::error_chain(&e) }
+                }
             })?;
             let mark = if self.is_tracking() {
                 let marked = if mirrored {
@@ -577,6 +620,41 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_range_of_any_length_is_cut_into_pieces_the_activity_log_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        let piece = logs.max_piece_bytes();
+        let c = logs.al.config();
+        assert_eq!(piece, c.max_active() as u64 / 2 * c.extent_size());
+        for (offset, len) in [
+            (0, 1),
+            (4096, 3 * piece),
+            (piece - 1, 2),
+            (7, u64::from(u32::MAX)),
+        ] {
+            let pieces: Vec<_> = logs.pieces(offset, len).collect();
+            let mut at = offset;
+            for &(o, l) in &pieces {
+                assert_eq!(o, at, "contiguous");
+                assert!(l > 0 && l <= piece, "{l} bytes at {o}");
+                // Within one aligned window: at most max_active / 2 extents.
+                assert_eq!(o / piece, (o + l - 1) / piece, "{l} bytes at {o}");
+                at += l;
+            }
+            assert_eq!(at, offset + len, "covers the range");
+        }
+        // A piece inside the volume is logged like any write.
+        let (o, l) = logs.pieces(0, SIZE).next().expect("a piece");
+        let l2 = logs.clone();
+        tokio::task::spawn_blocking(move || drop(l2.before_write(o, l, false).expect("logged")))
+            .await
+            .expect("join");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn writes_while_the_peer_is_out_are_dirty_after_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let pool = Pool::open(dir.path()).expect("pool");
@@ -657,6 +735,76 @@ mod tests {
         logs.peer_left("v2", peer(), Epoch(1)).await.expect("left");
         assert_eq!(logs.bitmap().dirty_bytes(), 4 << 20);
         assert!(logs.unreconciled().is_empty());
+    }
+
+    async fn open_as(pool: &Pool, id: &VolumeId, role: SyncRole) -> Arc<VolumeLogs> {
+        let v = pool.open_volume(id).expect("open volume");
+        VolumeLogs::open_as(
+            id.as_str(),
+            v.meta.size,
+            Arc::new(v.meta_storage),
+            Arc::new(v.bitmap_storage),
+            role,
+        )
+        .await
+        .expect("open logs")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_tracking_header_the_record_contradicts_is_dropped_at_startup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        for (name, role) in [("v1", SyncRole::BothInSync), ("v2", SyncRole::OutOfSync)] {
+            let id = VolumeId::new(name).expect("valid");
+            pool.create_volume(&id, SIZE).expect("create");
+            let logs = open(&pool, &id).await;
+            logs.peer_left(name, peer(), Epoch(1)).await.expect("left");
+            let l = logs.clone();
+            tokio::task::spawn_blocking(move || {
+                drop(l.before_write(4 << 20, 4096, false).expect("logged"))
+            })
+            .await
+            .expect("join");
+            assert_eq!(logs.bitmap().dirty_count(), 1);
+            drop(logs);
+            // Restarted knowing a record that makes it no source: the header
+            // (the source of a stale copy) is gone, nothing is dirty, and
+            // the extent with a write in flight waits for reconciliation.
+            let logs = open_as(&pool, &id, role).await;
+            assert!(!logs.is_tracking(), "{role:?}");
+            assert_eq!(logs.bitmap().state(), BitmapState::Clean, "{role:?}");
+            assert_eq!(logs.bitmap().dirty_count(), 0);
+            assert_eq!(logs.unreconciled(), vec![(4 << 20)..(8 << 20)]);
+            assert_eq!(logs.peer_in_sync(), role == SyncRole::BothInSync);
+        }
+        // A source keeps it, and its recovered extent is dirty.
+        let id = VolumeId::new("v3").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        logs.peer_left("v3", peer(), Epoch(1)).await.expect("left");
+        drop(logs);
+        let logs = open_as(&pool, &id, SyncRole::Source).await;
+        assert!(logs.is_tracking());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replica_out_of_sync_at_the_arbiter_drops_its_tracking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        logs.peer_left("v1", peer(), Epoch(1)).await.expect("left");
+        let l = logs.clone();
+        tokio::task::spawn_blocking(move || drop(l.before_write(0, 4096, false).expect("logged")))
+            .await
+            .expect("join");
+        logs.not_a_source("v1", "test").await.expect("dropped");
+        assert!(!logs.is_tracking());
+        assert_eq!(logs.bitmap().dirty_count(), 0);
+        drop(logs);
+        let logs = open(&pool, &id).await;
+        assert_eq!(logs.bitmap().state(), BitmapState::Clean, "durably");
     }
 
     #[tokio::test(flavor = "multi_thread")]
