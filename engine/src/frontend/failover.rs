@@ -19,10 +19,13 @@
 //! one step per tick so that a loss is never kept waiting behind it:
 //! 1. the replica answers again: the task re-reads the record, tells the
 //!    in-sync replica again that its peer is out (`PeerState`, idempotent;
-//!    it starts a full copy if its bitmap was lost), and — the first time
-//!    after this frontend started — marks the returning replica's
-//!    activity-log extents dirty on the in-sync one (what a crashed
-//!    predecessor may have left there);
+//!    it starts a full copy if its bitmap was lost), and marks the returning
+//!    replica's activity-log extents dirty on the in-sync one, every time:
+//!    they hold whatever it may have lost — writes both acknowledged but not
+//!    yet flushed when its site lost power (the activity log keeps an extent
+//!    until its writes are durable), or what a crashed predecessor frontend
+//!    left on it alone — and the in-sync one's bitmap has none of them
+//!    (they were written while both were in sync);
 //! 2. the in-sync replica's resync copies what the replica missed while
 //!    writes still go to the in-sync replica alone (at full speed), until
 //!    less than `CATCH_UP_BELOW` is left (or `CATCH_UP_WAIT` passed);
@@ -37,9 +40,22 @@
 //!    in-sync replica's resync (`ResyncStatus`) until nothing is dirty;
 //! 5. it makes the replica in sync locally (writes to it are then required
 //!    and its loss is a fail-over), swaps it back in at the arbiter
-//!    (`ReturnToInSync`, compare-and-swap) — reverting to catch-up if the
-//!    arbiter cannot be reached — and tells the in-sync replica, which stops
-//!    tracking.
+//!    (`ReturnToInSync`, compare-and-swap) and tells the in-sync replica,
+//!    which stops tracking.
+//!
+//! An arbiter update that fails without an answer (a timeout, an
+//! unreachable API server) may still have landed, so its outcome is
+//! *unknown*, and nothing that depends on it is decided before the record
+//! is read again. For the return that means: the replica stays in sync
+//! locally (a write it fails is a fail-over, which takes it out through a
+//! compare-and-swap on a fresh read — never a catch-up failure that would
+//! acknowledge on the in-sync replica alone while the record may list both),
+//! and every tick re-reads the record and swaps again until it knows. A
+//! fail-over of the *other* replica first settles that return (the record
+//! must list the survivor in sync before anything is acknowledged on it
+//! alone). The fail-over's own swap re-reads after an unknown outcome
+//! (`swap_out` reads, decides `AlreadyOut` if it landed), and so does the
+//! startup reconciliation (retried whole from a fresh read).
 //!
 //! At startup ([`Failover::reconcile_at_start`]), before anything is
 //! served, the new frontend reconciles what its predecessor may have left
@@ -244,9 +260,9 @@ struct Rejoin {
     /// Not before this (after a failed step).
     retry_at: Instant,
     backoff: Duration,
-    /// Its activity-log extents must be marked on the source before it
-    /// catches up (it was out, or unreachable, when this frontend started).
-    reconcile: bool,
+    /// Its return to the in-sync set was sent to the arbiter without an
+    /// answer: in sync locally, the record must be read again.
+    unconfirmed: bool,
     /// The in-sync replica has not yet been told that this one is back.
     confirm: Option<ArbiterVersion>,
     started: Instant,
@@ -259,7 +275,7 @@ impl Rejoin {
             phase: Phase::Idle,
             retry_at: Instant::now(),
             backoff: Duration::from_millis(200),
-            reconcile: false,
+            unconfirmed: false,
             confirm: None,
             started: Instant::now(),
             log: RateLimit::new(Duration::from_secs(5)),
@@ -471,7 +487,6 @@ impl<A: Arbiter> FailoverTask<A> {
                         self.ask(i, Op::ForgetActivity).await?;
                     }
                 }
-                self.rejoin[target].reconcile = found[target].is_none();
                 self.f.membership.send_modify(|m| m.in_sync[target] = false);
                 Ok(())
             }
@@ -491,7 +506,6 @@ impl<A: Arbiter> FailoverTask<A> {
                 let ranges = self.active_extents(source).await?;
                 self.mark_dirty(source, &ranges).await?;
                 self.ask(source, Op::ForgetActivity).await?;
-                self.rejoin[out].reconcile = true;
                 tracing::info!(out = %self.id(out), source = %self.id(source), marked_bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "replica out of sync at the arbiter: it rejoins once it answers and has caught up");
                 Ok(())
             }
@@ -560,6 +574,26 @@ impl<A: Arbiter> FailoverTask<A> {
         let survivor = self.id(survivor_ix).clone();
         tracing::warn!(replica = %lost, "replica did not answer: holding I/O and removing it from the in-sync set through the arbiter");
         let mut log = RateLimit::new(Duration::from_secs(1));
+        // The survivor's own return may not be confirmed: the record must
+        // list it in sync before anything is acknowledged on it alone.
+        while self.rejoin[survivor_ix].unconfirmed {
+            match self.swap_in(survivor_ix, s.index).await {
+                Ok(record) => {
+                    self.returned(survivor_ix, &record);
+                    self.rejoin[survivor_ix].confirm = None;
+                }
+                Err(Step::Fence(why)) => {
+                    self.fence(format!("lost the fail-over: {why}"));
+                    return;
+                }
+                Err(Step::Retry(why)) => {
+                    if let Some(n) = log.allow() {
+                        tracing::warn!(reason = %why, suppressed = n, "cannot confirm the survivor's return at the arbiter: I/O held, not guessing");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         let record = loop {
             match self.swap_out(s.index, survivor_ix).await {
                 Ok(r) => break r,
@@ -618,6 +652,7 @@ impl<A: Arbiter> FailoverTask<A> {
         let r = &mut self.rejoin[s.index];
         r.phase = Phase::Idle;
         r.confirm = None;
+        r.unconfirmed = false;
         r.backoff = Duration::from_millis(200);
         r.retry_at = Instant::now();
         let pause = s.since.elapsed();
@@ -661,6 +696,10 @@ impl<A: Arbiter> FailoverTask<A> {
         let (l, s) = (i, 1 - i);
         let m = self.f.membership.borrow().clone();
         if m.in_sync[l] {
+            if self.rejoin[l].unconfirmed {
+                self.confirm_return(l, s).await;
+                return;
+            }
             if let Some(v) = self.rejoin[l].confirm.clone() {
                 let inc = self.f.replicas[l].incarnation();
                 match self.peer_state(s, l, true, &v, inc).await {
@@ -804,17 +843,13 @@ impl<A: Arbiter> FailoverTask<A> {
         // Idempotent; a replica restarted with an untrusted bitmap starts
         // its full copy only on this.
         self.peer_state(s, l, false, &version, 0).await?;
-        if self.rejoin[l].reconcile {
-            let ranges = self.active_extents(l).await?;
-            self.mark_dirty(s, &ranges).await?;
-            self.rejoin[l].reconcile = false;
-            tracing::info!(replica = %self.id(l), source = %self.id(s), extents = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's activity-log extents marked for the resync");
-        }
-        // Its activity log may hold extents recovered after a crash, pinned
-        // until reconciled (a full log of them refuses every other write).
-        // They are: what this frontend held when the replica left was
-        // re-sent to the in-sync one and marked there, and what a previous
-        // frontend left was marked just above.
+        // Whatever it may have lost is in its activity log (see the module
+        // doc): copied back by the resync, then forgotten there (its log
+        // may hold extents recovered after a crash, pinned until
+        // reconciled: a full log of them refuses every other write).
+        let ranges = self.active_extents(l).await?;
+        self.mark_dirty(s, &ranges).await?;
+        tracing::info!(replica = %self.id(l), source = %self.id(s), extents = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's activity-log extents marked for the resync (what it may have lost)");
         self.ask(l, Op::ForgetActivity).await?;
         tracing::info!(replica = %self.id(l), source = %self.id(s), "replica answers again: the resync copies what it missed, then it catches up");
         Ok(())
@@ -837,14 +872,18 @@ impl<A: Arbiter> FailoverTask<A> {
         }
         // In sync from now: a recreated copy is no longer acceptable.
         self.f.replicas[l].pin_incarnation(true);
+        self.rejoin[l].unconfirmed = true;
+        self.confirm_return(l, s).await;
+    }
+
+    /// Swaps `l` (in sync locally) back in at the arbiter, reading the
+    /// record first: done if it lands or already landed; an unknown
+    /// outcome leaves `l` in sync locally and unconfirmed, tried again on
+    /// the next tick (see the module doc).
+    async fn confirm_return(&mut self, l: usize, s: usize) {
         match self.swap_in(l, s).await {
             Ok(record) => {
-                let took = self.rejoin[l].started.elapsed();
-                tracing::info!(replica = %self.id(l), version = %record.version, catch_up_ms = took.as_millis() as u64, "replica back in the in-sync set");
-                self.f.metrics.record_rejoin(self.f.volume.as_str());
-                let r = &mut self.rejoin[l];
-                r.phase = Phase::Idle;
-                r.backoff = Duration::from_millis(200);
+                self.returned(l, &record);
                 match arbiter_version(&record) {
                     Ok(v) => {
                         self.rejoin[l].confirm = Some(v.clone());
@@ -858,24 +897,22 @@ impl<A: Arbiter> FailoverTask<A> {
             }
             Err(Step::Fence(why)) => self.fence(why),
             Err(Step::Retry(why)) => {
-                self.f.replicas[l].pin_incarnation(false);
-                // Not returned: back to catching up (writes to it stay
-                // required, so nothing is lost meanwhile).
-                self.f.membership.send_if_modified(|m| {
-                    if m.in_sync[l] {
-                        m.in_sync[l] = false;
-                        m.catch_up[l] = true;
-                        true
-                    } else {
-                        false
-                    }
-                });
-                self.rejoin[l].phase = Phase::Polling;
                 if let Some(n) = self.rejoin[l].log.allow() {
-                    tracing::warn!(replica = %self.id(l), reason = %why, suppressed = n, "cannot return the replica at the arbiter yet; it keeps catching up");
+                    tracing::warn!(replica = %self.id(l), reason = %why, suppressed = n, "the arbiter did not answer the replica's return (it may have landed): the replica stays required, its loss a fail-over through the arbiter, until the record is read again");
                 }
             }
         }
+    }
+
+    /// The arbiter's record has `l` back in the in-sync set.
+    fn returned(&mut self, l: usize, record: &VolumeRecord) {
+        let took = self.rejoin[l].started.elapsed();
+        tracing::info!(replica = %self.id(l), version = %record.version, catch_up_ms = took.as_millis() as u64, "replica back in the in-sync set");
+        self.f.metrics.record_rejoin(self.f.volume.as_str());
+        let r = &mut self.rejoin[l];
+        r.unconfirmed = false;
+        r.phase = Phase::Idle;
+        r.backoff = Duration::from_millis(200);
     }
 }
 

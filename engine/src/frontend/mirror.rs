@@ -342,7 +342,9 @@ impl Mirror {
     }
 
     /// Whether `e` means the replica is gone (rather than refusing this
-    /// request) and degraded operation may drop it.
+    /// request) and degraded operation may drop it. A replica whose copy
+    /// failed (an fdatasync error: it may have lost acknowledged writes)
+    /// counts as gone.
     fn is_loss(&self, e: &CallError) -> bool {
         self.degrade.is_some()
             && matches!(
@@ -350,6 +352,10 @@ impl Mirror {
                 CallError::ConnectionLost { .. }
                     | CallError::TimedOut { .. }
                     | CallError::Stopped { .. }
+                    | CallError::Refused {
+                        source: WireError::VolumeFailed { .. },
+                        ..
+                    }
             )
     }
 

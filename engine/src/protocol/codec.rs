@@ -357,8 +357,16 @@ fn put_wire_error(e: &WireError, b: &mut BytesMut) {
             put_str16(b, message);
         }
         WireError::NotTracking => b.put_u8(10),
+        WireError::VolumeFailed { reason } => {
+            b.put_u8(ERR_VOLUME_FAILED);
+            put_str16(b, reason);
+        }
     }
 }
+
+/// The error code of [`WireError::VolumeFailed`] (in the range 0x20–0x27
+/// the durability work owns, so that codes added in parallel do not clash).
+const ERR_VOLUME_FAILED: u8 = 0x20;
 
 fn put_str8(b: &mut BytesMut, s: &str) {
     // Ids are at most 63 bytes (checked by their constructors).
@@ -734,6 +742,9 @@ impl Rd {
                 message: self.str16()?,
             },
             10 => WireError::NotTracking,
+            ERR_VOLUME_FAILED => WireError::VolumeFailed {
+                reason: self.str16()?,
+            },
             other => return Err(self.invalid("error", format!("unknown error code {other}"))),
         })
     }

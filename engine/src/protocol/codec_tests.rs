@@ -92,6 +92,7 @@ fn wire_error() -> impl Strategy<Value = WireError> {
         (any::<u64>(), any::<u64>()).prop_map(|(len, max)| WireError::TooLarge { len, max }),
         "\\PC{0,200}".prop_map(|message| WireError::Io { message }),
         Just(WireError::NotTracking),
+        "\\PC{0,200}".prop_map(|reason| WireError::VolumeFailed { reason }),
     ]
 }
 

@@ -239,4 +239,10 @@ pub enum WireError {
     Io { message: String },
     #[error("the replica tracks no out-of-sync peer, so it cannot mark regions dirty")]
     NotTracking,
+    /// The volume's copy on this replica can no longer be trusted (an
+    /// fdatasync of its data failed, so writes it acknowledged may be gone):
+    /// every request is refused until the replica restarts. The frontend
+    /// treats it as the loss of the replica.
+    #[error("replica volume failed: {reason}")]
+    VolumeFailed { reason: String },
 }

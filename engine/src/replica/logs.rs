@@ -54,6 +54,7 @@ use crate::bitmap::{
     self, Bitmap, BitmapError, BitmapState, DEFAULT_GRANULARITY, Geometry, GeometryError,
     Granularity, MarkGuard,
 };
+use crate::data_sync::DataSync;
 use crate::protocol::{ByteRange, Epoch, ReplicaId, WireError};
 use crate::storage::Storage;
 
@@ -126,14 +127,18 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl VolumeLogs {
-    /// Opens both logs and runs startup recovery. `volume` names it in logs.
+    /// Opens both logs and runs startup recovery. `volume` names it in logs;
+    /// `data` tracks the syncs of its data file (the activity log keeps an
+    /// extent until its writes are durable).
     pub async fn open(
         volume: &str,
         size: u64,
         meta_storage: Arc<dyn Storage>,
         bitmap_storage: Arc<dyn Storage>,
+        data: Arc<DataSync>,
     ) -> Result<Arc<Self>, LogsError> {
-        let (al, recovery) = ActivityLog::open(meta_storage, al_config(size)?).await?;
+        let (al, recovery) =
+            ActivityLog::open_tracking(meta_storage, al_config(size)?, data).await?;
         let bitmap = Bitmap::open(bitmap_storage, geometry(size)?).await?;
         let logs = Arc::new(Self {
             tracking: AtomicBool::new(false),
@@ -482,6 +487,7 @@ mod tests {
             v.meta.size,
             Arc::new(v.meta_storage),
             Arc::new(v.bitmap_storage),
+            DataSync::new(id.as_str(), Arc::new(v.data)),
         )
         .await
         .expect("open logs")

@@ -427,11 +427,13 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
         opened.bitmap_storage,
     );
     let meta_storage = files.meta;
+    let sync = crate::data_sync::DataSync::new(id.as_str(), files.data.clone());
     let logs = VolumeLogs::open(
         id.as_str(),
         opened.meta.size,
         meta_storage.clone(),
         files.bitmap,
+        sync.clone(),
     )
     .await
     .map_err(|e| {
@@ -441,6 +443,7 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
     })?;
     let volume = Volume::start(
         files.data,
+        sync,
         meta_storage,
         opened.meta,
         logs,

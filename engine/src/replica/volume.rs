@@ -12,7 +12,12 @@
 //!   peer is out of sync, in the dirty bitmap ([`super::logs`]), both
 //!   durable before the data write starts (no I/O in the common case);
 //! - `PeerState` is handled by the metadata owner, which durably starts or
-//!   stops dirty tracking before answering.
+//!   stops dirty tracking before answering;
+//! - every fdatasync of the data file goes through [`DataSync`]: the
+//!   activity log learns which writes are durable, and a failed sync stops
+//!   the volume for good — every later request (`Open` included) is refused
+//!   with `VolumeFailed`, so that no flush is acknowledged for pages the
+//!   kernel dropped, and the frontend takes the replica out.
 //!
 //! Fencing is exact: a data request counts itself in flight *before* it
 //! checks the epoch, and raising the epoch sets the new value *before* it
@@ -29,6 +34,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::data_sync::{DataSync, SyncFailed};
 use crate::metrics::{IoOp, OpHandles};
 use crate::protocol::{
     ArbiterVersion, Epoch, MAX_IO_BYTES, Op, ReplicaId, Reply, ResyncReport, VolumeId, WireError,
@@ -100,6 +106,8 @@ pub struct Volume {
     id: VolumeId,
     size: u64,
     data: Arc<dyn Storage>,
+    /// The data file's syncs (shared with the activity log).
+    sync: Arc<DataSync>,
     gate: Arc<EpochGate>,
     meta_tx: mpsc::Sender<MetaCommand>,
     metrics: OpHandles,
@@ -293,6 +301,12 @@ impl MetaOwner {
     }
 }
 
+fn failed(f: &SyncFailed) -> WireError {
+    WireError::VolumeFailed {
+        reason: f.to_string(),
+    }
+}
+
 fn io_error(e: &StorageError) -> WireError {
     tracing::error!(error = %crate::error_chain(e), "storage error");
     WireError::Io {
@@ -302,8 +316,10 @@ fn io_error(e: &StorageError) -> WireError {
 
 impl Volume {
     /// Wraps opened files; spawns the metadata owner on the current runtime.
+    /// `sync` tracks the syncs of `data` (the one `logs` was opened with).
     pub fn start(
         data: Arc<dyn Storage>,
+        sync: Arc<DataSync>,
         meta_storage: Arc<dyn Storage>,
         current: Metadata,
         logs: Arc<VolumeLogs>,
@@ -330,6 +346,7 @@ impl Volume {
             id,
             size,
             data,
+            sync,
             gate,
             meta_tx,
             metrics,
@@ -393,7 +410,20 @@ impl Volume {
     /// epoch gate (the resync is this replica's own work, not a request).
     /// Blocking.
     pub fn read_local(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        if let Some(f) = self.sync.failure() {
+            return Err(StorageError {
+                op: "read for the resync",
+                target: f.target.clone(),
+                offset,
+                source: std::io::Error::other(f.to_string()),
+            });
+        }
         self.data.read_at(buf, offset)
+    }
+
+    /// Why this copy stopped serving, if it did (a failed fdatasync).
+    pub fn failure(&self) -> Option<&SyncFailed> {
+        self.sync.failure()
     }
 
     pub fn id(&self) -> &VolumeId {
@@ -422,6 +452,7 @@ impl Volume {
         epoch: Epoch,
         expected_size: Option<u64>,
     ) -> Result<Reply, WireError> {
+        self.sync.check().map_err(|f| failed(&f))?;
         if let Some(expected) = expected_size
             && expected != self.size
         {
@@ -463,6 +494,7 @@ impl Volume {
     /// Handles `PeerState`: the metadata owner records whether the peer
     /// gets every write, at exactly the current epoch.
     pub async fn peer_state(&self, epoch: Epoch, change: PeerChange) -> Result<Reply, WireError> {
+        self.sync.check().map_err(|f| failed(&f))?;
         let (reply, rx) = oneshot::channel();
         let closed = || WireError::Io {
             message: format!("metadata task of volume {} is gone", self.id),
@@ -530,7 +562,11 @@ impl Volume {
 
     fn execute_inner(&self, epoch: Epoch, op: Op) -> Result<Reply, WireError> {
         let _in_flight = self.gate.enter(epoch)?;
+        // After a failed sync nothing this copy says can be trusted: no
+        // read (it may return what the kernel dropped), no write, no flush.
+        self.sync.check().map_err(|f| failed(&f))?;
         let data = &self.data;
+        let sync = || self.sync.sync().map_err(|f| failed(&f));
         let r = match op {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
             // Handled by the connection through `peer_state`, never here.
@@ -555,11 +591,13 @@ impl Volume {
                 let _logged = self
                     .logs
                     .before_write(offset, bytes.len() as u64, mirrored)?;
-                data.write_at(&bytes, offset)
-                    .and_then(|()| if fua { data.sync() } else { Ok(()) })
-                    .map(|()| Reply::Done)
+                data.write_at(&bytes, offset).map_err(|e| io_error(&e))?;
+                if fua {
+                    sync()?;
+                }
+                return Ok(Reply::Done);
             }
-            Op::Flush => data.sync().map(|()| Reply::Done),
+            Op::Flush => return sync().map(|()| Reply::Done),
             Op::Trim {
                 offset,
                 len,
@@ -578,8 +616,11 @@ impl Volume {
                 self.check_range(offset, u64::from(len), false)?;
                 let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
                 data.zero(offset, u64::from(len))
-                    .and_then(|()| if fua { data.sync() } else { Ok(()) })
-                    .map(|()| Reply::Done)
+                    .map_err(|e| io_error(&e))?;
+                if fua {
+                    sync()?;
+                }
+                return Ok(Reply::Done);
             }
             Op::ResyncStatus => {
                 let bitmap = self.logs.bitmap();
@@ -660,16 +701,20 @@ mod tests {
         let opened = pool.open_volume(&id).expect("open");
         let metrics = crate::metrics::Metrics::new("test");
         let meta_storage: Arc<dyn Storage> = Arc::new(opened.meta_storage);
+        let data: Arc<dyn Storage> = Arc::new(opened.data);
+        let sync = DataSync::new("v1", data.clone());
         let logs = VolumeLogs::open(
             "v1",
             opened.meta.size,
             meta_storage.clone(),
             Arc::new(opened.bitmap_storage),
+            sync.clone(),
         )
         .await
         .expect("logs");
         let volume = Volume::start(
-            Arc::new(opened.data),
+            data,
+            sync,
             meta_storage,
             opened.meta,
             logs,
@@ -697,5 +742,96 @@ mod tests {
             })
         );
         assert_eq!(volume.peer_state(Epoch(3), change).await, Ok(Reply::Done));
+    }
+
+    /// A volume of `pool` whose data file fails as `plan` says, through a
+    /// volatile cache (a failed sync drops the cached pages, as Linux does).
+    #[cfg(feature = "failpoints")]
+    async fn faulty_volume(
+        dir: &std::path::Path,
+        plan: Arc<crate::storage::FaultPlan>,
+    ) -> Arc<Volume> {
+        let pool = super::super::Pool::open(dir).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, 1 << 20).expect("create");
+        let opened = pool.open_volume(&id).expect("open");
+        let meta_storage: Arc<dyn Storage> = Arc::new(opened.meta_storage);
+        let data: Arc<dyn Storage> = Arc::new(crate::storage::FaultyStorage::volatile(
+            opened.data,
+            "data",
+            plan,
+            crate::storage::DEFAULT_CACHE_LIMIT,
+        ));
+        let sync = DataSync::new("v1", data.clone());
+        let logs = VolumeLogs::open(
+            "v1",
+            opened.meta.size,
+            meta_storage.clone(),
+            Arc::new(opened.bitmap_storage),
+            sync.clone(),
+        )
+        .await
+        .expect("logs");
+        let metrics = crate::metrics::Metrics::new("test");
+        Volume::start(
+            data,
+            sync,
+            meta_storage,
+            opened.meta,
+            logs,
+            metrics.handles("v1", ""),
+        )
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn after_a_failed_fdatasync_the_volume_refuses_everything_for_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plan = crate::storage::FaultPlan::new();
+        let v = faulty_volume(dir.path(), plan.clone()).await;
+        v.open(Epoch(1), None).await.expect("open");
+        let run = |op: Op| {
+            let v = v.clone();
+            async move {
+                tokio::task::spawn_blocking(move || v.execute_blocking(Epoch(1), op))
+                    .await
+                    .expect("join")
+            }
+        };
+        let write = || Op::Write {
+            offset: 0,
+            fua: false,
+            mirrored: false,
+            data: bytes::Bytes::from_static(&[9; 4096]),
+        };
+        assert_eq!(run(write()).await, Ok(Reply::Done));
+        assert_eq!(run(Op::Flush).await, Ok(Reply::Done));
+        assert_eq!(run(write()).await, Ok(Reply::Done));
+        plan.inject("data::sync", 0, Some(1), crate::storage::FaultAction::Fail);
+        let refused = |r: Result<Reply, WireError>| matches!(r, Err(WireError::VolumeFailed { ref reason }) if reason.contains("fdatasync failed"));
+        assert!(refused(run(Op::Flush).await), "the failed flush");
+        // The storage would now sync fine (the pages are gone): a later
+        // flush must not be acknowledged as if they were durable.
+        assert!(refused(run(Op::Flush).await), "a later flush");
+        assert!(refused(run(write()).await), "a later write");
+        assert!(
+            refused(
+                run(Op::Read {
+                    offset: 0,
+                    len: 4096
+                })
+                .await
+            ),
+            "a read"
+        );
+        assert!(refused(v.open(Epoch(2), None).await), "an open");
+        assert_eq!(
+            plan.hits("data::sync"),
+            2,
+            "one good sync, one failed, no more"
+        );
+        assert!(v.failure().is_some());
+        let mut buf = [0u8; 16];
+        assert!(v.read_local(&mut buf, 0).is_err(), "no resync from it");
     }
 }
