@@ -734,6 +734,23 @@ impl ActivityLog {
     /// the extents recorded as dirty on the resync source). Extents with a
     /// write in flight stay. Returns how many extents were dropped.
     pub async fn forget_idle(&self) -> Result<usize, AlError> {
+        self.forget_where(|_| true).await
+    }
+
+    /// Like [`ActivityLog::forget_idle`], for the extents that overlap
+    /// `ranges` only (byte ranges of the volume): the caller reconciled
+    /// exactly those.
+    pub async fn forget_extents(&self, ranges: &[Range<u64>]) -> Result<usize, AlError> {
+        let config = self.inner.config;
+        let chosen: std::collections::BTreeSet<u64> = ranges
+            .iter()
+            .filter_map(|r| config.extents(r.start, r.end.saturating_sub(r.start)))
+            .flatten()
+            .collect();
+        self.forget_where(|e| chosen.contains(&e)).await
+    }
+
+    async fn forget_where(&self, chosen: impl Fn(u64) -> bool) -> Result<usize, AlError> {
         let inner = &self.inner;
         // Whatever the caller knows of the peer, this copy's own writes must
         // be durable before their extents leave (a power cut would take
@@ -752,8 +769,9 @@ impl ActivityLog {
                 }
                 if !st.flushing {
                     let before = st.extents.len();
-                    st.extents
-                        .retain(|_, x| x.refs > 0 || x.phase == Phase::Adding || !inner.durable(x));
+                    st.extents.retain(|&e, x| {
+                        !chosen(e) || x.refs > 0 || x.phase == Phase::Adding || !inner.durable(x)
+                    });
                     let dropped = before - st.extents.len();
                     let mut extents: Vec<u64> = st.extents.keys().copied().collect();
                     extents.sort_unstable();

@@ -493,7 +493,9 @@ fn io_op(op: &Op) -> (IoOp, u64) {
         | Op::ResyncStatus
         | Op::ActiveExtents
         | Op::MarkDirty { .. }
-        | Op::ForgetActivity => (IoOp::Open, 0),
+        | Op::ForgetActivity
+        | Op::RecoveredExtents
+        | Op::ForgetExtents { .. } => (IoOp::Open, 0),
         Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
         Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
         Op::Flush => (IoOp::Flush, 0),

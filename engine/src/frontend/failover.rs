@@ -19,13 +19,16 @@
 //! one step per tick so that a loss is never kept waiting behind it:
 //! 1. the replica answers again: the task re-reads the record, tells the
 //!    in-sync replica again that its peer is out (`PeerState`, idempotent;
-//!    it starts a full copy if its bitmap was lost), and marks the returning
-//!    replica's activity-log extents dirty on the in-sync one, every time:
-//!    they hold whatever it may have lost — writes both acknowledged but not
-//!    yet flushed when its site lost power (the activity log keeps an extent
-//!    until its writes are durable), or what a crashed predecessor frontend
-//!    left on it alone — and the in-sync one's bitmap has none of them
-//!    (they were written while both were in sync);
+//!    it starts a full copy if its bitmap was lost), and marks dirty on the
+//!    in-sync one whatever the returning replica may have lost: the
+//!    activity-log extents it recovered at a restart (`RecoveredExtents`:
+//!    writes both acknowledged but not yet flushed when its site lost
+//!    power — the activity log keeps an extent until its writes are
+//!    durable — which the in-sync one's bitmap does not have, being
+//!    written while both were in sync), and, the first time after this
+//!    frontend found it out at its start, all its extents (what a crashed
+//!    predecessor left on it alone); then it forgets exactly those
+//!    (`ForgetExtents`);
 //! 2. the in-sync replica's resync copies what the replica missed while
 //!    writes still go to the in-sync replica alone (at full speed), until
 //!    less than `CATCH_UP_BELOW` is left (or `CATCH_UP_WAIT` passed);
@@ -260,6 +263,11 @@ struct Rejoin {
     /// Not before this (after a failed step).
     retry_at: Instant,
     backoff: Duration,
+    /// All its activity-log extents must be marked on the source before it
+    /// catches up, not only those it recovered at a restart (it was out,
+    /// or unreachable, when this frontend started: a crashed predecessor
+    /// may have left writes on it alone).
+    reconcile: bool,
     /// Its return to the in-sync set was sent to the arbiter without an
     /// answer: in sync locally, the record must be read again.
     unconfirmed: bool,
@@ -275,6 +283,7 @@ impl Rejoin {
             phase: Phase::Idle,
             retry_at: Instant::now(),
             backoff: Duration::from_millis(200),
+            reconcile: false,
             unconfirmed: false,
             confirm: None,
             started: Instant::now(),
@@ -323,9 +332,20 @@ impl<A: Arbiter> FailoverTask<A> {
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Suspect>) {
         let mut tick = tokio::time::interval(REJOIN_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut conns = [
+            self.f.replicas[0].watch_state(),
+            self.f.replicas[1].watch_state(),
+        ];
+        for c in conns.iter_mut() {
+            c.borrow_and_update();
+        }
+        let mut watching = [true, true];
         loop {
             tokio::select! {
                 biased;
+                (i, state) = connection_changed(&mut conns, &mut watching) => {
+                    self.connection_changed(i, state).await;
+                }
                 s = rx.recv() => {
                     let Some(s) = s else { return };
                     let current = self.f.membership.borrow().clone();
@@ -348,6 +368,34 @@ impl<A: Arbiter> FailoverTask<A> {
                     }
                 }
             }
+        }
+    }
+
+    /// Replica `i`'s connection broke (and maybe came back: a watch shows
+    /// only the last state). A replica whose process restarted may have
+    /// lost what it had not flushed — its site lost power — and answers
+    /// as if nothing happened: so an in-sync one is taken out (its return
+    /// then marks what it recovered, see the module doc), and a returning
+    /// one starts its return again.
+    async fn connection_changed(&mut self, i: usize, state: ReplicaState) {
+        let m = self.f.membership.borrow().clone();
+        if m.fenced.is_some() || state == ReplicaState::Fenced {
+            return;
+        }
+        if m.in_sync[i] {
+            if m.in_sync[1 - i] {
+                tracing::warn!(replica = %self.id(i), state = state.name(), "connection to an in-sync replica lost: it may have restarted and lost writes it had not flushed");
+                self.remove(Suspect {
+                    index: i,
+                    since: Instant::now(),
+                })
+                .await;
+            }
+        } else if m.catch_up[i] || self.rejoin[i].phase != Phase::Idle {
+            self.give_up(
+                i,
+                "its connection was lost (it may have restarted): its return starts again",
+            );
         }
     }
 
@@ -404,10 +452,16 @@ impl<A: Arbiter> FailoverTask<A> {
     }
 
     async fn active_extents(&self, i: usize) -> Result<Vec<ByteRange>, Step> {
-        match self.ask(i, Op::ActiveExtents).await? {
+        self.extents(i, Op::ActiveExtents).await
+    }
+
+    /// Asks replica `i` for extents (`ActiveExtents`, `RecoveredExtents`).
+    async fn extents(&self, i: usize, op: Op) -> Result<Vec<ByteRange>, Step> {
+        let name = op.name();
+        match self.ask(i, op).await? {
             Reply::Extents(r) => Ok(r),
             other => Err(Step::Retry(format!(
-                "replica {} answered active_extents with {other:?}",
+                "replica {} answered {name} with {other:?}",
                 self.id(i)
             ))),
         }
@@ -487,6 +541,7 @@ impl<A: Arbiter> FailoverTask<A> {
                         self.ask(i, Op::ForgetActivity).await?;
                     }
                 }
+                self.rejoin[target].reconcile = found[target].is_none();
                 self.f.membership.send_modify(|m| m.in_sync[target] = false);
                 Ok(())
             }
@@ -506,6 +561,7 @@ impl<A: Arbiter> FailoverTask<A> {
                 let ranges = self.active_extents(source).await?;
                 self.mark_dirty(source, &ranges).await?;
                 self.ask(source, Op::ForgetActivity).await?;
+                self.rejoin[out].reconcile = true;
                 tracing::info!(out = %self.id(out), source = %self.id(source), marked_bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "replica out of sync at the arbiter: it rejoins once it answers and has caught up");
                 Ok(())
             }
@@ -843,14 +899,33 @@ impl<A: Arbiter> FailoverTask<A> {
         // Idempotent; a replica restarted with an untrusted bitmap starts
         // its full copy only on this.
         self.peer_state(s, l, false, &version, 0).await?;
-        // Whatever it may have lost is in its activity log (see the module
-        // doc): copied back by the resync, then forgotten there (its log
-        // may hold extents recovered after a crash, pinned until
+        // What it may have lost to a crash or power cut: the extents it
+        // recovered at its restart (see the module doc); and, if this
+        // frontend found it out or unreachable at its start, every extent
+        // of its log (what a crashed predecessor left on it alone). Marked
+        // on the source, then forgotten there — exactly those, so that a
+        // restart in between cannot have it forget something unmarked (its
+        // log may hold extents recovered after a crash, pinned until
         // reconciled: a full log of them refuses every other write).
-        let ranges = self.active_extents(l).await?;
-        self.mark_dirty(s, &ranges).await?;
-        tracing::info!(replica = %self.id(l), source = %self.id(s), extents = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's activity-log extents marked for the resync (what it may have lost)");
-        self.ask(l, Op::ForgetActivity).await?;
+        let mut ranges = self.extents(l, Op::RecoveredExtents).await?;
+        if self.rejoin[l].reconcile {
+            ranges.extend(self.active_extents(l).await?);
+        }
+        let ranges = union(ranges.into_iter());
+        if !ranges.is_empty() {
+            self.mark_dirty(s, &ranges).await?;
+            for chunk in ranges.chunks(MAX_RANGES) {
+                self.ask(
+                    l,
+                    Op::ForgetExtents {
+                        ranges: chunk.to_vec(),
+                    },
+                )
+                .await?;
+            }
+            tracing::info!(replica = %self.id(l), source = %self.id(s), ranges = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's possibly lost extents marked for the resync");
+        }
+        self.rejoin[l].reconcile = false;
         tracing::info!(replica = %self.id(l), source = %self.id(s), "replica answers again: the resync copies what it missed, then it catches up");
         Ok(())
     }
@@ -913,6 +988,26 @@ impl<A: Arbiter> FailoverTask<A> {
         r.unconfirmed = false;
         r.phase = Phase::Idle;
         r.backoff = Duration::from_millis(200);
+    }
+}
+
+/// The next change of a watched replica connection: its index and state.
+/// A connection whose task ended is no longer watched.
+async fn connection_changed(
+    conns: &mut [watch::Receiver<ReplicaState>; 2],
+    watching: &mut [bool; 2],
+) -> (usize, ReplicaState) {
+    loop {
+        let [a, b] = &mut *conns;
+        let (i, r) = tokio::select! {
+            r = a.changed(), if watching[0] => (0, r),
+            r = b.changed(), if watching[1] => (1, r),
+            else => std::future::pending().await,
+        };
+        match r {
+            Ok(()) => return (i, *conns[i].borrow_and_update()),
+            Err(_) => watching[i] = false,
+        }
     }
 }
 

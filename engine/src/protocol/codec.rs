@@ -49,6 +49,9 @@ const K_RESYNC_STATUS: u8 = 0x17;
 const K_ACTIVE_EXTENTS: u8 = 0x18;
 const K_MARK_DIRTY: u8 = 0x19;
 const K_FORGET_ACTIVITY: u8 = 0x1a;
+// 0x26 and 0x27: requests of the durability work (0x20-0x25 are replies).
+const K_RECOVERED_EXTENTS: u8 = 0x26;
+const K_FORGET_EXTENTS: u8 = 0x27;
 const K_OPENED: u8 = 0x20;
 const K_DATA: u8 = 0x21;
 const K_DONE: u8 = 0x22;
@@ -174,6 +177,8 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::ActiveExtents => K_ACTIVE_EXTENTS,
         Op::MarkDirty { .. } => K_MARK_DIRTY,
         Op::ForgetActivity => K_FORGET_ACTIVITY,
+        Op::RecoveredExtents => K_RECOVERED_EXTENTS,
+        Op::ForgetExtents { .. } => K_FORGET_EXTENTS,
     };
     b.put_u8(kind);
     b.put_u64_le(r.id.0);
@@ -243,8 +248,8 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             b.put_u64_le(*peer_incarnation);
             None
         }
-        Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity => None,
-        Op::MarkDirty { ranges } => {
+        Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity | Op::RecoveredExtents => None,
+        Op::MarkDirty { ranges } | Op::ForgetExtents { ranges } => {
             put_ranges(b, ranges);
             None
         }
@@ -498,7 +503,8 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
         K_PROOF => Message::Proof(r.array()?),
         K_WELCOME => Message::Welcome,
         K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES | K_PEER_STATE
-        | K_RESYNC_STATUS | K_ACTIVE_EXTENTS | K_MARK_DIRTY | K_FORGET_ACTIVITY => {
+        | K_RESYNC_STATUS | K_ACTIVE_EXTENTS | K_MARK_DIRTY | K_FORGET_ACTIVITY
+        | K_RECOVERED_EXTENTS | K_FORGET_EXTENTS => {
             let id = RequestId(r.u64()?);
             let epoch = Epoch(r.u64()?);
             let op = match kind {
@@ -560,6 +566,10 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                 K_ACTIVE_EXTENTS => Op::ActiveExtents,
                 K_FORGET_ACTIVITY => Op::ForgetActivity,
                 K_MARK_DIRTY => Op::MarkDirty {
+                    ranges: r.ranges()?,
+                },
+                K_RECOVERED_EXTENTS => Op::RecoveredExtents,
+                K_FORGET_EXTENTS => Op::ForgetExtents {
                     ranges: r.ranges()?,
                 },
                 _ => {

@@ -62,6 +62,8 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::ActiveExtents),
         Just(Op::ForgetActivity),
         ranges().prop_map(|ranges| Op::MarkDirty { ranges }),
+        Just(Op::RecoveredExtents),
+        ranges().prop_map(|ranges| Op::ForgetExtents { ranges }),
     ]
 }
 

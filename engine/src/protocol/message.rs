@@ -140,6 +140,20 @@ pub enum Op {
     /// both replicas (after a final flush on both, or after marking them
     /// dirty on the resync source).
     ForgetActivity,
+    /// The byte ranges of the activity-log extents this replica recovered
+    /// when it opened the volume while it counted its peer in sync, not
+    /// reconciled since (the whole volume if its log was unreadable): what
+    /// a crash or power cut of its site may have taken from this copy.
+    /// Answered with [`Reply::Extents`]. A returning replica's are marked
+    /// dirty on the in-sync one before it catches up (`0x26`).
+    RecoveredExtents,
+    /// These ranges were reconciled (marked dirty on the peer): their
+    /// extents leave the recovered set and the activity log (once this
+    /// copy's writes to them are durable and none is in flight). Unlike
+    /// `ForgetActivity`, only what the caller marked (`0x27`).
+    ForgetExtents {
+        ranges: Vec<ByteRange>,
+    },
 }
 
 /// A byte range of a volume.
@@ -178,6 +192,8 @@ impl Op {
             Op::ActiveExtents => "active_extents",
             Op::MarkDirty { .. } => "mark_dirty",
             Op::ForgetActivity => "forget_activity",
+            Op::RecoveredExtents => "recovered_extents",
+            Op::ForgetExtents { .. } => "forget_extents",
         }
     }
 }
@@ -203,7 +219,7 @@ pub enum Reply {
     Data(Bytes),
     /// Answer to `ResyncStatus`.
     Resync(ResyncReport),
-    /// Answer to `ActiveExtents`.
+    /// Answer to `ActiveExtents` and `RecoveredExtents`.
     Extents(Vec<ByteRange>),
     /// Answer to every other request.
     Done,

@@ -106,6 +106,8 @@ pub struct WriteGuards {
 /// The activity log and dirty bitmap of one open volume.
 pub struct VolumeLogs {
     al: ActivityLog,
+    /// The volume's size in bytes.
+    size: u64,
     bitmap: Bitmap,
     /// Mirrors "the bitmap tracks a peer" for the hot path (no lock).
     tracking: AtomicBool,
@@ -148,6 +150,7 @@ impl VolumeLogs {
             unreconciled: std::sync::Mutex::new(Vec::new()),
             peer_change: tokio::sync::Mutex::new(()),
             al,
+            size,
             bitmap,
         });
         logs.recover(volume, recovery).await?;
@@ -197,16 +200,18 @@ impl VolumeLogs {
             (BitmapState::Clean, Recovery::Lost { slot0, slot1 }) => {
                 tracing::warn!(
                     volume, %slot0, %slot1,
-                    "activity log unreadable while in sync: the replicas may differ anywhere written last; a full resync is advised"
+                    "activity log unreadable while in sync: the replicas may differ anywhere written last; the whole volume counts as possibly lost"
                 );
                 *lock(&self.full_copy) = Some(FullCopy(
                     "the activity log was unreadable at startup".to_owned(),
                 ));
+                *lock(&self.unreconciled) = std::iter::once(0..self.size).collect();
             }
             (BitmapState::Untrusted(reason), recovery) => {
-                if let Recovery::Extents(ext) = &recovery {
-                    *lock(&self.unreconciled) = ext.iter().map(|e| cfg.byte_range(*e)).collect();
-                }
+                *lock(&self.unreconciled) = match &recovery {
+                    Recovery::Extents(ext) => ext.iter().map(|e| cfg.byte_range(*e)).collect(),
+                    Recovery::Lost { .. } => std::iter::once(0..self.size).collect(),
+                };
                 tracing::warn!(
                     volume, %reason,
                     "dirty bitmap cannot be trusted: the next resync copies the whole volume"
@@ -331,6 +336,9 @@ impl VolumeLogs {
                 tracing::warn!(volume, peer = %peer, reason = %why, "full resync: every region marked dirty");
                 self.bitmap.reset_all_dirty(peer.clone(), epoch).await?;
                 *lock(&self.full_copy) = Some(FullCopy(why));
+                // Everything is dirty: nothing recovered is left to mark.
+                lock(&self.unreconciled).clear();
+                self.al.release_recovered();
             }
         }
         self.tracking.store(true, Ordering::SeqCst);
@@ -352,6 +360,54 @@ impl VolumeLogs {
                 len: r.end - r.start,
             })
             .collect()
+    }
+
+    /// The byte ranges recovered at startup while the peer counted as in
+    /// sync and not reconciled since: what a crash or power cut may have
+    /// taken from this copy (the whole volume if the activity log was
+    /// unreadable).
+    pub fn recovered_ranges(&self) -> Vec<ByteRange> {
+        lock(&self.unreconciled)
+            .iter()
+            .filter(|r| r.end > r.start)
+            .map(|r| ByteRange {
+                offset: r.start,
+                len: r.end - r.start,
+            })
+            .collect()
+    }
+
+    /// `ranges` were reconciled (marked dirty on the peer): they leave the
+    /// recovered set, and their extents the activity log once durable and
+    /// idle (see [`ActivityLog::forget_extents`]).
+    pub async fn forget_extents(
+        &self,
+        volume: &str,
+        ranges: &[ByteRange],
+    ) -> Result<(), WireError> {
+        let byte_ranges: Vec<std::ops::Range<u64>> = ranges
+            .iter()
+            .map(|r| r.offset..r.offset.saturating_add(r.len))
+            .collect();
+        match self.al.forget_extents(&byte_ranges).await {
+            Ok(dropped) => {
+                let mut left = lock(&self.unreconciled);
+                *left = subtract(&left, &byte_ranges);
+                tracing::info!(
+                    volume,
+                    dropped,
+                    ranges = ranges.len(),
+                    still_recovered = left.len(),
+                    "reconciled activity-log extents forgotten"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                tracing::error!(volume, error = %message, "cannot forget activity-log extents");
+                Err(WireError::Io { message })
+            }
+        }
     }
 
     /// Durably marks `ranges` dirty for the tracked peer (a new frontend's
@@ -445,6 +501,26 @@ impl VolumeLogs {
         }
         Ok(())
     }
+}
+
+/// `from` without the bytes of `minus` (both lists of byte ranges).
+fn subtract(
+    from: &[std::ops::Range<u64>],
+    minus: &[std::ops::Range<u64>],
+) -> Vec<std::ops::Range<u64>> {
+    let mut out = from.to_vec();
+    for m in minus.iter().filter(|m| m.end > m.start) {
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                let left = (r.start < m.start).then(|| r.start..r.end.min(m.start));
+                let right = (r.end > m.end).then(|| r.start.max(m.end)..r.end);
+                left.into_iter().chain(right)
+            })
+            .filter(|r| r.end > r.start)
+            .collect();
+    }
+    out
 }
 
 /// Creates the bitmap file of a new volume (blocking).
@@ -609,5 +685,78 @@ mod tests {
         // Back in sync only once nothing is dirty.
         logs.peer_rejoined("v1").await.expect("rejoined");
         assert!(logs.is_tracking());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn what_a_crash_may_have_taken_is_reported_until_exactly_it_is_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        assert!(logs.recovered_ranges().is_empty(), "nothing before a crash");
+        let l = logs.clone();
+        tokio::task::spawn_blocking(move || {
+            drop(l.before_write(0, 4096, false).expect("logged"));
+            drop(l.before_write(8 << 20, 4096, false).expect("logged"));
+        })
+        .await
+        .expect("join");
+        assert!(
+            logs.recovered_ranges().is_empty(),
+            "live extents are not lost"
+        );
+        drop(logs);
+        // The crash (or power cut): both extents may hold lost writes.
+        let logs = open(&pool, &id).await;
+        let four = 4 << 20;
+        assert_eq!(
+            logs.recovered_ranges(),
+            vec![
+                ByteRange {
+                    offset: 0,
+                    len: four
+                },
+                ByteRange {
+                    offset: 8 << 20,
+                    len: four
+                }
+            ]
+        );
+        // The frontend marked the first one: only it is forgotten.
+        logs.forget_extents(
+            "v1",
+            &[ByteRange {
+                offset: 0,
+                len: four,
+            }],
+        )
+        .await
+        .expect("forget");
+        assert_eq!(
+            logs.recovered_ranges(),
+            vec![ByteRange {
+                offset: 8 << 20,
+                len: four
+            }]
+        );
+        assert_eq!(
+            logs.active_ranges(),
+            vec![ByteRange {
+                offset: 8 << 20,
+                len: four
+            }],
+            "the other stays pinned in the log"
+        );
+    }
+
+    #[test]
+    fn subtracting_ranges_keeps_what_is_outside() {
+        assert_eq!(subtract(&[0..10, 20..30], &[5..25]), vec![0..5, 25..30]);
+        assert_eq!(
+            subtract(&[0..10], &[0..10]),
+            Vec::<std::ops::Range<u64>>::new()
+        );
+        assert_eq!(subtract(&[0..10], &[3..4, 12..13]), vec![0..3, 4..10]);
     }
 }

@@ -540,7 +540,9 @@ impl Volume {
             | Op::ResyncStatus
             | Op::ActiveExtents
             | Op::MarkDirty { .. }
-            | Op::ForgetActivity => (IoOp::Open, 0),
+            | Op::ForgetActivity
+            | Op::RecoveredExtents
+            | Op::ForgetExtents { .. } => (IoOp::Open, 0),
             Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
             Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
             Op::Flush => (IoOp::Flush, 0),
@@ -649,6 +651,16 @@ impl Volume {
                 return self
                     .runtime
                     .block_on(self.logs.forget_activity(self.id.as_str()))
+                    .map(|()| Reply::Done);
+            }
+            Op::RecoveredExtents => return Ok(Reply::Extents(self.logs.recovered_ranges())),
+            Op::ForgetExtents { ranges } => {
+                for r in &ranges {
+                    self.check_range(r.offset, r.len, false)?;
+                }
+                return self
+                    .runtime
+                    .block_on(self.logs.forget_extents(self.id.as_str(), &ranges))
                     .map(|()| Reply::Done);
             }
         };
