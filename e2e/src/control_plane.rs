@@ -13,6 +13,7 @@
 use std::{
     future::Future,
     io::Write,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::Duration,
@@ -41,6 +42,21 @@ pub struct ControlPlaneOptions {
     pub scheduler: bool,
     /// Deadline for each component to become ready.
     pub start_timeout: Duration,
+    /// The address kube-apiserver binds and advertises (the endpoint of the
+    /// `kubernetes` Service). Loopback unless nodes must reach it.
+    pub bind_address: Ipv4Addr,
+    /// The Service ClusterIP range; its first address is the `kubernetes`
+    /// Service and is in the serving certificate.
+    pub service_cidr: String,
+    /// Further names and addresses for the API server's serving certificate.
+    pub extra_sans: Vec<String>,
+    /// Further kube-apiserver flags (`--flag=value`).
+    pub extra_apiserver_args: Vec<String>,
+    /// Further kube-controller-manager flags (`--flag=value`).
+    pub extra_controller_manager_args: Vec<String>,
+    /// The directory to make the control plane's temp dir in (default: the
+    /// system temp dir).
+    pub parent_dir: Option<PathBuf>,
 }
 
 impl Default for ControlPlaneOptions {
@@ -50,9 +66,18 @@ impl Default for ControlPlaneOptions {
             controller_manager: false,
             scheduler: false,
             start_timeout: Duration::from_secs(120),
+            bind_address: Ipv4Addr::LOCALHOST,
+            service_cidr: DEFAULT_SERVICE_CIDR.to_owned(),
+            extra_sans: Vec::new(),
+            extra_apiserver_args: Vec::new(),
+            extra_controller_manager_args: Vec::new(),
+            parent_dir: None,
         }
     }
 }
+
+/// The Service range of a control plane that does not choose its own.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.0.0.0/24";
 
 impl ControlPlaneOptions {
     /// etcd and kube-apiserver only.
@@ -114,12 +139,13 @@ impl ControlPlane {
     /// and waits until they are ready.
     pub async fn start(opts: ControlPlaneOptions) -> Result<Self, HarnessError> {
         let bins = Binaries::resolve(&opts)?;
+        let parent = opts.parent_dir.clone().unwrap_or_else(std::env::temp_dir);
         let dir = tempfile::Builder::new()
             .prefix("twinvol-e2e-")
-            .tempdir()
+            .tempdir_in(&parent)
             .map_err(|source| HarnessError::Io {
                 action: "creating a temp dir in",
-                path: std::env::temp_dir(),
+                path: parent.clone(),
                 source,
             })?;
         let root = dir.path().to_owned();
@@ -129,7 +155,11 @@ impl ControlPlane {
             path: logs.clone(),
             source,
         })?;
-        let pki = Pki::generate(&root.join("pki"))?;
+        let kubernetes_service = first_service_ip(&opts.service_cidr)?;
+        let mut sans = vec![kubernetes_service, opts.bind_address.to_string()];
+        sans.extend(opts.extra_sans.iter().cloned());
+        let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+        let pki = Pki::generate_with_names(&root.join("pki"), &sans)?;
 
         // Until `Self` exists, this guard owns the processes, so an early
         // return kills them.
@@ -144,16 +174,18 @@ impl ControlPlane {
         )?);
 
         let apiserver_port = free_port()?;
-        let apiserver_url = format!("https://127.0.0.1:{apiserver_port}");
+        let apiserver_url = format!("https://{}:{apiserver_port}", opts.bind_address);
+        let mut args = apiserver_args(&pki, &root, etcd_client, apiserver_port, &opts);
+        args.extend(opts.extra_apiserver_args.iter().cloned());
         processes.push(ManagedProcess::spawn(
             "kube-apiserver",
             &bins.apiserver,
-            &apiserver_args(&pki, &root, etcd_client, apiserver_port),
+            &args,
             &logs.join("kube-apiserver.log"),
         )?);
 
         let kubeconfig = root.join("admin.kubeconfig");
-        write_kubeconfig(&kubeconfig, &apiserver_url, &pki)?;
+        write_kubeconfig(&kubeconfig, &apiserver_url, &pki.ca_files.cert, &pki.admin)?;
         let client = client_from(&kubeconfig).await?;
 
         let mut plane = Self {
@@ -169,7 +201,14 @@ impl ControlPlane {
 
         if let Some(path) = &bins.controller_manager {
             let port = free_port()?;
-            let args = controller_manager_args(&plane.pki, &plane.kubeconfig, &root, port);
+            let mut args = controller_manager_args(
+                &plane.pki,
+                &plane.kubeconfig,
+                &root,
+                port,
+                &opts.service_cidr,
+            );
+            args.extend(opts.extra_controller_manager_args.iter().cloned());
             plane.processes.push(ManagedProcess::spawn(
                 "kube-controller-manager",
                 path,
@@ -452,11 +491,17 @@ fn etcd_args(data_dir: &Path, client_port: u16, peer_port: u16) -> Vec<String> {
     ]
 }
 
-fn apiserver_args(pki: &Pki, root: &Path, etcd_port: u16, port: u16) -> Vec<String> {
+fn apiserver_args(
+    pki: &Pki,
+    root: &Path,
+    etcd_port: u16,
+    port: u16,
+    opts: &ControlPlaneOptions,
+) -> Vec<String> {
     vec![
         format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
+        format!("--bind-address={}", opts.bind_address),
+        format!("--advertise-address={}", opts.bind_address),
         format!("--secure-port={port}"),
         path_arg("cert-dir", &root.join("apiserver-certs")),
         path_arg("tls-cert-file", &pki.apiserver.cert),
@@ -465,15 +510,25 @@ fn apiserver_args(pki: &Pki, root: &Path, etcd_port: u16, port: u16) -> Vec<Stri
         path_arg("service-account-key-file", &pki.service_account_pub),
         path_arg("service-account-signing-key-file", &pki.service_account_key),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        format!("--service-cluster-ip-range={}", opts.service_cidr),
         "--authorization-mode=Node,RBAC".into(),
         "--allow-privileged=true".into(),
+        // Node names are not in any DNS: without this the API server asks
+        // the machine's resolver for them (for logs and exec), which is
+        // traffic to an address that is not ours.
+        "--kubelet-preferred-address-types=InternalIP".into(),
         "--profiling=false".into(),
         "--v=1".into(),
     ]
 }
 
-fn controller_manager_args(pki: &Pki, kubeconfig: &Path, root: &Path, port: u16) -> Vec<String> {
+fn controller_manager_args(
+    pki: &Pki,
+    kubeconfig: &Path,
+    root: &Path,
+    port: u16,
+    service_cidr: &str,
+) -> Vec<String> {
     vec![
         path_arg("kubeconfig", kubeconfig),
         path_arg("authentication-kubeconfig", kubeconfig),
@@ -486,7 +541,7 @@ fn controller_manager_args(pki: &Pki, kubeconfig: &Path, root: &Path, port: u16)
         path_arg("root-ca-file", &pki.ca_files.cert),
         path_arg("cluster-signing-cert-file", &pki.ca_files.cert),
         path_arg("cluster-signing-key-file", &pki.ca_files.key),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        format!("--service-cluster-ip-range={service_cidr}"),
         "--use-service-account-credentials=false".into(),
         "--profiling=false".into(),
         "--v=1".into(),
@@ -511,7 +566,26 @@ fn quoted(path: &Path) -> String {
     serde_json::Value::String(path.display().to_string()).to_string()
 }
 
-fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(), HarnessError> {
+/// The first host address of an IPv4 CIDR (`10.0.0.0/24` → `10.0.0.1`):
+/// the ClusterIP the API server gives the `kubernetes` Service.
+fn first_service_ip(cidr: &str) -> Result<String, HarnessError> {
+    let invalid = || HarnessError::InvalidOption {
+        option: "service_cidr",
+        value: cidr.to_owned(),
+    };
+    let (net, _) = cidr.split_once('/').ok_or_else(invalid)?;
+    let net: Ipv4Addr = net.parse().map_err(|_| invalid())?;
+    Ok(Ipv4Addr::from(u32::from(net) + 1).to_string())
+}
+
+/// Writes a kubeconfig for `server` that trusts `ca` and authenticates with
+/// the client certificate `client` (an admin's, a kubelet's, kube-proxy's).
+pub fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    client: &crate::pki::CertFiles,
+) -> Result<(), HarnessError> {
     let text = format!(
         "apiVersion: v1\n\
          kind: Config\n\
@@ -531,9 +605,9 @@ fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(), HarnessE
              cluster: twinvol-e2e\n    \
              user: admin\n\
          current-context: twinvol-e2e\n",
-        ca = quoted(&pki.ca_files.cert),
-        cert = quoted(&pki.admin.cert),
-        key = quoted(&pki.admin.key),
+        ca = quoted(ca),
+        cert = quoted(&client.cert),
+        key = quoted(&client.key),
     );
     std::fs::write(path, text).map_err(|source| HarnessError::Io {
         action: "writing",
@@ -542,7 +616,8 @@ fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(), HarnessE
     })
 }
 
-async fn client_from(kubeconfig: &Path) -> Result<Client, HarnessError> {
+/// A kube client from a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> Result<Client, HarnessError> {
     let error = |source: Box<dyn std::error::Error + Send + Sync>| HarnessError::Kubeconfig {
         path: kubeconfig.to_owned(),
         source,
@@ -615,12 +690,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_kubernetes_service_is_the_first_address_of_the_range() {
+        assert_eq!(first_service_ip("10.0.0.0/24").expect("valid"), "10.0.0.1");
+        assert_eq!(
+            first_service_ip("10.252.3.0/24").expect("valid"),
+            "10.252.3.1"
+        );
+        assert!(first_service_ip("10.0.0.0").is_err());
+    }
+
     #[tokio::test]
     async fn kubeconfig_is_readable_by_kube() {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = Pki::generate(&dir.path().join("pki")).expect("pki");
         let path = dir.path().join("kubeconfig");
-        write_kubeconfig(&path, "https://127.0.0.1:6443", &pki).expect("writes");
+        write_kubeconfig(
+            &path,
+            "https://127.0.0.1:6443",
+            &pki.ca_files.cert,
+            &pki.admin,
+        )
+        .expect("writes");
         let client = client_from(&path)
             .await
             .expect("a client from the kubeconfig");

@@ -69,6 +69,22 @@ pub enum HarnessError {
         stderr: String,
     },
 
+    #[error("`{command}` failed ({status}): {stderr}")]
+    CommandFailed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+
+    #[error("cluster slot: {0}")]
+    Slot(String),
+
+    #[error("{0}")]
+    Cluster(String),
+
+    #[error("invalid {option}: {value:?}")]
+    InvalidOption { option: &'static str, value: String },
+
     #[error("running kubectl {args}")]
     Kubectl {
         args: String,

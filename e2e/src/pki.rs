@@ -64,6 +64,13 @@ impl Pki {
     /// Generates the CA, the API server's and the admin's certificates and the
     /// service-account keys into `dir`.
     pub fn generate(dir: &Path) -> Result<Self, HarnessError> {
+        Self::generate_with_names(dir, &[])
+    }
+
+    /// Like [`Self::generate`], with further names and addresses in the API
+    /// server's serving certificate (the address nodes reach it at, the
+    /// `kubernetes` Service's ClusterIP).
+    pub fn generate_with_names(dir: &Path, extra_names: &[&str]) -> Result<Self, HarnessError> {
         fs::create_dir_all(dir).map_err(|source| HarnessError::Io {
             action: "creating",
             path: dir.to_owned(),
@@ -102,18 +109,21 @@ impl Pki {
             service_account_key: dir.join("sa.key"),
             service_account_pub: dir.join("sa.pub"),
         };
-        pki.apiserver = pki.issue_server(
-            "kube-apiserver",
-            &[
-                "127.0.0.1",
-                "10.0.0.1",
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
-        )?;
+        let mut names = vec![
+            "127.0.0.1",
+            "10.0.0.1",
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ];
+        for name in extra_names {
+            if !names.contains(name) {
+                names.push(name);
+            }
+        }
+        pki.apiserver = pki.issue_server("kube-apiserver", &names)?;
         pki.admin = pki.issue_client("admin", "twinvol-e2e-admin", &["system:masters"])?;
 
         let sa = KeyPair::generate().map_err(cert_error("service-account"))?;

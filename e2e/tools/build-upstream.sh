@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the pinned upstream pieces the e2e tests run (etcd, the Kubernetes
-# control plane, kubelet, kubectl, containerd, the CSI sidecars, csi-sanity,
+# control plane, kubelet, kube-proxy, kubectl, containerd, the CSI sidecars, csi-sanity,
 # helm) from their published Go modules, at the versions in versions.env.
 #
 #   build-upstream.sh                      build (or reuse) every component
@@ -42,7 +42,7 @@ WRAPPERS=$CACHE/wrappers
 # Components. Order matters: etcd, kube-apiserver and kubectl come first.
 COMPONENTS=(
   etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet
-  containerd
+  kube-proxy containerd
   external-provisioner external-attacher external-resizer
   node-driver-registrar livenessprobe
   csi-sanity helm
@@ -63,7 +63,7 @@ comp_def() {
     etcd)
       C_MODULE=go.etcd.io/etcd/server/v3; C_VERSION=$ETCD_VERSION
       C_KIND=etcdmain; C_BINS=("etcd|.|0"); C_LDKIND=etcd ;;
-    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet)
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet|kube-proxy)
       C_MODULE=k8s.io/kubernetes; C_VERSION=$KUBERNETES_VERSION
       C_TAGS="selinux,notest"; C_LDKIND=k8s
       # Static like upstream's control plane and kubectl. Upstream links kubelet
@@ -204,10 +204,27 @@ fetch_module_meta() {
   UP_TIME=$(jq -r '.Time // empty' "$info")
 }
 
+# A wrapper generated before a component joined its module (kube-proxy joined
+# the Kubernetes one later) lacks that component's tool directive: add it and
+# tidy, instead of regenerating the wrapper (which would change nothing else).
+ensure_wrapper_tools() {
+  local e pkg tools missing=()
+  tools=$(cd "$WRAP_DIR" && go mod edit -json | jq -r '.Tool[]?.Path')
+  for e in "${C_BINS[@]}"; do
+    IFS='|' read -r _ pkg _ <<<"$e"
+    [[ $pkg == . ]] && continue
+    grep -qxF "$pkg" <<<"$tools" || missing+=("-tool=$pkg")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  log "  adding ${missing[*]#-tool=} to wrapper module $WRAP_DIR"
+  (cd "$WRAP_DIR" && go mod edit "${missing[@]}" && go mod tidy)
+}
+
 # Generate (once) the wrapper module for the current component; sets WRAP_DIR.
 ensure_wrapper() {
   WRAP_DIR=$WRAPPERS/$C_WRAPPER
   if [[ -f $WRAP_DIR/.ready && "$(cat "$WRAP_DIR/.ready")" == "recipe=$RECIPE_REV" ]]; then
+    ensure_wrapper_tools
     return 0
   fi
   log "  generating wrapper module $WRAP_DIR"
@@ -283,7 +300,7 @@ EOF
     done
     if [[ $C_MODULE == k8s.io/kubernetes ]]; then
       local k
-      for k in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do
+      for k in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
         edits+=("-tool=k8s.io/kubernetes/cmd/$k")
       done
     fi

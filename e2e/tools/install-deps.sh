@@ -24,6 +24,10 @@ PACKAGES=(
   iproute2 nftables iptables conntrack socat ethtool kmod
   # container runtime: containerd itself is built by build-upstream.sh, runc comes from Debian
   runc
+  # the stretched test cluster (e2e/src/cluster): pod networking (bridge, host-local,
+  # loopback, portmap), the static busybox the workload image is made of, ping for the
+  # fault checks from each namespace
+  containernetworking-plugins busybox-static iputils-ping
   # test scripting: bc, /usr/bin/time, killall/fuser, ps/pgrep, jq (also used by build-upstream.sh), curl (the demo reads /metrics)
   bc time psmisc procps jq curl
   # protoc for the Rust CSI/gRPC code generation, TLS material for tests

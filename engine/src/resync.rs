@@ -48,10 +48,24 @@
 //!   `Op::ResyncStatus` on this replica until nothing is dirty, does the
 //!   arbiter's `ReturnToInSync` and sends `PeerState { in_sync: true }`,
 //!   upon which this replica stops tracking (`VolumeLogs::peer_rejoined`).
-//! - **Aborted copies never land late.** A failed attempt aborts its
-//!   connection (RST, `ReplicaHandle::reset`): copies still queued in the
-//!   socket are dropped, so that none reaches the peer after a newer one
-//!   when a cut link comes back.
+//! - **Which way.** Only a replica whose view of the arbiter's record
+//!   lists it in sync and its peer out copies (`replica::direction`); the
+//!   view is its claim when it opens its session on the peer, and a peer
+//!   that knows a newer record refuses (and this replica learns that record
+//!   from the refusal: one that lists it out of sync ends its tracking).
+//!   Re-checked before every batch.
+//! - **Aborted copies never land late.** Each attempt is a new session of
+//!   this replica's resync on the peer (`SessionKind::Resync`), which
+//!   fences the sessions of the failed attempts before anything is copied;
+//!   a failed attempt also aborts its connection (RST,
+//!   `ReplicaHandle::reset`) so that the kernel drops what is still queued.
+//! - **The frontend's given-up connections never land late either.** The
+//!   frontend tells this replica the floor of its sessions to the peer it
+//!   gave up on (`PeerState`, persisted); before copying, and again before
+//!   any batch once a newer floor is known, the resync has the peer fence
+//!   them (`Op::FenceSessions`): a write the frontend gave up on (and
+//!   acknowledged here alone) cannot land there after the copy of its
+//!   region.
 //! - **Reconciling after a frontend crash.** A new frontend asks both
 //!   replicas for their activity-log extents (`Op::ActiveExtents`), has one
 //!   leave the in-sync set, marks the extents of both dirty on the other
@@ -76,11 +90,18 @@ use bytes::BytesMut;
 use tokio::sync::Semaphore;
 
 use crate::bitmap::{BitmapError, BitmapState, RegionIndex};
-use crate::frontend::connection::{CallError, ConnectError, ReplicaHandle, SessionParams};
+use crate::frontend::connection::{
+    CallError, ConnectError, ReplicaHandle, SessionCounter, SessionParams,
+};
 use crate::frontend::{ReplicaSpec, ReplicaState};
 use crate::metrics::Metrics;
-use crate::protocol::{MAX_IO_BYTES, Op, ProtocolVersion, ReplicaId, Reply, Secret, VolumeId};
+use crate::protocol::{
+    MAX_IO_BYTES, Op, ProtocolVersion, ReplicaId, Reply, Secret, SessionKind, SyncClaim, SyncView,
+    VolumeId, WireError,
+};
 use crate::replica::Volume;
+use crate::replica::direction::may_copy;
+use crate::replica::meta::StoredView;
 use crate::storage::StorageError;
 
 /// Resyncs copying at once on one replica server, by default.
@@ -163,6 +184,8 @@ pub enum ResyncError {
     LocalRead(#[source] StorageError),
     #[error("cannot record the peer's new incarnation")]
     Meta(#[source] crate::protocol::WireError),
+    #[error("not a resync source: {reason}")]
+    NotSource { reason: String },
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
 }
@@ -335,6 +358,10 @@ struct Supervisor {
     volume: Arc<Volume>,
     status: ResyncStatus,
     status_path: PathBuf,
+    /// This replica's resync sessions on its peer, across attempts.
+    generations: Arc<SessionCounter>,
+    /// Why it last was no source (logged when it changes).
+    not_source: Option<String>,
 }
 
 impl Supervisor {
@@ -363,6 +390,8 @@ impl Supervisor {
             volume,
             status,
             status_path,
+            generations: SessionCounter::new(),
+            not_source: None,
         }
     }
 
@@ -431,6 +460,19 @@ impl Supervisor {
             self.status.peer = Some(peer.to_string());
             self.status.full_copy = logs.full_copy().map(|f| f.0);
             self.status.remaining_bytes = bitmap.dirty_bytes();
+            // The record decides, not the tracking header alone.
+            if let Err(why) = may_copy(self.volume.known().view().as_ref(), &peer) {
+                if self.not_source.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(peer = %peer, reason = %why, dirty_bytes = bitmap.dirty_bytes(), "not a resync source: nothing is copied until the arbiter's record says so");
+                    self.not_source = Some(why.clone());
+                }
+                self.set_state(ResyncState::Failed {
+                    error: format!("not a resync source: {why}"),
+                });
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            self.not_source = None;
             self.set_state(ResyncState::Waiting);
             let Ok(_permit) = self.mgr.permits.clone().acquire_owned().await else {
                 return;
@@ -474,11 +516,26 @@ impl Supervisor {
             .cloned()
             .ok_or_else(|| ResyncError::NoPeerAddress { peer: peer.clone() })?;
         self.set_state(ResyncState::Connecting);
+        let known = self
+            .volume
+            .known()
+            .view()
+            .ok_or_else(|| ResyncError::NotSource {
+                reason: "no record known".to_owned(),
+            })?;
+        let claim = SyncClaim {
+            source: known.me.clone(),
+            target: peer.clone(),
+            view: known.view.clone(),
+        };
         let params = SessionParams {
             volume: VolumeId::clone(self.volume.id()),
             epoch: self.volume.epoch(),
             secret: self.mgr.secret.clone(),
             protocol_version: self.mgr.version,
+            kind: SessionKind::Resync,
+            generations: self.generations.clone(),
+            claim: Some(claim),
         };
         let handles = self
             .mgr
@@ -491,6 +548,16 @@ impl Supervisor {
         .await
         {
             Ok(Ok(h)) => h,
+            Ok(Err(ConnectError::OpenRefused {
+                source:
+                    WireError::NotSource {
+                        known: theirs,
+                        reason,
+                    },
+                ..
+            })) => {
+                return Err(self.refused(&known, theirs, reason).await);
+            }
             Ok(Err(source)) => {
                 return Err(ResyncError::Connect {
                     peer: peer.clone(),
@@ -541,20 +608,89 @@ impl Supervisor {
             "resync started"
         );
         self.set_state(ResyncState::Copying);
-        let copy = Copy {
+        let mut copy = Copy {
             handle,
             peer: peer.clone(),
+            fences_applied: None,
+            view_seen: self.volume.known().view_changes(),
         };
-        let r = self.copy_all(&copy).await;
+        let mut r = self.copy_all(&mut copy).await;
+        if let Err(ResyncError::Peer {
+            source:
+                CallError::Refused {
+                    source:
+                        WireError::NotSource {
+                            known: theirs,
+                            reason,
+                        },
+                    ..
+                },
+            ..
+        }) = &r
+        {
+            let (theirs, reason) = (theirs.clone(), reason.clone());
+            r = Err(self.refused(&known, theirs, reason).await);
+        }
         if r.is_err() {
             // Abort the connection: a copy given up on must not land on
-            // the peer later, over a newer one.
+            // the peer later, over a newer one (the next attempt's session
+            // fences this one's there anyway).
             copy.handle.reset();
         }
         r
     }
 
-    async fn copy_all(&mut self, copy: &Copy) -> Result<(), ResyncError> {
+    /// The peer refused this replica as a source, knowing `theirs`: learn
+    /// it (a newer record that lists this replica out ends its tracking).
+    async fn refused(&self, mine: &StoredView, theirs: SyncView, reason: String) -> ResyncError {
+        let learned = StoredView {
+            me: mine.me.clone(),
+            peer: mine.peer.clone(),
+            view: theirs,
+        };
+        if let Err(e) = self.volume.learn_view(learned).await {
+            tracing::warn!(error = %e, "cannot store the record the peer knows");
+        }
+        ResyncError::NotSource {
+            reason: format!("the peer refused the copy: {reason}"),
+        }
+    }
+
+    /// Has the peer fence the frontend's sessions to it that the frontend
+    /// gave up on, if a newer floor is known than the one applied.
+    async fn apply_fence(&self, copy: &mut Copy) -> Result<(), ResyncError> {
+        let known = self.volume.known();
+        let changes = known.fence_changes();
+        if copy.fences_applied == Some(changes) {
+            return Ok(());
+        }
+        if let Some(f) = known.peer_fence()
+            && f.epoch == self.volume.epoch()
+        {
+            copy.call(Op::FenceSessions {
+                kind: SessionKind::Frontend,
+                below: f.below,
+            })
+            .await?;
+            tracing::info!(peer = %copy.peer, below = f.below.0, "the frontend's given-up sessions fenced on the peer");
+        }
+        copy.fences_applied = Some(changes);
+        Ok(())
+    }
+
+    /// Before a batch: still a source per the record, and the peer fenced
+    /// what the frontend gave up on.
+    async fn before_batch(&self, copy: &mut Copy) -> Result<(), ResyncError> {
+        let changes = self.volume.known().view_changes();
+        if changes != copy.view_seen {
+            may_copy(self.volume.known().view().as_ref(), &copy.peer)
+                .map_err(|reason| ResyncError::NotSource { reason })?;
+            copy.view_seen = changes;
+        }
+        self.apply_fence(copy).await
+    }
+
+    async fn copy_all(&mut self, copy: &mut Copy) -> Result<(), ResyncError> {
         let bitmap = self.volume.logs().bitmap().clone();
         let geometry = bitmap.geometry();
         let started = Instant::now();
@@ -593,6 +729,9 @@ impl Supervisor {
                 cursor = RegionIndex(0);
                 continue;
             }
+            // After the batch's copies began (so a floor learned before
+            // the writes they copy is applied before they land).
+            self.before_batch(copy).await?;
             let batch_started = Instant::now();
             let mut bytes = 0;
             let mut writes = Vec::new();
@@ -704,6 +843,10 @@ impl Supervisor {
 struct Copy {
     handle: ReplicaHandle,
     peer: ReplicaId,
+    /// The volume's fence-change count last applied on the peer.
+    fences_applied: Option<u64>,
+    /// The volume's view-change count last checked.
+    view_seen: u64,
 }
 
 impl Copy {

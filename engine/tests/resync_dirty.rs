@@ -22,7 +22,7 @@ use twinvol_engine::frontend::ReplicaSpec;
 use twinvol_engine::frontend::connection::{ReplicaHandle, SessionParams};
 use twinvol_engine::metrics::Metrics;
 use twinvol_engine::protocol::{
-    ArbiterVersion, Epoch, Op, PROTOCOL_VERSION, ReplicaId, Reply, Secret, VolumeId,
+    ArbiterVersion, Epoch, Op, PROTOCOL_VERSION, ReplicaId, Reply, Secret, SyncView, VolumeId,
 };
 
 const SIZE: u64 = 64 * MIB;
@@ -122,12 +122,12 @@ async fn connect(site: &Site, secret: &Path, epoch: u64) -> ReplicaHandle {
 }
 
 async fn connect_volume(site: &Site, secret: &Path, epoch: u64, volume: &str) -> ReplicaHandle {
-    let params = SessionParams {
-        volume: VolumeId::new(volume).expect("id"),
-        epoch: Epoch(epoch),
-        secret: Secret::from_file(secret).expect("secret"),
-        protocol_version: PROTOCOL_VERSION,
-    };
+    let params = SessionParams::frontend(
+        VolumeId::new(volume).expect("id"),
+        Epoch(epoch),
+        Secret::from_file(secret).expect("secret"),
+        PROTOCOL_VERSION,
+    );
     let spec = ReplicaSpec {
         id: ReplicaId::new(site.name).expect("id"),
         addr: site.addr.clone(),
@@ -169,20 +169,38 @@ async fn write(hs: &[&ReplicaHandle], model: &mut [u8], offset: u64, len: usize,
     model[offset as usize..offset as usize + len].fill(fill);
 }
 
-fn peer_state(in_sync: bool) -> Op {
-    Op::PeerState {
-        peer: ReplicaId::new("a").expect("id"),
-        in_sync,
-        arbiter_version: ArbiterVersion::new("7").expect("version"),
-        peer_incarnation: 0,
+/// `PeerState` telling b the arbiter's record as the frontend of `epoch`
+/// publishes its `seq`-th one: b in sync, `peer` in sync too or not.
+fn told_b(peer: &str, epoch: u64, seq: u64, peer_in_sync: bool) -> Op {
+    let id = |s: &str| ReplicaId::new(s).expect("id");
+    let mut in_sync = vec![id("b")];
+    if peer_in_sync {
+        in_sync.insert(0, id(peer));
     }
+    Op::PeerState {
+        you: id("b"),
+        peer: id(peer),
+        view: SyncView {
+            epoch: Epoch(epoch),
+            seq,
+            arbiter_version: ArbiterVersion::new(format!("{epoch}.{seq}")).expect("version"),
+            in_sync,
+        },
+        peer_incarnation: 0,
+        fence: None,
+    }
+}
+
+/// b is told that a left (the first record of the frontend of `epoch`).
+fn peer_state(epoch: u64, in_sync: bool) -> Op {
+    told_b("a", epoch, if in_sync { 2 } else { 1 }, in_sync)
 }
 
 /// The frontend's degraded mode as b sees it: the arbiter swapped a out,
 /// so b is told by `PeerState` that a left; then a's session closes and a
 /// dies.
 async fn take_a_out(ha: ReplicaHandle, hb: &ReplicaHandle, pa: &mut KillOnDrop) {
-    assert_eq!(call(hb, peer_state(false)).await, Reply::Done);
+    assert_eq!(call(hb, peer_state(1, false)).await, Reply::Done);
     drop(ha);
     pa.kill();
 }
@@ -192,7 +210,7 @@ async fn take_a_out(ha: ReplicaHandle, hb: &ReplicaHandle, pa: &mut KillOnDrop) 
 fn a_back_in_sync(rt: &tokio::runtime::Runtime, b: &Site, secret: &Path, epoch: u64) {
     rt.block_on(async {
         let hb = connect(b, secret, epoch).await;
-        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
+        assert_eq!(call(&hb, peer_state(epoch, true)).await, Reply::Done);
     });
 }
 
@@ -286,7 +304,7 @@ fn resync_copies_only_dirty_regions_and_replicas_end_identical() {
     // The frontend's rejoin: arbiter ReturnToInSync, then PeerState.
     rt.block_on(async {
         let hb = connect(&b, &secret, 1).await;
-        assert_eq!(call(&hb, peer_state(true)).await, Reply::Done);
+        assert_eq!(call(&hb, peer_state(1, true)).await, Reply::Done);
         call(&hb, Op::Flush).await;
     });
     let log = std::fs::read_to_string(&pb.log).expect("log");
@@ -491,7 +509,7 @@ fn resyncs_beyond_the_limit_wait_for_a_slot() {
     rt.block_on(async {
         for (vol, model) in ["v1", "v2"].into_iter().zip(models.iter_mut()) {
             let hb = connect_volume(&b, &secret, 1, vol).await;
-            assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+            assert_eq!(call(&hb, peer_state(1, false)).await, Reply::Done);
             write(&[&hb], model, 16 * MIB, 4 * MIB as usize, 0x33).await;
         }
     });
@@ -539,15 +557,10 @@ fn a_replaced_peer_gets_a_full_copy_that_says_why() {
     let mut model = vec![0u8; SIZE as usize];
     rt.block_on(async {
         let hb = connect(&b, &secret, 1).await;
-        assert_eq!(call(&hb, peer_state(false)).await, Reply::Done);
+        assert_eq!(call(&hb, peer_state(1, false)).await, Reply::Done);
         pa.kill();
         degraded_writes(&hb, &mut model, 50, SIZE).await;
-        let replaced = Op::PeerState {
-            peer: ReplicaId::new("c").expect("id"),
-            in_sync: false,
-            arbiter_version: ArbiterVersion::new("8").expect("version"),
-            peer_incarnation: 0,
-        };
+        let replaced = told_b("c", 1, 2, false);
         assert_eq!(call(&hb, replaced).await, Reply::Done);
     });
     // A blank replica at a's place.
@@ -567,12 +580,7 @@ fn a_replaced_peer_gets_a_full_copy_that_says_why() {
     assert!(log.contains("full resync"), "log does not say so");
     rt.block_on(async {
         let hb = connect(&b, &secret, 1).await;
-        let back = Op::PeerState {
-            peer: ReplicaId::new("c").expect("id"),
-            in_sync: true,
-            arbiter_version: ArbiterVersion::new("9").expect("version"),
-            peer_incarnation: 0,
-        };
+        let back = told_b("c", 1, 3, true);
         assert_eq!(call(&hb, back).await, Reply::Done);
     });
     assert_identical(&a, &b, &model);

@@ -21,11 +21,26 @@
 //! in the channel (I/O waits). A request whose caller gave up on it (the
 //! mirror's deadline passed while it waited) is never sent: a write the
 //! mirror re-sent elsewhere must not land here later, over a newer copy
-//! from the resync. For the same reason [`ReplicaHandle::reset`] aborts the
-//! connection (RST: the socket's queue is dropped) and fails what waits. A replica that answers with a newer epoch
-//! fences this frontend for good (`Fenced`). Degraded operation — dropping
-//! the replica from the in-sync set through the arbiter — is the mirror's
-//! (`frontend::failover`): it times calls out and reports the loss.
+//! from the resync.
+//!
+//! Every connection is a *session* of its client (`Open` carries its kind
+//! and a generation from the client's [`SessionCounter`]); the replica
+//! fences a client's older sessions when a newer one opens, and refuses
+//! their requests from then on. [`ReplicaHandle::give_up`] abandons every
+//! session handed out so far and returns the floor below which they lie:
+//! the owner aborts the current connection at once — even while it is
+//! blocked writing into a socket whose link is down (the write is raced
+//! against the abandonment) — with an RST (zero linger: the kernel drops
+//! the socket's queue instead of retransmitting it), fails what waits, and
+//! never uses a session below the floor. Since an RST sent while a link is
+//! down is lost, and a segment already in flight may still arrive, the
+//! floor is what makes it safe: the mirror tells the surviving replica,
+//! whose resync fences this client's sessions below it on the replica
+//! before copying anything (see `replica::sessions`). A replica that
+//! answers with a newer epoch fences this frontend for good (`Fenced`).
+//! Degraded operation — dropping the replica from the in-sync set through
+//! the arbiter — is the mirror's (`frontend::failover`): it times calls
+//! out and reports the loss.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,13 +49,14 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::metrics::{IoOp, OpHandles};
 use crate::protocol::{
     Epoch, FrameError, FrameReader, FrameWriter, HandshakeError, Message, Op, ProtocolVersion,
-    ReplicaId, Reply, Request, RequestId, Response, Role, Secret, VolumeId, WireError, handshake,
+    ReplicaId, Reply, Request, RequestId, Response, Role, Secret, Session, SessionGen, SessionKind,
+    SyncClaim, VolumeId, WireError, handshake,
 };
 
 /// Requests in flight on one connection.
@@ -96,13 +112,90 @@ pub struct ReplicaSpec {
     pub addr: String,
 }
 
-/// What every connection of a frontend needs to open its volume.
+/// What every connection of a client needs to open its volume.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
     pub volume: VolumeId,
     pub epoch: Epoch,
     pub secret: Secret,
     pub protocol_version: ProtocolVersion,
+    /// Which client this is (one of each kind per replica and epoch).
+    pub kind: SessionKind,
+    /// Where its session generations come from: shared by every
+    /// connection of the client to that replica (one per replica for a
+    /// frontend; one per volume for a resync, across its attempts).
+    pub generations: Arc<SessionCounter>,
+    /// A resync source's claim (see `replica::direction`); `None` for a
+    /// frontend.
+    pub claim: Option<SyncClaim>,
+}
+
+impl SessionParams {
+    /// A frontend's sessions, with a fresh counter.
+    pub fn frontend(
+        volume: VolumeId,
+        epoch: Epoch,
+        secret: Secret,
+        protocol_version: ProtocolVersion,
+    ) -> Self {
+        Self {
+            volume,
+            epoch,
+            secret,
+            protocol_version,
+            kind: SessionKind::Frontend,
+            generations: SessionCounter::new(),
+            claim: None,
+        }
+    }
+}
+
+/// The session generations of one client of one replica: each connection
+/// takes the next; [`SessionCounter::give_up`] abandons all taken so far.
+#[derive(Debug)]
+pub struct SessionCounter {
+    next: AtomicU64,
+    /// Sessions below this generation are abandoned (watched by the owner
+    /// task, which aborts its connection when its session is).
+    abandoned: watch::Sender<u64>,
+}
+
+impl SessionCounter {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            next: AtomicU64::new(1),
+            abandoned: watch::channel(0).0,
+        })
+    }
+
+    fn take(&self) -> SessionGen {
+        SessionGen(self.next.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// The replica has fenced this client below `floor` (a predecessor
+    /// of this process used those generations): continue from there.
+    fn skip_to(&self, floor: SessionGen) {
+        self.next.fetch_max(floor.0, Ordering::SeqCst);
+    }
+
+    /// Abandons every session taken so far; returns the floor below which
+    /// they all lie (the next session gets at least that).
+    pub fn give_up(&self) -> SessionGen {
+        let floor = self.next.load(Ordering::SeqCst);
+        self.abandoned.send_if_modified(|v| {
+            let raise = floor > *v;
+            if raise {
+                *v = floor;
+            }
+            raise
+        });
+        SessionGen(floor)
+    }
+
+    /// Sessions below this are abandoned (0: none).
+    pub fn abandoned_below(&self) -> SessionGen {
+        SessionGen(*self.abandoned.borrow())
+    }
 }
 
 /// Why a connection to a replica could not be established.
@@ -195,6 +288,9 @@ pub enum CallError {
     },
 }
 
+/// How many times in a row a stale generation is skipped past at open.
+const STALE_SESSION_RETRIES: u32 = 3;
+
 struct Command {
     op: Op,
     reply: oneshot::Sender<Result<Reply, CallError>>,
@@ -206,7 +302,7 @@ pub struct ReplicaHandle {
     size: u64,
     tx: mpsc::Sender<Command>,
     state: watch::Receiver<ReplicaState>,
-    reset: Arc<Notify>,
+    generations: Arc<SessionCounter>,
     /// The incarnation of the copy last connected to (0: none yet).
     incarnation: Arc<AtomicU64>,
     /// Refuse to reconnect to another copy (set while in sync).
@@ -214,11 +310,12 @@ pub struct ReplicaHandle {
 }
 
 /// An established, authenticated session with the volume open.
-struct Session {
+struct Established {
     reader: FrameReader<OwnedReadHalf>,
     writer: FrameWriter<OwnedWriteHalf>,
     size: u64,
     incarnation: u64,
+    generation: SessionGen,
 }
 
 /// Connects, authenticates and opens the volume. `expected_size` is the
@@ -228,15 +325,31 @@ async fn establish(
     spec: &ReplicaSpec,
     params: &SessionParams,
     expected_size: Option<u64>,
-) -> Result<Session, ConnectError> {
+) -> Result<Established, ConnectError> {
     let timeout = CONNECT_TIMEOUT;
-    match tokio::time::timeout(timeout, establish_inner(spec, params, expected_size)).await {
-        Ok(r) => r,
-        Err(_) => Err(ConnectError::Timeout {
-            replica: spec.id.clone(),
-            addr: spec.addr.clone(),
-            timeout,
-        }),
+    let mut skipped = 0;
+    loop {
+        let generation = params.generations.take();
+        let attempt = establish_inner(spec, params, expected_size, generation);
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Err(ConnectError::OpenRefused {
+                source: WireError::StaleSession { floor, .. },
+                ..
+            })) if skipped < STALE_SESSION_RETRIES => {
+                // A previous process of this client used newer generations.
+                tracing::info!(replica = %spec.id, refused = generation.0, floor = floor.0, "session generation already passed on the replica: continuing from its floor");
+                params.generations.skip_to(floor);
+                skipped += 1;
+            }
+            Ok(r) => return r,
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    replica: spec.id.clone(),
+                    addr: spec.addr.clone(),
+                    timeout,
+                });
+            }
+        }
     }
 }
 
@@ -244,7 +357,8 @@ async fn establish_inner(
     spec: &ReplicaSpec,
     params: &SessionParams,
     expected_size: Option<u64>,
-) -> Result<Session, ConnectError> {
+    generation: SessionGen,
+) -> Result<Established, ConnectError> {
     let stream =
         TcpStream::connect(&spec.addr)
             .await
@@ -281,6 +395,11 @@ async fn establish_inner(
         op: Op::Open {
             volume: params.volume.clone(),
             expected_size,
+            session: Session {
+                kind: params.kind,
+                generation,
+            },
+            claim: params.claim.clone(),
         },
     });
     writer
@@ -304,11 +423,12 @@ async fn establish_inner(
         }
         Some(_) | None => return Err(protocol(FrameError::UnexpectedEof)),
     };
-    Ok(Session {
+    Ok(Established {
         reader,
         writer,
         size,
         incarnation,
+        generation,
     })
 }
 
@@ -354,7 +474,7 @@ impl ReplicaHandle {
         metrics: OpHandles,
         size: u64,
         incarnation: u64,
-        session: Option<Session>,
+        session: Option<Established>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 4);
         let first = if session.is_some() {
@@ -363,12 +483,12 @@ impl ReplicaHandle {
             ReplicaState::Connecting
         };
         let (state_tx, state) = watch::channel(first);
-        let reset = Arc::new(Notify::new());
+        let generations = params.generations.clone();
         let incarnation = Arc::new(AtomicU64::new(incarnation));
         let pinned = Arc::new(AtomicBool::new(session.is_some()));
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
-            reset: reset.clone(),
+            generations: generations.clone(),
             incarnation: incarnation.clone(),
             pinned: pinned.clone(),
             size,
@@ -386,7 +506,7 @@ impl ReplicaHandle {
             size,
             tx,
             state,
-            reset,
+            generations,
             incarnation,
             pinned,
         }
@@ -410,13 +530,26 @@ impl ReplicaHandle {
         self.pinned.store(pinned, Ordering::SeqCst);
     }
 
-    /// Aborts the current connection (its queued requests are dropped, not
-    /// sent) and reconnects. The mirror calls it when the replica leaves
-    /// the set of replicas that get writes, so that a request it gave up on
+    /// Gives up every session opened (or being opened) so far: the current
+    /// connection is aborted (its queued requests are dropped, not sent)
+    /// and a new session is opened. Returns the floor below which the
+    /// abandoned sessions lie: the mirror has the replica fence them
+    /// (through the survivor's resync), so that a request it gave up on
     /// cannot land there later (after a cut link comes back) over a newer
     /// copy.
+    pub fn give_up(&self) -> SessionGen {
+        self.generations.give_up()
+    }
+
+    /// [`ReplicaHandle::give_up`], when the floor is not needed.
     pub fn reset(&self) {
-        self.reset.notify_one();
+        self.give_up();
+    }
+
+    /// The floor below which this client's sessions to the replica are
+    /// given up (0: none).
+    pub fn abandoned_below(&self) -> SessionGen {
+        self.generations.abandoned_below()
     }
 
     pub fn addr(&self) -> &str {
@@ -472,7 +605,7 @@ enum Ended {
 }
 
 struct Owner {
-    reset: Arc<Notify>,
+    generations: Arc<SessionCounter>,
     incarnation: Arc<AtomicU64>,
     pinned: Arc<AtomicBool>,
     size: u64,
@@ -495,7 +628,8 @@ fn io_op(op: &Op) -> (IoOp, u64) {
         | Op::MarkDirty { .. }
         | Op::ForgetActivity
         | Op::RecoveredExtents
-        | Op::ForgetExtents { .. } => (IoOp::Open, 0),
+        | Op::ForgetExtents { .. }
+        | Op::FenceSessions { .. } => (IoOp::Open, 0),
         Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
         Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
         Op::Flush => (IoOp::Flush, 0),
@@ -505,7 +639,7 @@ fn io_op(op: &Op) -> (IoOp, u64) {
 }
 
 impl Owner {
-    async fn run(mut self, first: Option<Session>) {
+    async fn run(mut self, first: Option<Established>) {
         let mut session = match first {
             Some(s) => s,
             None => match self.reconnect().await {
@@ -549,13 +683,21 @@ impl Owner {
         }
     }
 
-    async fn reconnect(&mut self) -> Option<Session> {
+    async fn reconnect(&mut self) -> Option<Established> {
         let mut backoff = Duration::from_millis(100);
         loop {
             if self.rx.is_closed() {
                 return None;
             }
             match establish(&self.spec, &self.params, Some(self.size)).await {
+                Ok(s) if s.generation < self.generations.abandoned_below() => {
+                    // Given up while it was being opened: never used.
+                    abort(&s.writer);
+                    tracing::debug!(
+                        generation = s.generation.0,
+                        "session given up while opening; opening another"
+                    );
+                }
                 Ok(s) => {
                     let known = self.incarnation.load(Ordering::SeqCst);
                     if known == 0 || s.incarnation == known || !self.pinned.load(Ordering::SeqCst) {
@@ -593,10 +735,14 @@ impl Owner {
     /// reads responses and answers the callers directly (one wake-up less
     /// per request than routing responses back through this task). Returns
     /// how it ended and how many requests in flight were failed.
-    async fn serve(&mut self, session: Session) -> (Ended, usize) {
-        let Session {
-            reader, mut writer, ..
+    async fn serve(&mut self, session: Established) -> (Ended, usize) {
+        let Established {
+            reader,
+            mut writer,
+            generation,
+            ..
         } = session;
+        let mut abandoned = self.generations.abandoned.subscribe();
         let (reg_tx, reg_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let completer = Completer {
@@ -607,39 +753,49 @@ impl Owner {
         };
         let mut completer = tokio::spawn(completer.run(reader, stop_rx));
         let local_end = loop {
+            if *abandoned.borrow_and_update() > generation.0 {
+                // Abort (RST): whatever is still queued in the socket is
+                // dropped here rather than retransmitted when a link comes
+                // back; the requests not sent yet are failed, not kept for
+                // the next session. (What did leave is fenced by the
+                // replica: the session's generation is below the floor.)
+                abort(&writer);
+                self.fail_queued();
+                break Ended::Lost(format!(
+                    "session {generation} given up (the replica left the write set, or a request on it timed out); requests still queued for it are dropped"
+                ));
+            }
             tokio::select! {
                 biased;
                 done = &mut completer => {
+                    abort(&writer);
                     return done.unwrap_or_else(|e| (Ended::Lost(e.to_string()), 0));
                 }
-                () = self.reset.notified() => {
-                    // Abort (RST): whatever is still queued in the socket is
-                    // dropped here, so that no request given up on can reach
-                    // the replica later, after a link comes back; the
-                    // requests not sent yet are failed, not kept for the
-                    // next session.
-                    let _ = writer.get_ref().as_ref().set_zero_linger();
-                    self.fail_queued();
-                    break Ended::Lost("reset by the mirror: the replica left the write set; requests still queued for it are dropped".to_owned());
+                r = abandoned.changed() => {
+                    if r.is_err() {
+                        break Ended::Closed;
+                    }
                 }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break Ended::Closed };
-                    if let Err(e) = self.send(&mut writer, &reg_tx, cmd).await {
-                        break Ended::Lost(e.to_string());
-                    }
-                    // Batch what else is queued into the same flush.
-                    let mut failed = None;
-                    while let Ok(cmd) = self.rx.try_recv() {
-                        if let Err(e) = self.send(&mut writer, &reg_tx, cmd).await {
-                            failed = Some(e);
-                            break;
+                    // Raced against the abandonment: a write into a socket
+                    // whose link is down blocks, and must not keep the
+                    // session alive (and its queue retransmitting).
+                    let sent = {
+                        let work = self.send_batch(&mut writer, &reg_tx, cmd);
+                        tokio::select! {
+                            biased;
+                            () = given_up(&mut abandoned, generation) => None,
+                            r = work => Some(r),
                         }
-                    }
-                    if let Some(e) = failed {
-                        break Ended::Lost(e.to_string());
-                    }
-                    if let Err(e) = writer.flush().await {
-                        break Ended::Lost(e.to_string());
+                    };
+                    match sent {
+                        None => {}
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => {
+                            abort(&writer);
+                            break Ended::Lost(e.to_string());
+                        }
                     }
                 }
             }
@@ -651,6 +807,20 @@ impl Owner {
             Err(_) => 0,
         };
         (local_end, failed)
+    }
+
+    /// Sends `cmd` and whatever else is queued, in one flush.
+    async fn send_batch(
+        &mut self,
+        writer: &mut FrameWriter<OwnedWriteHalf>,
+        reg_tx: &mpsc::UnboundedSender<(u64, Pending)>,
+        cmd: Command,
+    ) -> std::io::Result<()> {
+        self.send(writer, reg_tx, cmd).await?;
+        while let Ok(cmd) = self.rx.try_recv() {
+            self.send(writer, reg_tx, cmd).await?;
+        }
+        writer.flush().await
     }
 
     /// Fails every request waiting to be sent.
@@ -706,6 +876,33 @@ impl Owner {
     }
 }
 
+/// Aborts a connection: RST on close, so that the kernel drops what is
+/// queued instead of retransmitting it.
+fn abort(writer: &FrameWriter<OwnedWriteHalf>) {
+    let _ = writer.get_ref().as_ref().set_zero_linger();
+}
+
+/// Returns once sessions up to `generation` are given up.
+async fn given_up(abandoned: &mut watch::Receiver<u64>, generation: SessionGen) {
+    loop {
+        if *abandoned.borrow_and_update() > generation.0 {
+            return;
+        }
+        if abandoned.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What one response means for its session.
+enum Completed {
+    Normal,
+    /// A newer epoch exists.
+    Fenced(WireError),
+    /// The replica fenced this session.
+    StaleSession(WireError),
+}
+
 /// Reads a session's responses and completes their requests.
 struct Completer {
     replica: ReplicaId,
@@ -732,8 +929,12 @@ impl Completer {
                 Ok(None) => break Ended::Lost("replica closed the connection".to_owned()),
                 Err(e) => break Ended::Lost(crate::error_chain(&e)),
             };
-            if let Some(e) = self.complete(r) {
-                break Ended::Fenced(e);
+            match self.complete(r) {
+                Completed::Normal => {}
+                Completed::Fenced(e) => break Ended::Fenced(e),
+                Completed::StaleSession(e) => {
+                    break Ended::Lost(format!("the replica fenced this session: {e}"));
+                }
             }
         };
         let failed = match &ended {
@@ -756,9 +957,9 @@ impl Completer {
         n
     }
 
-    /// Completes the request `r` answers; returns the error if it says
-    /// that we are fenced.
-    fn complete(&mut self, r: Response) -> Option<WireError> {
+    /// Completes the request `r` answers; says whether the answer ends the
+    /// session.
+    fn complete(&mut self, r: Response) -> Completed {
         let p = match self.pending.remove(&r.id.0) {
             Some(p) => p,
             None => {
@@ -769,7 +970,7 @@ impl Completer {
                     Some(p) => p,
                     None => {
                         tracing::warn!(id = %r.id, "response to no request in flight; ignored");
-                        return None;
+                        return Completed::Normal;
                     }
                 }
             }
@@ -777,15 +978,23 @@ impl Completer {
         let ok = r.result.is_ok();
         self.metrics
             .record(p.op, p.started, if ok { p.bytes } else { 0 }, ok);
-        let fenced = match &r.result {
-            Err(e @ WireError::StaleEpoch { .. }) => Some(e.clone()),
-            _ => None,
+        let outcome = match &r.result {
+            Err(e @ WireError::StaleEpoch { .. }) => Completed::Fenced(e.clone()),
+            // The session was fenced (its client opened a newer one, or gave
+            // it up): for the caller, the connection is lost.
+            Err(e @ WireError::StaleSession { .. }) => {
+                let _ = p.reply.send(Err(CallError::ConnectionLost {
+                    replica: self.replica.clone(),
+                }));
+                return Completed::StaleSession(e.clone());
+            }
+            _ => Completed::Normal,
         };
         let result = r.result.map_err(|source| CallError::Refused {
             replica: self.replica.clone(),
             source,
         });
         let _ = p.reply.send(result);
-        fenced
+        outcome
     }
 }

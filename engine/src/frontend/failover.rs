@@ -60,6 +60,25 @@
 //! (`swap_out` reads, decides `AlreadyOut` if it landed), and so does the
 //! startup reconciliation (retried whole from a fresh read).
 //!
+//! A replica whose connection breaks may have restarted — its site may
+//! have lost power, and with it what it had not flushed — and answers after
+//! its restart as if nothing happened. So a broken connection of an in-sync
+//! replica is a loss (it is taken out, and its return marks what it
+//! recovered), and one of a returning replica starts its return again.
+//!
+//! Every record this frontend learns is published to the replicas as a
+//! view (`PeerState`, numbered by [`Views`]) before anything relies on it:
+//! the survivor learns the record that drops its peer before any write is
+//! acknowledged without that peer, a returning replica learns that it is
+//! out (then back in), and at startup both learn the record as it stands.
+//! That is what lets a replica judge which way a resync may go
+//! (`replica::direction`). With a view goes the floor of this frontend's
+//! given-up sessions to the peer (`fence`): whenever this frontend gives up
+//! a connection to a replica (a loss, a catch-up that failed), the in-sync
+//! replica learns the floor — durably, before any write that the given-up
+//! replica does not get — and its resync fences those sessions on the
+//! replica before it copies anything more (`replica::sessions`).
+//!
 //! At startup ([`Failover::reconcile_at_start`]), before anything is
 //! served, the new frontend reconciles what its predecessor may have left
 //! half-written: the activity-log extents of the replicas. If any exist, one
@@ -77,11 +96,13 @@ use tokio::sync::{mpsc, watch};
 use crate::arbiter::{Arbiter, ArbiterError, Change, FrontendId, VolumeRecord};
 use crate::metrics::Metrics;
 use crate::protocol::{
-    ArbiterVersion, ByteRange, Epoch, MAX_RANGES, Op, ReplicaId, Reply, ResyncReport, VolumeId,
+    ByteRange, Epoch, MAX_RANGES, Op, ReplicaId, Reply, ResyncReport, SessionGen, SyncView,
+    VolumeId,
 };
 
 use super::connection::{CallError, ReplicaHandle, ReplicaState};
 use super::lease::{LeaseGuard, RateLimit};
+use super::record_view::Views;
 
 /// How often the rejoin takes a step.
 const REJOIN_TICK: Duration = Duration::from_millis(100);
@@ -108,6 +129,11 @@ pub struct Membership {
     pub catch_up: [bool; 2],
     /// Set when this frontend must not acknowledge anything any more.
     pub fenced: Option<String>,
+    /// Per replica, the floor of this frontend's given-up sessions to it
+    /// that the in-sync peer holds durably: a write that replica does not
+    /// get waits until this reaches its handle's floor
+    /// ([`ReplicaHandle::abandoned_below`]).
+    pub fence_told: [SessionGen; 2],
 }
 
 impl Membership {
@@ -263,16 +289,16 @@ struct Rejoin {
     /// Not before this (after a failed step).
     retry_at: Instant,
     backoff: Duration,
-    /// All its activity-log extents must be marked on the source before it
-    /// catches up, not only those it recovered at a restart (it was out,
-    /// or unreachable, when this frontend started: a crashed predecessor
-    /// may have left writes on it alone).
+    /// Its activity-log extents must be marked on the source before it
+    /// catches up (it was out, or unreachable, when this frontend started).
     reconcile: bool,
     /// Its return to the in-sync set was sent to the arbiter without an
     /// answer: in sync locally, the record must be read again.
     unconfirmed: bool,
-    /// The in-sync replica has not yet been told that this one is back.
-    confirm: Option<ArbiterVersion>,
+    /// Not before this is it told the current view again (after it did not
+    /// take it).
+    tell_at: Instant,
+    tell_backoff: Duration,
     started: Instant,
     log: RateLimit,
 }
@@ -285,7 +311,8 @@ impl Rejoin {
             backoff: Duration::from_millis(200),
             reconcile: false,
             unconfirmed: false,
-            confirm: None,
+            tell_at: Instant::now(),
+            tell_backoff: Duration::from_millis(200),
             started: Instant::now(),
             log: RateLimit::new(Duration::from_secs(5)),
         }
@@ -296,6 +323,7 @@ impl Rejoin {
 pub struct FailoverTask<A> {
     f: Failover<A>,
     rejoin: [Rejoin; 2],
+    views: Views,
 }
 
 impl<A: Arbiter> Failover<A> {
@@ -304,9 +332,11 @@ impl<A: Arbiter> Failover<A> {
     /// (see the module doc). Retries (logging) until it can decide; fences
     /// if this frontend turns out not to own the volume.
     pub async fn reconcile_at_start(self) -> FailoverTask<A> {
+        let views = Views::new(self.epoch);
         let mut task = FailoverTask {
             f: self,
             rejoin: [Rejoin::new(), Rejoin::new()],
+            views,
         };
         let mut log = RateLimit::new(Duration::from_secs(1));
         loop {
@@ -328,8 +358,14 @@ impl<A: Arbiter> Failover<A> {
 }
 
 impl<A: Arbiter> FailoverTask<A> {
-    /// Handles suspects and returning replicas until the mirror goes away.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Suspect>) {
+    /// Handles suspects, fences to tell and returning replicas until the
+    /// mirror goes away. `fences` names a replica whose given-up sessions
+    /// the in-sync peer must learn before a write goes on without it.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Suspect>,
+        mut fences: mpsc::UnboundedReceiver<usize>,
+    ) {
         let mut tick = tokio::time::interval(REJOIN_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut conns = [
@@ -359,11 +395,19 @@ impl<A: Arbiter> FailoverTask<A> {
                     self.remove(s).await;
                     while rx.try_recv().is_ok() {}
                 }
+                Some(i) = fences.recv() => {
+                    while fences.try_recv().is_ok() {}
+                    if self.f.membership.borrow().fenced.is_none() {
+                        self.tell_fence(i).await;
+                    }
+                }
                 _ = tick.tick() => {
                     if self.f.membership.borrow().fenced.is_some() {
                         continue;
                     }
                     for i in 0..2 {
+                        self.tell_fence(i).await;
+                        self.tell_if_untold(i).await;
                         self.rejoin_step(i).await;
                     }
                 }
@@ -427,28 +471,107 @@ impl<A: Arbiter> FailoverTask<A> {
         }
     }
 
-    /// Tells replica `to` that `peer` is in or out of the in-sync set; with
-    /// `peer_incarnation` (0: unknown) the copy of `peer` that was (or now
-    /// is) in sync.
-    async fn peer_state(
-        &self,
+    /// The view of `record` to publish.
+    fn view_of(&mut self, record: &VolumeRecord) -> Result<SyncView, Step> {
+        self.views
+            .of(record)
+            .map_err(|e| Step::Fence(format!("arbiter version unusable: {e}")))
+    }
+
+    /// Tells replica `to` the record's `view` (`PeerState`): with
+    /// `peer_incarnation` (0: unknown) the copy of its peer that was (or
+    /// now is) in sync, and the floor of this frontend's given-up sessions
+    /// to that peer. Answered once `to` holds both durably and tracks (or
+    /// stops tracking) its peer accordingly.
+    async fn tell(
+        &mut self,
         to: usize,
-        peer: usize,
-        in_sync: bool,
-        version: &ArbiterVersion,
+        view: &SyncView,
         peer_incarnation: u64,
     ) -> Result<(), Step> {
+        let peer = 1 - to;
+        let floor = self.f.replicas[peer].abandoned_below();
         self.ask(
             to,
             Op::PeerState {
+                you: self.id(to).clone(),
                 peer: self.id(peer).clone(),
-                in_sync,
-                arbiter_version: version.clone(),
+                view: view.clone(),
                 peer_incarnation,
+                fence: (floor.0 > 0).then_some(floor),
             },
         )
-        .await
-        .map(|_| ())
+        .await?;
+        self.views.told(to, view);
+        let r = &mut self.rejoin[to];
+        r.tell_backoff = Duration::from_millis(200);
+        if view.lists(self.id(to)) {
+            // The in-sync replica holds the floor: writes without `peer`
+            // may go on.
+            self.f.membership.send_if_modified(|m| {
+                let raise = floor > m.fence_told[peer];
+                if raise {
+                    m.fence_told[peer] = floor;
+                }
+                raise
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Self::tell`], logging a failure instead of returning it: the
+    /// replica is told again on a later tick.
+    async fn tell_or_later(&mut self, to: usize, view: &SyncView, peer_incarnation: u64) {
+        match self.tell(to, view, peer_incarnation).await {
+            Ok(()) => {}
+            Err(Step::Fence(why)) => self.fence(why),
+            Err(Step::Retry(why)) => {
+                let r = &mut self.rejoin[to];
+                r.tell_at = Instant::now() + r.tell_backoff;
+                r.tell_backoff = (r.tell_backoff * 2).min(REJOIN_MAX_BACKOFF);
+                if let Some(n) = r.log.allow() {
+                    tracing::warn!(replica = %self.id(to), reason = %why, suppressed = n, "cannot tell the replica the arbiter's record yet; retrying");
+                }
+            }
+        }
+    }
+
+    /// Tells replica `i` the current view if it has not taken it yet and
+    /// its connection is up.
+    async fn tell_if_untold(&mut self, i: usize) {
+        let Some(view) = self.views.current().cloned() else {
+            return;
+        };
+        if !self.views.untold(i)
+            || Instant::now() < self.rejoin[i].tell_at
+            || self.f.replicas[i].state() != ReplicaState::InSync
+        {
+            return;
+        }
+        let inc = if view.lists(self.id(1 - i)) {
+            self.f.replicas[1 - i].incarnation()
+        } else {
+            0
+        };
+        self.tell_or_later(i, &view, inc).await;
+    }
+
+    /// If this frontend gave up sessions to replica `i` that the in-sync
+    /// peer does not know of yet, tells it (writes without `i` wait).
+    async fn tell_fence(&mut self, i: usize) {
+        let s = 1 - i;
+        let m = self.f.membership.borrow().clone();
+        let need = self.f.replicas[i].abandoned_below();
+        if m.fence_told[i] >= need || !m.in_sync[s] || m.fenced.is_some() {
+            return;
+        }
+        let Some(view) = self.views.current().cloned() else {
+            return;
+        };
+        if Instant::now() < self.rejoin[s].tell_at && self.views.untold(s) {
+            return;
+        }
+        self.tell_or_later(s, &view, 0).await;
     }
 
     async fn active_extents(&self, i: usize) -> Result<Vec<ByteRange>, Step> {
@@ -515,6 +638,13 @@ impl<A: Arbiter> FailoverTask<A> {
                         tracing::info!(
                             "both replicas in sync, no activity-log extents to reconcile"
                         );
+                        // Both learn the record: a tracking header one of
+                        // them kept from before (its stop never reached it)
+                        // ends here.
+                        let view = self.view_of(&record)?;
+                        for i in 0..2 {
+                            self.tell_or_later(i, &view, 0).await;
+                        }
                         return Ok(());
                     }
                     (Some(_), Some(_)) => (self.f.local, 1 - self.f.local),
@@ -530,10 +660,12 @@ impl<A: Arbiter> FailoverTask<A> {
                     "activity-log extents found: writes of the previous frontend may be on one replica only; the target leaves the in-sync set and the source's resync copies them"
                 );
                 let record = self.swap_out(target, source).await?;
-                let version = arbiter_version(&record)?;
+                let view = self.view_of(&record)?;
                 let inc = self.f.replicas[target].incarnation();
-                self.peer_state(source, target, false, &version, inc)
-                    .await?;
+                self.tell(source, &view, inc).await?;
+                if found[target].is_some() {
+                    self.tell_or_later(target, &view, 0).await;
+                }
                 self.f.replicas[target].pin_incarnation(false);
                 self.mark_dirty(source, &ranges).await?;
                 for (i, f) in found.iter().enumerate() {
@@ -554,10 +686,13 @@ impl<A: Arbiter> FailoverTask<A> {
                         self.id(source)
                     )));
                 }
-                let version = arbiter_version(&record)?;
+                let view = self.view_of(&record)?;
                 self.f.membership.send_modify(|m| m.in_sync[out] = false);
                 self.f.replicas[out].pin_incarnation(false);
-                self.peer_state(source, out, false, &version, 0).await?;
+                self.tell(source, &view, 0).await?;
+                if up[out] {
+                    self.tell_or_later(out, &view, 0).await;
+                }
                 let ranges = self.active_extents(source).await?;
                 self.mark_dirty(source, &ranges).await?;
                 self.ask(source, Op::ForgetActivity).await?;
@@ -634,10 +769,7 @@ impl<A: Arbiter> FailoverTask<A> {
         // list it in sync before anything is acknowledged on it alone.
         while self.rejoin[survivor_ix].unconfirmed {
             match self.swap_in(survivor_ix, s.index).await {
-                Ok(record) => {
-                    self.returned(survivor_ix, &record);
-                    self.rejoin[survivor_ix].confirm = None;
-                }
+                Ok(record) => self.returned(survivor_ix, &record),
                 Err(Step::Fence(why)) => {
                     self.fence(format!("lost the fail-over: {why}"));
                     return;
@@ -665,33 +797,31 @@ impl<A: Arbiter> FailoverTask<A> {
                 }
             }
         };
-        let version = match arbiter_version(&record) {
+        let view = match self.view_of(&record) {
             Ok(v) => v,
             Err(Step::Fence(why) | Step::Retry(why)) => {
                 self.fence(why);
                 return;
             }
         };
+        // Requests it never answered must not land there later: every
+        // session to it so far is given up (its connection aborted), and
+        // the survivor learns the floor with the record, so that its
+        // resync fences them on the lost replica before copying anything.
+        self.f.replicas[s.index].give_up();
         // The survivor must track what its peer misses before any write is
         // acknowledged on it alone.
+        let inc = self.f.replicas[s.index].incarnation();
         loop {
-            let op = Op::PeerState {
-                peer: lost.clone(),
-                in_sync: false,
-                arbiter_version: version.clone(),
-                peer_incarnation: self.f.replicas[s.index].incarnation(),
-            };
-            match self.f.replicas[survivor_ix].call(op).await {
-                Ok(_) => break,
-                Err(e) => {
+            match self.tell(survivor_ix, &view, inc).await {
+                Ok(()) => break,
+                Err(Step::Fence(why)) => {
+                    self.fence(why);
+                    return;
+                }
+                Err(Step::Retry(why)) => {
                     if let Some(n) = log.allow() {
-                        tracing::warn!(replica = %survivor, error = %e, suppressed = n, "survivor did not take the peer state; I/O held");
-                    }
-                    if matches!(e, CallError::Fenced { .. }) {
-                        self.f
-                            .membership
-                            .send_modify(|m| m.fenced = Some(e.to_string()));
-                        return;
+                        tracing::warn!(replica = %survivor, reason = %why, suppressed = n, "survivor did not take the peer state; I/O held");
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -701,13 +831,10 @@ impl<A: Arbiter> FailoverTask<A> {
             m.in_sync[s.index] = false;
             m.catch_up[s.index] = false;
         });
-        // Requests it never answered must not land there later; a
-        // recreated copy may come back (through a full copy).
-        self.f.replicas[s.index].reset();
+        // A recreated copy may come back (through a full copy).
         self.f.replicas[s.index].pin_incarnation(false);
         let r = &mut self.rejoin[s.index];
         r.phase = Phase::Idle;
-        r.confirm = None;
         r.unconfirmed = false;
         r.backoff = Duration::from_millis(200);
         r.retry_at = Instant::now();
@@ -727,7 +854,10 @@ impl<A: Arbiter> FailoverTask<A> {
             was
         });
         if was {
-            self.f.replicas[i].reset();
+            // What it did not answer must not land later: given up; the
+            // in-sync replica learns the floor (`tell_fence`) before any
+            // write goes on without it.
+            self.f.replicas[i].give_up();
         }
         let id = self.f.replicas[i].id().clone();
         let r = &mut self.rejoin[i];
@@ -754,19 +884,6 @@ impl<A: Arbiter> FailoverTask<A> {
         if m.in_sync[l] {
             if self.rejoin[l].unconfirmed {
                 self.confirm_return(l, s).await;
-                return;
-            }
-            if let Some(v) = self.rejoin[l].confirm.clone() {
-                let inc = self.f.replicas[l].incarnation();
-                match self.peer_state(s, l, true, &v, inc).await {
-                    Ok(()) => self.rejoin[l].confirm = None,
-                    Err(Step::Fence(why)) => self.fence(why),
-                    Err(Step::Retry(why)) => {
-                        if let Some(n) = self.rejoin[l].log.allow() {
-                            tracing::warn!(reason = %why, suppressed = n, "cannot tell the in-sync replica that its peer is back; retrying");
-                        }
-                    }
-                }
             }
             self.rejoin[l].phase = Phase::Idle;
             return;
@@ -895,10 +1012,13 @@ impl<A: Arbiter> FailoverTask<A> {
         {
             return Err(Step::Fence(why));
         }
-        let version = arbiter_version(&record)?;
+        let view = self.view_of(&record)?;
         // Idempotent; a replica restarted with an untrusted bitmap starts
         // its full copy only on this.
-        self.peer_state(s, l, false, &version, 0).await?;
+        self.tell(s, &view, 0).await?;
+        // The returning replica learns that it is out: a tracking header it
+        // kept from a time it was a source ends here.
+        self.tell(l, &view, 0).await?;
         // What it may have lost to a crash or power cut: the extents it
         // recovered at its restart (see the module doc); and, if this
         // frontend found it out or unreachable at its start, every extent
@@ -959,13 +1079,13 @@ impl<A: Arbiter> FailoverTask<A> {
         match self.swap_in(l, s).await {
             Ok(record) => {
                 self.returned(l, &record);
-                match arbiter_version(&record) {
-                    Ok(v) => {
-                        self.rejoin[l].confirm = Some(v.clone());
+                // Both learn the record (the in-sync one stops tracking); one
+                // that does not answer now is told on a later tick.
+                match self.view_of(&record) {
+                    Ok(view) => {
                         let inc = self.f.replicas[l].incarnation();
-                        if self.peer_state(s, l, true, &v, inc).await.is_ok() {
-                            self.rejoin[l].confirm = None;
-                        }
+                        self.tell_or_later(s, &view, inc).await;
+                        self.tell_or_later(l, &view, 0).await;
                     }
                     Err(Step::Fence(why) | Step::Retry(why)) => self.fence(why),
                 }
@@ -1009,12 +1129,6 @@ async fn connection_changed(
             Err(_) => watching[i] = false,
         }
     }
-}
-
-/// The record's version as the protocol carries it.
-fn arbiter_version(record: &VolumeRecord) -> Result<ArbiterVersion, Step> {
-    ArbiterVersion::new(record.version.0.clone())
-        .map_err(|e| Step::Fence(format!("arbiter version unusable: {e}")))
 }
 
 /// The union of byte ranges, sorted and merged.

@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{IoOp, Metrics, OpHandles};
 use crate::protocol::{
-    Epoch, MAX_IO_BYTES, Op, ProtocolVersion, ReplicaId, Reply, Secret, VolumeId, WireError,
+    Epoch, MAX_IO_BYTES, Op, ProtocolVersion, ReplicaId, Reply, Secret, SessionGen, VolumeId,
+    WireError,
 };
 
 use super::backend::{BackendError, BlockBackend, check_range};
@@ -102,6 +103,9 @@ pub struct Mirror {
 /// The mirror's side of degraded operation.
 struct Degrade {
     suspects: mpsc::UnboundedSender<Suspect>,
+    /// Asks the fail-over task to tell the in-sync replica the floor of
+    /// the sessions given up to this one.
+    fences: mpsc::UnboundedSender<usize>,
     lease: Arc<LeaseGuard>,
     timeout: Duration,
 }
@@ -141,30 +145,35 @@ impl Mirror {
                 b: b.id,
             });
         };
-        let params = SessionParams {
-            volume: config.volume.clone(),
-            epoch: config.epoch,
-            secret: config.secret.clone(),
-            protocol_version: config.protocol_version,
+        // One session counter per replica: giving up the sessions to one
+        // must not touch the other's.
+        let params = || {
+            SessionParams::frontend(
+                config.volume.clone(),
+                config.epoch,
+                config.secret.clone(),
+                config.protocol_version,
+            )
         };
+        let (params_a, params_b) = (params(), params());
         let vol = config.volume.as_str();
         let (ra, rb) = tokio::join!(
             ReplicaHandle::connect(
                 a.clone(),
-                params.clone(),
+                params_a.clone(),
                 metrics.handles(vol, a.id.as_str())
             ),
             ReplicaHandle::connect(
                 b.clone(),
-                params.clone(),
+                params_b.clone(),
                 metrics.handles(vol, b.id.as_str())
             ),
         );
-        let later = |spec: &ReplicaSpec, e: &ConnectError, size: u64| {
+        let later = |spec: &ReplicaSpec, params: SessionParams, e: &ConnectError, size: u64| {
             tracing::warn!(replica = %spec.id, error = %crate::error_chain(e), "replica unreachable at startup: connecting in the background");
             ReplicaHandle::unreachable(
                 spec.clone(),
-                params.clone(),
+                params,
                 metrics.handles(vol, spec.id.as_str()),
                 size,
             )
@@ -172,11 +181,11 @@ impl Mirror {
         let (ra, rb) = match (ra, rb) {
             (Ok(ra), Err(e)) if one_may_be_down && !e.is_permanent() => {
                 let size = ra.size();
-                (ra, later(&b, &e, size))
+                (ra, later(&b, params_b, &e, size))
             }
             (Err(e), Ok(rb)) if one_may_be_down && !e.is_permanent() => {
                 let size = rb.size();
-                (later(&a, &e, size), rb)
+                (later(&a, params_a, &e, size), rb)
             }
             (ra, rb) => (ra?, rb?),
         };
@@ -192,6 +201,7 @@ impl Mirror {
             in_sync: [true, true],
             catch_up: [false, false],
             fenced: None,
+            fence_told: [SessionGen(0); 2],
         });
         for (i, r) in [&ra, &rb].into_iter().enumerate() {
             spawn_state_gauge(
@@ -232,8 +242,10 @@ impl Mirror {
         metrics: Arc<Metrics>,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (fences, fences_rx) = mpsc::unbounded_channel();
         self.degrade = Some(Degrade {
             suspects: tx,
+            fences,
             lease: lease.clone(),
             timeout,
         });
@@ -251,7 +263,7 @@ impl Mirror {
             volume: self.volume.clone(),
         };
         let task = failover.reconcile_at_start().await;
-        tokio::spawn(task.run(rx));
+        tokio::spawn(task.run(rx, fences_rx));
     }
 
     /// The in-sync set as this frontend applies it (for status).
@@ -434,6 +446,16 @@ impl Mirror {
                 return Err(BackendError::Fenced { reason });
             }
             let sends = [m.gets_writes(0), m.gets_writes(1)];
+            // A write a replica does not get waits until the in-sync one
+            // holds the floor of the sessions given up to it: its resync
+            // then fences them there before copying this write's region,
+            // so nothing queued on them lands over it later.
+            if self.fence_pending(&m, sends).is_some() {
+                if rx.changed().await.is_err() {
+                    return Err(BackendError::Io("the mirror is shutting down".to_owned()));
+                }
+                continue;
+            }
             // Writes that reach both replicas carry the flag: a replica that
             // tracks its peer does not mark them dirty.
             set_mirrored(&mut op, sends[0] && sends[1]);
@@ -498,8 +520,11 @@ impl Mirror {
                         });
                         if !now_in_sync {
                             if demoted {
-                                // What it did not answer must not land later.
-                                self.replicas[i].reset();
+                                // What it did not answer must not land
+                                // later: given up; the re-send to the
+                                // in-sync replica alone waits until it
+                                // holds the floor (`fence_pending`).
+                                self.replicas[i].give_up();
                             }
                             tracing::warn!(volume = %self.volume, replica = %self.replicas[i].id(), error = %e, "catching-up replica failed a request: it stops catching up; the in-sync replica records the region for the resync");
                             again = true;
@@ -547,6 +572,17 @@ impl Mirror {
             }
             return self.may_ack();
         }
+    }
+
+    /// A replica that does not get this write and whose given-up sessions
+    /// the in-sync peer does not know of yet (the fail-over task is asked
+    /// to tell it), if any.
+    fn fence_pending(&self, m: &Membership, sends: [bool; 2]) -> Option<usize> {
+        let d = self.degrade.as_ref()?;
+        let i =
+            (0..2).find(|&i| !sends[i] && m.fence_told[i] < self.replicas[i].abandoned_below())?;
+        let _ = d.fences.send(i);
+        Some(i)
     }
 
     fn measure<T>(&self, op: IoOp, started: Instant, bytes: u64, r: &Result<T, BackendError>) {

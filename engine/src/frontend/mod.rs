@@ -8,6 +8,7 @@ pub mod fuse;
 pub mod lease;
 pub mod mirror;
 pub mod nbd;
+pub mod record_view;
 pub mod service;
 pub mod status;
 

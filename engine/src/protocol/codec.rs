@@ -18,10 +18,13 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::message::{
-    ByteRange, Hello, MAX_RANGES, NONCE_LEN, Op, PROOF_LEN, RefusalReason, Refused, Reply, Request,
-    Response, ResyncReport, Role, WireError,
+    ByteRange, Hello, MAX_IN_SYNC, MAX_RANGES, NONCE_LEN, Op, PROOF_LEN, RefusalReason, Refused,
+    Reply, Request, Response, ResyncReport, Role, Session, SyncClaim, SyncView, WireError,
 };
-use super::types::{ArbiterVersion, Epoch, ProtocolVersion, ReplicaId, RequestId, VolumeId};
+use super::types::{
+    ArbiterVersion, Epoch, ProtocolVersion, RecordStamp, ReplicaId, RequestId, SessionGen,
+    SessionKind, VolumeId,
+};
 
 /// Magic at the start of every `Hello`.
 pub const HELLO_MAGIC: [u8; 8] = *b"TWINVOL\0";
@@ -49,6 +52,7 @@ const K_RESYNC_STATUS: u8 = 0x17;
 const K_ACTIVE_EXTENTS: u8 = 0x18;
 const K_MARK_DIRTY: u8 = 0x19;
 const K_FORGET_ACTIVITY: u8 = 0x1a;
+const K_FENCE_SESSIONS: u8 = 0x1b;
 // 0x26 and 0x27: requests of the durability work (0x20-0x25 are replies).
 const K_RECOVERED_EXTENTS: u8 = 0x26;
 const K_FORGET_EXTENTS: u8 = 0x27;
@@ -177,6 +181,7 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::ActiveExtents => K_ACTIVE_EXTENTS,
         Op::MarkDirty { .. } => K_MARK_DIRTY,
         Op::ForgetActivity => K_FORGET_ACTIVITY,
+        Op::FenceSessions { .. } => K_FENCE_SESSIONS,
         Op::RecoveredExtents => K_RECOVERED_EXTENTS,
         Op::ForgetExtents { .. } => K_FORGET_EXTENTS,
     };
@@ -187,12 +192,19 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::Open {
             volume,
             expected_size,
+            session,
+            claim,
         } => {
             put_str8(b, volume.as_str());
-            match expected_size {
-                Some(s) => {
+            put_opt_u64(b, *expected_size);
+            put_session_kind(b, session.kind);
+            b.put_u64_le(session.generation.0);
+            match claim {
+                Some(c) => {
                     b.put_u8(1);
-                    b.put_u64_le(*s);
+                    put_str8(b, c.source.as_str());
+                    put_str8(b, c.target.as_str());
+                    put_view(b, &c.view);
                 }
                 None => b.put_u8(0),
             }
@@ -236,16 +248,22 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             None
         }
         Op::PeerState {
+            you,
             peer,
-            in_sync,
-            arbiter_version,
+            view,
             peer_incarnation,
+            fence,
         } => {
+            put_str8(b, you.as_str());
             put_str8(b, peer.as_str());
-            b.put_u8(u8::from(*in_sync));
-            // At most 255 bytes (checked by its constructor).
-            put_str8(b, arbiter_version.as_str());
+            put_view(b, view);
             b.put_u64_le(*peer_incarnation);
+            put_opt_u64(b, fence.map(|g| g.0));
+            None
+        }
+        Op::FenceSessions { kind, below } => {
+            put_session_kind(b, *kind);
+            b.put_u64_le(below.0);
             None
         }
         Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity | Op::RecoveredExtents => None,
@@ -254,6 +272,43 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             None
         }
     }
+}
+
+fn put_opt_u64(b: &mut BytesMut, v: Option<u64>) {
+    match v {
+        Some(v) => {
+            b.put_u8(1);
+            b.put_u64_le(v);
+        }
+        None => b.put_u8(0),
+    }
+}
+
+fn put_session_kind(b: &mut BytesMut, kind: SessionKind) {
+    b.put_u8(match kind {
+        SessionKind::Frontend => 1,
+        SessionKind::Resync => 2,
+    });
+}
+
+/// `epoch u64 | seq u64 | arbiter version (str8) | n u8 | n ids (str8)`.
+fn put_view(b: &mut BytesMut, v: &SyncView) {
+    b.put_u64_le(v.epoch.0);
+    b.put_u64_le(v.seq);
+    // At most 255 bytes (checked by its constructor).
+    put_str8(b, v.arbiter_version.as_str());
+    // At most MAX_IN_SYNC are sent (callers build views of two replicas);
+    // the decoder refuses more.
+    let n = v.in_sync.len().min(MAX_IN_SYNC);
+    b.put_u8(n as u8);
+    for id in &v.in_sync[..n] {
+        put_str8(b, id.as_str());
+    }
+}
+
+fn put_stamp(b: &mut BytesMut, s: RecordStamp) {
+    b.put_u64_le(s.epoch.0);
+    b.put_u64_le(s.seq);
 }
 
 fn flags(fua: bool, mirrored: bool) -> u8 {
@@ -362,6 +417,22 @@ fn put_wire_error(e: &WireError, b: &mut BytesMut) {
             put_str16(b, message);
         }
         WireError::NotTracking => b.put_u8(10),
+        WireError::StaleSession { kind, seen, floor } => {
+            b.put_u8(11);
+            put_session_kind(b, *kind);
+            b.put_u64_le(seen.0);
+            b.put_u64_le(floor.0);
+        }
+        WireError::StaleView { seen, current } => {
+            b.put_u8(12);
+            put_stamp(b, *seen);
+            put_stamp(b, *current);
+        }
+        WireError::NotSource { known, reason } => {
+            b.put_u8(13);
+            put_view(b, known);
+            put_str16(b, reason);
+        }
         WireError::VolumeFailed { reason } => {
             b.put_u8(ERR_VOLUME_FAILED);
             put_str16(b, reason);
@@ -504,22 +575,31 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
         K_WELCOME => Message::Welcome,
         K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES | K_PEER_STATE
         | K_RESYNC_STATUS | K_ACTIVE_EXTENTS | K_MARK_DIRTY | K_FORGET_ACTIVITY
-        | K_RECOVERED_EXTENTS | K_FORGET_EXTENTS => {
+        | K_FENCE_SESSIONS | K_RECOVERED_EXTENTS | K_FORGET_EXTENTS => {
             let id = RequestId(r.u64()?);
             let epoch = Epoch(r.u64()?);
             let op = match kind {
                 K_OPEN => {
                     let volume = r.volume()?;
-                    let expected_size = match r.u8()? {
+                    let expected_size = r.opt_u64("expected_size")?;
+                    let session = Session {
+                        kind: r.session_kind()?,
+                        generation: SessionGen(r.u64()?),
+                    };
+                    let claim = match r.u8()? {
                         0 => None,
-                        1 => Some(r.u64()?),
-                        other => {
-                            return Err(r.invalid("expected_size", format!("bad tag {other}")));
-                        }
+                        1 => Some(SyncClaim {
+                            source: r.replica()?,
+                            target: r.replica()?,
+                            view: r.view()?,
+                        }),
+                        other => return Err(r.invalid("claim", format!("bad tag {other}"))),
                     };
                     Op::Open {
                         volume,
                         expected_size,
+                        session,
+                        claim,
                     }
                 }
                 K_READ => Op::Read {
@@ -551,16 +631,15 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                     }
                 }
                 K_PEER_STATE => Op::PeerState {
+                    you: r.replica()?,
                     peer: r.replica()?,
-                    in_sync: match r.u8()? {
-                        0 => false,
-                        1 => true,
-                        other => {
-                            return Err(r.invalid("in_sync", format!("bad boolean {other}")));
-                        }
-                    },
-                    arbiter_version: r.arbiter_version()?,
+                    view: r.view()?,
                     peer_incarnation: r.u64()?,
+                    fence: r.opt_u64("fence")?.map(SessionGen),
+                },
+                K_FENCE_SESSIONS => Op::FenceSessions {
+                    kind: r.session_kind()?,
+                    below: SessionGen(r.u64()?),
                 },
                 K_RESYNC_STATUS => Op::ResyncStatus,
                 K_ACTIVE_EXTENTS => Op::ActiveExtents,
@@ -700,6 +779,45 @@ impl Rd {
         let s = self.string(n, "arbiter_version")?;
         ArbiterVersion::new(s).map_err(|e| self.invalid("arbiter_version", e.to_string()))
     }
+    fn opt_u64(&mut self, field: &'static str) -> Result<Option<u64>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()?)),
+            other => Err(self.invalid(field, format!("bad tag {other}"))),
+        }
+    }
+    fn session_kind(&mut self) -> Result<SessionKind, DecodeError> {
+        match self.u8()? {
+            1 => Ok(SessionKind::Frontend),
+            2 => Ok(SessionKind::Resync),
+            other => Err(self.invalid("session kind", format!("unknown kind {other}"))),
+        }
+    }
+    fn stamp(&mut self) -> Result<RecordStamp, DecodeError> {
+        Ok(RecordStamp {
+            epoch: Epoch(self.u64()?),
+            seq: self.u64()?,
+        })
+    }
+    fn view(&mut self) -> Result<SyncView, DecodeError> {
+        let epoch = Epoch(self.u64()?);
+        let seq = self.u64()?;
+        let arbiter_version = self.arbiter_version()?;
+        let n = self.u8()? as usize;
+        if n > MAX_IN_SYNC {
+            return Err(self.invalid("in_sync", format!("{n} replicas, more than {MAX_IN_SYNC}")));
+        }
+        let mut in_sync = Vec::with_capacity(n);
+        for _ in 0..n {
+            in_sync.push(self.replica()?);
+        }
+        Ok(SyncView {
+            epoch,
+            seq,
+            arbiter_version,
+            in_sync,
+        })
+    }
     fn invalid(&self, field: &'static str, reason: String) -> DecodeError {
         DecodeError::Invalid {
             kind: self.kind,
@@ -752,6 +870,19 @@ impl Rd {
                 message: self.str16()?,
             },
             10 => WireError::NotTracking,
+            11 => WireError::StaleSession {
+                kind: self.session_kind()?,
+                seen: SessionGen(self.u64()?),
+                floor: SessionGen(self.u64()?),
+            },
+            12 => WireError::StaleView {
+                seen: self.stamp()?,
+                current: self.stamp()?,
+            },
+            13 => WireError::NotSource {
+                known: self.view()?,
+                reason: self.str16()?,
+            },
             ERR_VOLUME_FAILED => WireError::VolumeFailed {
                 reason: self.str16()?,
             },

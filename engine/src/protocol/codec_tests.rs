@@ -15,18 +15,60 @@ fn replica_id() -> impl Strategy<Value = ReplicaId> {
     "[a-z0-9][a-z0-9._-]{0,62}".prop_map(|s| ReplicaId::new(s).expect("strategy yields valid ids"))
 }
 
+fn session_kind() -> impl Strategy<Value = SessionKind> {
+    prop_oneof![Just(SessionKind::Frontend), Just(SessionKind::Resync)]
+}
+
+fn view() -> impl Strategy<Value = SyncView> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        "\\PC{0,60}",
+        proptest::collection::vec(replica_id(), 0..=MAX_IN_SYNC),
+    )
+        .prop_map(|(epoch, seq, v, in_sync)| SyncView {
+            epoch: Epoch(epoch),
+            seq,
+            arbiter_version: ArbiterVersion::new(v).expect("short strings are valid"),
+            in_sync,
+        })
+}
+
+fn stamp() -> impl Strategy<Value = RecordStamp> {
+    (any::<u64>(), any::<u64>()).prop_map(|(e, seq)| RecordStamp {
+        epoch: Epoch(e),
+        seq,
+    })
+}
+
 fn data() -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..2048).prop_map(Bytes::from)
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (volume_id(), proptest::option::of(any::<u64>())).prop_map(|(volume, expected_size)| {
-            Op::Open {
-                volume,
-                expected_size,
-            }
-        }),
+        (
+            volume_id(),
+            proptest::option::of(any::<u64>()),
+            session_kind(),
+            any::<u64>(),
+            proptest::option::of((replica_id(), replica_id(), view())),
+        )
+            .prop_map(|(volume, expected_size, kind, generation, claim)| {
+                Op::Open {
+                    volume,
+                    expected_size,
+                    session: Session {
+                        kind,
+                        generation: SessionGen(generation),
+                    },
+                    claim: claim.map(|(source, target, view)| SyncClaim {
+                        source,
+                        target,
+                        view,
+                    }),
+                }
+            }),
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Op::Read { offset, len }),
         (any::<u64>(), any::<bool>(), any::<bool>(), data()).prop_map(
             |(offset, fua, mirrored, data)| Op::Write {
@@ -50,14 +92,24 @@ fn op() -> impl Strategy<Value = Op> {
                 mirrored
             }
         ),
-        (replica_id(), any::<bool>(), "\\PC{0,60}", any::<u64>()).prop_map(
-            |(peer, in_sync, v, peer_incarnation)| Op::PeerState {
+        (
+            replica_id(),
+            replica_id(),
+            view(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(you, peer, view, peer_incarnation, fence)| Op::PeerState {
+                you,
                 peer,
-                in_sync,
-                arbiter_version: ArbiterVersion::new(v).expect("short strings are valid"),
+                view,
                 peer_incarnation,
-            }
-        ),
+                fence: fence.map(SessionGen),
+            }),
+        (session_kind(), any::<u64>()).prop_map(|(kind, below)| Op::FenceSessions {
+            kind,
+            below: SessionGen(below)
+        }),
         Just(Op::ResyncStatus),
         Just(Op::ActiveExtents),
         Just(Op::ForgetActivity),
@@ -95,6 +147,15 @@ fn wire_error() -> impl Strategy<Value = WireError> {
         "\\PC{0,200}".prop_map(|message| WireError::Io { message }),
         Just(WireError::NotTracking),
         "\\PC{0,200}".prop_map(|reason| WireError::VolumeFailed { reason }),
+        (session_kind(), any::<u64>(), any::<u64>()).prop_map(|(kind, s, f)| {
+            WireError::StaleSession {
+                kind,
+                seen: SessionGen(s),
+                floor: SessionGen(f),
+            }
+        }),
+        (stamp(), stamp()).prop_map(|(seen, current)| WireError::StaleView { seen, current }),
+        (view(), "\\PC{0,200}").prop_map(|(known, reason)| WireError::NotSource { known, reason }),
     ]
 }
 
@@ -289,30 +350,72 @@ fn write_data_is_sliced_not_copied() {
     }
 }
 
-#[test]
-fn peer_state_with_a_bad_boolean_is_invalid() {
-    let msg = Message::Request(Request {
+fn peer_state(in_sync: Vec<ReplicaId>) -> Message {
+    Message::Request(Request {
         id: RequestId(3),
         epoch: Epoch(4),
         op: Op::PeerState {
+            you: ReplicaId::new("b").expect("valid"),
             peer: ReplicaId::new("a").expect("valid"),
-            in_sync: true,
-            arbiter_version: ArbiterVersion::new("17").expect("valid"),
+            view: SyncView {
+                epoch: Epoch(4),
+                seq: 2,
+                arbiter_version: ArbiterVersion::new("17").expect("valid"),
+                in_sync,
+            },
             peer_incarnation: 9,
+            fence: Some(SessionGen(5)),
         },
-    });
-    let mut buf = BytesMut::new();
-    encode(&msg, &mut buf);
-    // kind, id, epoch, peer length, "a", then the boolean.
-    let at = FRAME_HEADER_LEN + 1 + 8 + 8 + 1 + 1;
-    assert_eq!(buf[at], 1);
-    buf[at] = 2;
+    })
+}
+
+/// Re-encodes the frame's checksum after a test changed its body.
+fn fix_crc(buf: &mut BytesMut) {
     let crc = crc32c::crc32c(&buf[FRAME_HEADER_LEN..]);
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn a_view_listing_more_than_two_replicas_is_invalid() {
+    let mut buf = BytesMut::new();
+    encode(
+        &peer_state(vec![ReplicaId::new("b").expect("valid")]),
+        &mut buf,
+    );
+    // kind, id, epoch, "b", "a", view epoch, seq, "17", then the count.
+    let at = FRAME_HEADER_LEN + 1 + 8 + 8 + 2 + 2 + 8 + 8 + 3;
+    assert_eq!(buf[at], 1);
+    buf[at] = 3;
+    fix_crc(&mut buf);
     assert!(matches!(
         decode_frame(&buf),
         Err(DecodeError::Invalid {
             field: "in_sync",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn an_unknown_session_kind_is_invalid() {
+    let msg = Message::Request(Request {
+        id: RequestId(1),
+        epoch: Epoch(1),
+        op: Op::FenceSessions {
+            kind: SessionKind::Frontend,
+            below: SessionGen(7),
+        },
+    });
+    let mut buf = BytesMut::new();
+    encode(&msg, &mut buf);
+    let at = FRAME_HEADER_LEN + 1 + 8 + 8;
+    assert_eq!(buf[at], 1);
+    buf[at] = 9;
+    fix_crc(&mut buf);
+    assert!(matches!(
+        decode_frame(&buf),
+        Err(DecodeError::Invalid {
+            field: "session kind",
             ..
         })
     ));

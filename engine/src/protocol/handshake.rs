@@ -28,7 +28,7 @@ use super::message::{Hello, NONCE_LEN, PROOF_LEN, RefusalReason, Refused, Role};
 use super::types::ProtocolVersion;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion(2);
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion(3);
 
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;

@@ -7,11 +7,15 @@
 //!   versions can always tell each other, clearly, that they differ;
 //! - requests (frontend → replica) and responses (replica → frontend), each
 //!   carrying a [`RequestId`] so that many can be in flight on one connection.
-//!   Every request carries the volume [`Epoch`].
+//!   Every request carries the volume [`Epoch`]; `Open` starts a
+//!   [`Session`], whose older siblings of the same kind the replica fences.
 
 use bytes::Bytes;
 
-use super::types::{ArbiterVersion, Epoch, ProtocolVersion, ReplicaId, RequestId, VolumeId};
+use super::types::{
+    ArbiterVersion, Epoch, ProtocolVersion, RecordStamp, ReplicaId, RequestId, SessionGen,
+    SessionKind, VolumeId,
+};
 
 /// Length of the handshake nonces and of the HMAC-SHA256 proofs.
 pub const NONCE_LEN: usize = 32;
@@ -68,12 +72,22 @@ pub struct Request {
 /// What a request asks for. Offsets and lengths are bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Bind the connection to a volume. Raises the replica's persisted epoch
-    /// to the request's epoch if that is newer (persisted before the reply).
-    /// `expected_size`, when given, must equal the volume's size.
+    /// Bind the connection to a volume, as `session`. Raises the replica's
+    /// persisted epoch to the request's epoch if that is newer (persisted
+    /// before the reply). `expected_size`, when given, must equal the
+    /// volume's size. Within the epoch, sessions of `session.kind` older
+    /// than `session.generation` are fenced before the answer (none of
+    /// their requests runs any more, none is still running); an older
+    /// generation than one already seen is refused
+    /// ([`WireError::StaleSession`]). A [`SessionKind::Resync`] session
+    /// carries the source's `claim` to be a resync source, checked against
+    /// the record this replica knows (refused with
+    /// [`WireError::NotSource`]); a frontend session carries none.
     Open {
         volume: VolumeId,
         expected_size: Option<u64>,
+        session: Session,
+        claim: Option<SyncClaim>,
     },
     Read {
         offset: u64,
@@ -105,21 +119,37 @@ pub enum Op {
         fua: bool,
         mirrored: bool,
     },
-    /// The frontend tells the replica that its peer `peer` left
-    /// (`in_sync: false`) or rejoined (`in_sync: true`) the volume's in-sync
-    /// set, as decided at the arbiter at `arbiter_version`. Answered only
-    /// once the replica has durably started (or stopped) tracking the
+    /// The frontend tells the replica `you` the arbiter's record as it
+    /// stands (`view`: which of the two replicas are in sync), with `peer`
+    /// the other replica. The replica persists the view (refusing one older
+    /// than what it knows, [`WireError::StaleView`]) and acts on it before
+    /// answering: `you` in sync and `peer` out — it durably tracks the
     /// regions its peer misses, so that no write acknowledged without the
-    /// peer goes unrecorded. Carries exactly the current epoch, like data
-    /// requests; sent with no write of the connection in flight.
+    /// peer goes unrecorded; both in sync — it stops tracking once nothing
+    /// is dirty; `you` out of sync — it is no resync source and drops its
+    /// tracking. `fence`: the frontend gave up its sessions to `peer` below
+    /// this generation; persisted, and applied on the peer
+    /// ([`Op::FenceSessions`]) by this replica's resync before it copies
+    /// anything more. Carries exactly the current epoch (`view.epoch`
+    /// too), like data requests; sent with no write of the connection in
+    /// flight.
     PeerState {
+        you: ReplicaId,
         peer: ReplicaId,
-        in_sync: bool,
-        arbiter_version: ArbiterVersion,
+        view: SyncView,
         /// The peer's incarnation as the frontend knew it while it was in
         /// sync (0: unknown): a peer that answers later with another one was
         /// recreated and gets a full copy.
         peer_incarnation: u64,
+        fence: Option<SessionGen>,
+    },
+    /// Fence this replica's sessions of `kind` older than `below`, at the
+    /// request's epoch: answered once none of their requests runs any
+    /// more. A resync sends it for the frontend's sessions its frontend
+    /// gave up on (learned through `PeerState`), before copying.
+    FenceSessions {
+        kind: SessionKind,
+        below: SessionGen,
     },
     /// How far the replica's resync of its out-of-sync peer is: answered
     /// with [`Reply::Resync`] from the live dirty bitmap. The lease holder
@@ -154,6 +184,55 @@ pub enum Op {
     ForgetExtents {
         ranges: Vec<ByteRange>,
     },
+}
+
+/// Which session a connection is: a client's kind and the generation it
+/// chose for this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub kind: SessionKind,
+    pub generation: SessionGen,
+}
+
+/// Most replicas a [`SyncView`] lists.
+pub const MAX_IN_SYNC: usize = 2;
+
+/// The arbiter's in-sync set as a frontend published it to the replicas:
+/// the `seq`-th record the lease holder of `epoch` published. Views are
+/// ordered by [`SyncView::stamp`]; a replica keeps the newest it learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncView {
+    pub epoch: Epoch,
+    pub seq: u64,
+    /// The record's version at the arbiter (for logs; opaque).
+    pub arbiter_version: ArbiterVersion,
+    /// The replicas that hold every acknowledged write (sorted, at most
+    /// [`MAX_IN_SYNC`]).
+    pub in_sync: Vec<ReplicaId>,
+}
+
+impl SyncView {
+    pub fn stamp(&self) -> RecordStamp {
+        RecordStamp {
+            epoch: self.epoch,
+            seq: self.seq,
+        }
+    }
+
+    /// Whether the view lists `replica` as in sync.
+    pub fn lists(&self, replica: &ReplicaId) -> bool {
+        self.in_sync.contains(replica)
+    }
+}
+
+/// What a resync source claims when it opens its session on the target:
+/// its name, the target's, and the newest view it knows (which lists it in
+/// sync and the target out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncClaim {
+    pub source: ReplicaId,
+    pub target: ReplicaId,
+    pub view: SyncView,
 }
 
 /// A byte range of a volume.
@@ -194,6 +273,7 @@ impl Op {
             Op::ForgetActivity => "forget_activity",
             Op::RecoveredExtents => "recovered_extents",
             Op::ForgetExtents { .. } => "forget_extents",
+            Op::FenceSessions { .. } => "fence_sessions",
         }
     }
 }
@@ -261,4 +341,25 @@ pub enum WireError {
     /// treats it as the loss of the replica.
     #[error("replica volume failed: {reason}")]
     VolumeFailed { reason: String },
+    #[error(
+        "stale {kind} session {seen}: the replica has fenced {kind} sessions below {floor} (a newer session of this client exists, or its client gave it up)"
+    )]
+    StaleSession {
+        kind: SessionKind,
+        seen: SessionGen,
+        floor: SessionGen,
+    },
+    #[error(
+        "stale record: the request carries the arbiter's record as of {seen} but the replica knows it as of {current}"
+    )]
+    StaleView {
+        seen: RecordStamp,
+        current: RecordStamp,
+    },
+    #[error(
+        "not a resync source: {reason} (the arbiter's record as of {stamp}, version {version})",
+        stamp = .known.stamp(),
+        version = .known.arbiter_version
+    )]
+    NotSource { known: SyncView, reason: String },
 }

@@ -15,9 +15,10 @@ pub use codec::{DecodeError, MAX_FRAME_BODY, MAX_IO_BYTES, Message};
 pub use handshake::{HandshakeError, PROTOCOL_VERSION, Secret, SecretError, handshake};
 pub use io::{FrameError, FrameReader, FrameWriter};
 pub use message::{
-    ByteRange, MAX_RANGES, Op, Reply, Request, Response, ResyncReport, Role, WireError,
+    ByteRange, MAX_IN_SYNC, MAX_RANGES, Op, Reply, Request, Response, ResyncReport, Role, Session,
+    SyncClaim, SyncView, WireError,
 };
 pub use types::{
-    ArbiterVersion, ArbiterVersionTooLong, Epoch, IdError, ProtocolVersion, ReplicaId, RequestId,
-    VolumeId,
+    ArbiterVersion, ArbiterVersionTooLong, Epoch, IdError, ProtocolVersion, RecordStamp, ReplicaId,
+    RequestId, SessionGen, SessionKind, VolumeId,
 };

@@ -164,6 +164,76 @@ impl fmt::Display for ArbiterVersion {
     }
 }
 
+/// Which kind of client a session (one connection with the volume open)
+/// belongs to. Within an epoch a replica has one client of each kind: the
+/// frontend that holds the epoch, and the resync of its peer replica; a
+/// newer session of a kind fences the older ones of that kind (design
+/// invariant 3), so that nothing still queued on a connection its client
+/// gave up on can be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SessionKind {
+    /// The volume's frontend (the lease holder of the epoch).
+    Frontend,
+    /// The peer replica's resync, copying to this replica.
+    Resync,
+}
+
+impl SessionKind {
+    pub const ALL: [SessionKind; 2] = [SessionKind::Frontend, SessionKind::Resync];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionKind::Frontend => "frontend",
+            SessionKind::Resync => "resync",
+        }
+    }
+
+    /// Index in per-kind tables.
+    pub fn index(self) -> usize {
+        match self {
+            SessionKind::Frontend => 0,
+            SessionKind::Resync => 1,
+        }
+    }
+}
+
+impl fmt::Display for SessionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The generation of one session of a client: chosen by the client,
+/// greater than every one it used before on that replica in the epoch (a
+/// replica that saw a newer one refuses an older one, and tells the client
+/// the floor so that a restarted client can skip past it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SessionGen(pub u64);
+
+impl fmt::Display for SessionGen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a record a replica learned stands in the arbiter's history: the
+/// epoch of the frontend that published it, then the count of records that
+/// frontend published in its epoch. Only the lease holder of an epoch
+/// changes the in-sync set during it (every acquisition bumps the epoch),
+/// so this order is the arbiter's own order, whatever its versions look
+/// like (they are opaque).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct RecordStamp {
+    pub epoch: Epoch,
+    pub seq: u64,
+}
+
+impl fmt::Display for RecordStamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.epoch, self.seq)
+    }
+}
+
 /// Identifies one request on one connection, so that responses can come
 /// back in any order (pipelining). Chosen by the client; unique among the
 /// requests it has in flight.

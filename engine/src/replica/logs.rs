@@ -27,6 +27,15 @@
 //!   ([`VolumeLogs::mark_dirty`]) before it lets the peer rejoin, then
 //!   tells both to forget them ([`VolumeLogs::forget_activity`]).
 //!
+//! What a crash or power cut may have taken from this copy — the extents
+//! recovered at startup while the peer counted as in sync (the whole volume
+//! if the log was unreadable): the activity log keeps an extent until its
+//! writes are durable, so they cover every write that was only in the page
+//! cache — is reported to a frontend bringing this replica back
+//! ([`VolumeLogs::recovered_ranges`], `Op::RecoveredExtents`), which marks
+//! them dirty on the in-sync peer and then forgets exactly those
+//! ([`VolumeLogs::forget_extents`]).
+//!
 //! Why recovered activity-log extents are marked even while tracking,
 //! although every tracked write marks its regions before it writes: a copy
 //! may read a write from this replica's page cache that a power loss then
@@ -34,11 +43,18 @@
 //! extents that had recent writes closes that gap (the notes of the
 //! activity log ask for it); the cost is bounded by the log's size.
 //!
-//! Who may push data to whom is decided only by a `Tracking` header, which
-//! only `PeerState { in_sync: false }` (sent after the arbiter's swap)
-//! creates. An untrusted bitmap therefore starts no copy by itself — the
-//! replica might be the stale one — it waits for the frontend to say again
-//! that the peer is out (idempotent), and then copies everything.
+//! Who may push data to whom is decided by the arbiter's record as the
+//! replica knows it (`replica::direction`), not by the `Tracking` header
+//! alone: a header can outlive its reason (its source died before it heard
+//! that the peer rejoined; a successor frontend never said so). At startup
+//! ([`VolumeLogs::open_as`]) a header that the stored record contradicts
+//! (both in sync, or this replica out) is dropped and its recovered
+//! activity-log extents are kept as unreconciled instead of marked for a
+//! copy; a newer record saying this replica is out of sync drops it too
+//! ([`VolumeLogs::not_a_source`]). An untrusted bitmap starts no copy by
+//! itself — the replica might be the stale one — it waits for the frontend
+//! to say again that the peer is out (idempotent), and then copies
+//! everything.
 //!
 //! A failed activity-log update poisons the log: every later write of the
 //! volume fails until the replica restarts (which runs recovery). That is
@@ -58,6 +74,7 @@ use crate::data_sync::DataSync;
 use crate::protocol::{ByteRange, Epoch, ReplicaId, WireError};
 use crate::storage::Storage;
 
+use super::direction::SyncRole;
 use super::meta;
 
 /// Why the logs of a volume could not be opened or updated.
@@ -129,7 +146,8 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl VolumeLogs {
-    /// Opens both logs and runs startup recovery. `volume` names it in logs;
+    /// Opens both logs and runs startup recovery, for a replica that knows
+    /// no record (see [`VolumeLogs::open_as`]). `volume` names it in logs;
     /// `data` tracks the syncs of its data file (the activity log keeps an
     /// extent until its writes are durable).
     pub async fn open(
@@ -138,6 +156,27 @@ impl VolumeLogs {
         meta_storage: Arc<dyn Storage>,
         bitmap_storage: Arc<dyn Storage>,
         data: Arc<DataSync>,
+    ) -> Result<Arc<Self>, LogsError> {
+        Self::open_as(
+            volume,
+            size,
+            meta_storage,
+            bitmap_storage,
+            data,
+            SyncRole::Unknown,
+        )
+        .await
+    }
+
+    /// Opens both logs and runs startup recovery for a replica whose stored
+    /// view of the arbiter's record gives it `role`.
+    pub async fn open_as(
+        volume: &str,
+        size: u64,
+        meta_storage: Arc<dyn Storage>,
+        bitmap_storage: Arc<dyn Storage>,
+        data: Arc<DataSync>,
+        role: SyncRole,
     ) -> Result<Arc<Self>, LogsError> {
         let (al, recovery) =
             ActivityLog::open_tracking(meta_storage, al_config(size)?, data).await?;
@@ -153,13 +192,51 @@ impl VolumeLogs {
             size,
             bitmap,
         });
-        logs.recover(volume, recovery).await?;
+        logs.recover(volume, recovery, role).await?;
+        logs.peer_in_sync
+            .store(role == SyncRole::BothInSync, Ordering::SeqCst);
         Ok(logs)
     }
 
-    async fn recover(&self, volume: &str, recovery: Recovery) -> Result<(), LogsError> {
+    async fn recover(
+        &self,
+        volume: &str,
+        recovery: Recovery,
+        role: SyncRole,
+    ) -> Result<(), LogsError> {
         let cfg = self.al.config();
         match (self.bitmap.state(), recovery) {
+            (BitmapState::Tracking { peer, .. }, recovery)
+                if matches!(role, SyncRole::BothInSync | SyncRole::OutOfSync) =>
+            {
+                // The header outlived its reason: the record this replica
+                // knows says it is no source. Its recovered extents had
+                // writes in flight that may be on one replica only: kept,
+                // pinned, for the next frontend to reconcile.
+                tracing::warn!(
+                    volume, peer = %peer, ?role,
+                    "dirty-tracking header outlived its reason (the arbiter's record lists this replica out of sync, or its peer in sync): tracking dropped"
+                );
+                self.bitmap.stop_tracking().await?;
+                match recovery {
+                    Recovery::Extents(ext) => {
+                        *lock(&self.unreconciled) =
+                            ext.iter().map(|e| cfg.byte_range(*e)).collect();
+                    }
+                    Recovery::Lost { slot0, slot1 } => {
+                        tracing::warn!(
+                            volume, %slot0, %slot1,
+                            "activity log unreadable: this copy may have lost writes anywhere; the whole volume counts as possibly lost"
+                        );
+                        if role == SyncRole::BothInSync {
+                            *lock(&self.full_copy) = Some(FullCopy(
+                                "the activity log was unreadable at startup".to_owned(),
+                            ));
+                        }
+                        *lock(&self.unreconciled) = std::iter::once(0..self.size).collect();
+                    }
+                }
+            }
             (BitmapState::Tracking { peer, since }, Recovery::Extents(ext)) => {
                 for e in &ext {
                     let r = cfg.byte_range(*e);
@@ -343,6 +420,27 @@ impl VolumeLogs {
         }
         self.tracking.store(true, Ordering::SeqCst);
         tracing::info!(volume, peer = %peer, epoch = epoch.0, "tracking dirty regions for the out-of-sync peer");
+        Ok(())
+    }
+
+    /// The arbiter's record lists this replica out of sync (`why`): it is
+    /// no resync source, so a tracking header it holds means nothing (its
+    /// peer holds every acknowledged write and tracks what this one
+    /// misses): dropped, durably.
+    pub async fn not_a_source(&self, volume: &str, why: &str) -> Result<(), LogsError> {
+        let _serial = self.peer_change.lock().await;
+        self.peer_in_sync.store(false, Ordering::SeqCst);
+        if matches!(self.bitmap.state(), BitmapState::Clean) {
+            return Ok(());
+        }
+        self.bitmap.stop_tracking().await?;
+        self.tracking.store(false, Ordering::SeqCst);
+        *lock(&self.full_copy) = None;
+        tracing::warn!(
+            volume,
+            reason = why,
+            "this replica is out of sync at the arbiter: it is no resync source; its dirty tracking is dropped"
+        );
         Ok(())
     }
 

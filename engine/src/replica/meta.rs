@@ -27,7 +27,8 @@
 //! 24   1   volume id length, then 63 bytes of volume id (zero padded)
 //! 88   8   volume size in bytes (the data file's exact length)
 //! 96   8   epoch: the highest epoch any frontend opened the volume with
-//! 104  8   flags (reserved, zero)
+//! 104  8   flags: bit 0 a record view is stored (232..761), bit 1 a
+//!          peer fence is stored (768..784); other bits zero
 //! 112  4   dirty-bitmap region size in bytes (0: no bitmap yet)
 //! 116  4   reserved, zero
 //! 120  8   bitmap offset  | 128  8   bitmap length
@@ -38,9 +39,31 @@
 //!          has another, so its peer knows to copy everything to it
 //! 224  8   the peer's incarnation when this replica started tracking it
 //!          (0: unknown)
-//! 232  ..  zero up to 4092
+//! 232  8   record view: epoch of the frontend that published it
+//! 240  8   record view: that frontend's sequence number of the record
+//! 248  64  this replica's name in the record (length, then 63 bytes)
+//! 312  64  the peer's name in the record
+//! 376  1   number of in-sync replicas (0..=2), then 2 × 64 bytes of names
+//! 505  256 the record's arbiter version (length, then 255 bytes)
+//! 761  7   zero
+//! 768  8   peer fence: the epoch at which ...
+//! 776  8   ... the frontend gave up its sessions to the peer below this
+//!          generation (applied on the peer by the resync before it copies)
+//! 784  ..  zero up to 4092
 //! 4092 4   CRC32C of bytes 0..4092
 //! ```
+//!
+//! Format version 2 added the record view and the peer fence (in bytes
+//! that version 1 kept zero, with their flags); a version 1 slot reads as
+//! one without them.
+//!
+//! # Why the record view is here
+//!
+//! Which way a resync may go comes from the arbiter's record, not from a
+//! dirty-tracking header that may outlive its reason (see
+//! `replica::direction`): the replica keeps the newest view of the record
+//! it learned (from the frontend, or from its peer's resync claim), across
+//! restarts, and acts on it at startup.
 //!
 //! # Crash safety: A/B slots
 //!
@@ -53,13 +76,17 @@
 //! The slots are one 4 KiB block each so that a sector-atomic device never
 //! mixes two slots in one write.
 
-use crate::protocol::{Epoch, VolumeId};
+use crate::protocol::{ArbiterVersion, Epoch, ReplicaId, SessionGen, SyncView, VolumeId};
 pub use crate::slot::SlotError;
 use crate::slot::{u32_at, u64_at};
 use crate::storage::{Storage, StorageError};
 
 pub const MAGIC: [u8; 8] = *b"TWVLMETA";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The previous format (no record view, no peer fence), still read.
+const FORMAT_VERSION_1: u32 = 1;
+const FLAG_VIEW: u64 = 1;
+const FLAG_PEER_FENCE: u64 = 2;
 pub const SLOT_LEN: usize = 4096;
 pub const ACTIVITY_LOG_OFFSET: u64 = 64 * 1024;
 pub const ACTIVITY_LOG_LEN: u64 = 1024 * 1024 - ACTIVITY_LOG_OFFSET;
@@ -87,6 +114,38 @@ pub struct Metadata {
     pub incarnation: u64,
     /// The peer's incarnation when it left the in-sync set (0: unknown).
     pub peer_incarnation: u64,
+    /// The newest view of the arbiter's record this replica learned.
+    pub view: Option<StoredView>,
+    /// The frontend's sessions to the peer it gave up on.
+    pub peer_fence: Option<PeerFence>,
+}
+
+/// A view of the arbiter's record as one replica knows it: who it is in
+/// the record, who its peer is, and the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredView {
+    pub me: ReplicaId,
+    pub peer: ReplicaId,
+    pub view: SyncView,
+}
+
+impl StoredView {
+    /// Whether the view lists this replica in sync.
+    pub fn me_in_sync(&self) -> bool {
+        self.view.lists(&self.me)
+    }
+
+    /// Whether the view lists the peer in sync.
+    pub fn peer_in_sync(&self) -> bool {
+        self.view.lists(&self.peer)
+    }
+}
+
+/// The frontend of `epoch` gave up its sessions to the peer below `below`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerFence {
+    pub epoch: Epoch,
+    pub below: SessionGen,
 }
 
 impl Metadata {
@@ -106,6 +165,8 @@ impl Metadata {
             peer: None,
             incarnation: 0,
             peer_incarnation: 0,
+            view: None,
+            peer_fence: None,
         }
     }
 }
@@ -176,6 +237,28 @@ pub fn encode_slot(m: &Metadata) -> Box<[u8; SLOT_LEN]> {
     }
     b[216..224].copy_from_slice(&m.incarnation.to_le_bytes());
     b[224..232].copy_from_slice(&m.peer_incarnation.to_le_bytes());
+    let mut flags = 0;
+    if let Some(v) = &m.view {
+        flags |= FLAG_VIEW;
+        b[232..240].copy_from_slice(&v.view.epoch.0.to_le_bytes());
+        b[240..248].copy_from_slice(&v.view.seq.to_le_bytes());
+        put_id(&mut b[..], 248, v.me.as_str());
+        put_id(&mut b[..], 312, v.peer.as_str());
+        let n = v.view.in_sync.len().min(2);
+        b[376] = n as u8;
+        for (i, id) in v.view.in_sync.iter().take(n).enumerate() {
+            put_id(&mut b[..], 377 + 64 * i, id.as_str());
+        }
+        let ver = v.view.arbiter_version.as_str().as_bytes();
+        b[505] = ver.len() as u8; // at most 255 (checked by its constructor)
+        b[506..506 + ver.len()].copy_from_slice(ver);
+    }
+    if let Some(f) = &m.peer_fence {
+        flags |= FLAG_PEER_FENCE;
+        b[768..776].copy_from_slice(&f.epoch.0.to_le_bytes());
+        b[776..784].copy_from_slice(&f.below.0.to_le_bytes());
+    }
+    b[104..112].copy_from_slice(&flags.to_le_bytes());
     let crc = crc32c::crc32c(&b[..CRC_AT]);
     b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     b
@@ -190,9 +273,49 @@ pub fn decode_slot(b: &[u8; SLOT_LEN]) -> Result<Metadata, SlotError> {
         return Err(SlotError::BadChecksum);
     }
     let version = u32_at(b, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
         return Err(SlotError::Version(version));
     }
+    let flags = if version == FORMAT_VERSION_1 {
+        0
+    } else {
+        u64_at(b, 104)
+    };
+    let replica = |at: usize, what: &'static str| {
+        get_id(b, at)
+            .and_then(|s| ReplicaId::new(s).ok())
+            .ok_or(SlotError::BadField(what))
+    };
+    let view = if flags & FLAG_VIEW != 0 {
+        let n = b[376] as usize;
+        if n > 2 {
+            return Err(SlotError::BadField("in-sync count"));
+        }
+        let in_sync = (0..n)
+            .map(|i| replica(377 + 64 * i, "in-sync replica"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let len = b[505] as usize;
+        let arbiter_version = std::str::from_utf8(&b[506..506 + len])
+            .ok()
+            .and_then(|s| ArbiterVersion::new(s).ok())
+            .ok_or(SlotError::BadField("arbiter version"))?;
+        Some(StoredView {
+            me: replica(248, "own replica id")?,
+            peer: replica(312, "peer replica id")?,
+            view: SyncView {
+                epoch: Epoch(u64_at(b, 232)),
+                seq: u64_at(b, 240),
+                arbiter_version,
+                in_sync,
+            },
+        })
+    } else {
+        None
+    };
+    let peer_fence = (flags & FLAG_PEER_FENCE != 0).then(|| PeerFence {
+        epoch: Epoch(u64_at(b, 768)),
+        below: SessionGen(u64_at(b, 776)),
+    });
     let volume = get_id(b, 24)
         .and_then(|s| VolumeId::new(s).ok())
         .ok_or(SlotError::BadField("volume id"))?;
@@ -213,6 +336,8 @@ pub fn decode_slot(b: &[u8; SLOT_LEN]) -> Result<Metadata, SlotError> {
         peer,
         incarnation: u64_at(b, 216),
         peer_incarnation: u64_at(b, 224),
+        view,
+        peer_fence,
     })
 }
 
@@ -292,6 +417,46 @@ mod tests {
     }
 
     #[test]
+    fn the_record_view_and_the_peer_fence_round_trip() {
+        let id = |s: &str| ReplicaId::new(s).expect("valid");
+        let mut m = Metadata::new(vol(), 1 << 30);
+        m.view = Some(StoredView {
+            me: id("site-a"),
+            peer: id("site-b"),
+            view: SyncView {
+                epoch: Epoch(7),
+                seq: 3,
+                arbiter_version: ArbiterVersion::new("v".repeat(255)).expect("valid"),
+                in_sync: vec![id("site-a"), id("site-b")],
+            },
+        });
+        m.peer_fence = Some(PeerFence {
+            epoch: Epoch(7),
+            below: SessionGen(12),
+        });
+        assert_eq!(decode_slot(&encode_slot(&m)), Ok(m.clone()));
+        m.view = None;
+        assert_eq!(decode_slot(&encode_slot(&m)), Ok(m));
+    }
+
+    #[test]
+    fn a_version_1_slot_reads_without_view_or_fence() {
+        let mut m = Metadata::new(vol(), 4096);
+        m.epoch = Epoch(4);
+        let mut b = encode_slot(&m);
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        // Version 1 wrote zero there; garbage must not be read as flags.
+        b[104] = 0xff;
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        let back = decode_slot(&b).expect("version 1 reads");
+        assert_eq!(
+            (back.epoch, back.view, back.peer_fence),
+            (Epoch(4), None, None)
+        );
+    }
+
+    #[test]
     fn newest_valid_slot_wins_and_a_torn_update_falls_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = FileStorage::create_new(&dir.path().join("meta")).expect("create");
@@ -336,7 +501,7 @@ mod tests {
         for slot in 0..2u64 {
             let mut b = Box::new([0u8; SLOT_LEN]);
             s.read_at(&mut b[..], slot * SLOT_LEN as u64).expect("read");
-            b[8..12].copy_from_slice(&2u32.to_le_bytes());
+            b[8..12].copy_from_slice(&3u32.to_le_bytes());
             let crc = crc32c::crc32c(&b[..CRC_AT]);
             b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
             b[0..8].copy_from_slice(&MAGIC);
@@ -344,7 +509,7 @@ mod tests {
         }
         assert!(matches!(
             read(&s),
-            Err(MetaError::UnsupportedVersion { found: 2, .. })
+            Err(MetaError::UnsupportedVersion { found: 3, .. })
         ));
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! One task per connection owns that connection's state (`ConnState`):
 //! it reads frames, handles `Open` itself (in order, before anything else on
-//! the connection), and hands data requests to the blocking pool — a
+//! the connection; the connection then belongs to the session it opened,
+//! and every later request is checked against that session), and hands
+//! data requests to the blocking pool — a
 //! pipelined burst already in its buffer as one job, executed in order —
 //! bounded by a semaphore of [`MAX_IN_FLIGHT`] permits, so that requests
 //! run concurrently (pipelining) with few thread wake-ups. Responses go through a channel to a writer
@@ -29,8 +31,10 @@ use crate::protocol::{
 use crate::resync::{ResyncConfig, ResyncManager};
 use crate::storage::{FileStorage, Storage};
 
+use super::direction::SyncRole;
 use super::logs::VolumeLogs;
 use super::pool::{Pool, PoolError};
+use super::sessions::SessionGate;
 use super::volume::{PeerChange, Volume};
 
 /// Requests of one connection being executed at once.
@@ -208,8 +212,8 @@ fn is_transient(e: &std::io::Error) -> bool {
 enum ConnState {
     /// Authenticated; waiting for `Open`.
     AwaitingOpen,
-    /// Bound to a volume at an epoch.
-    Open(Arc<Volume>),
+    /// Bound to a volume at an epoch, as a session.
+    Open(Arc<Volume>, Arc<SessionGate>),
 }
 
 async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
@@ -264,49 +268,64 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
                     Op::Open {
                         volume,
                         expected_size,
+                        session,
+                        claim,
                     },
                 ) => {
                     tracing::Span::current().record("volume", volume.as_str());
+                    let resync_from = claim.as_ref().map(|c| c.source.clone());
                     let result = match volume_handle(shared, &volume).await {
                         Ok(v) => {
-                            let r = v.open(epoch, expected_size).await;
-                            match &r {
-                                Ok(_) => {
-                                    tracing::info!(epoch = epoch.0, "volume opened");
-                                    state = ConnState::Open(v);
+                            let r = v.open(epoch, expected_size, session, claim).await;
+                            match r {
+                                Ok((reply, gate)) => {
+                                    tracing::info!(
+                                        epoch = epoch.0,
+                                        session = %session.kind,
+                                        generation = session.generation.0,
+                                        resync_from = ?resync_from.as_ref().map(|r| r.as_str()),
+                                        "volume opened"
+                                    );
+                                    state = ConnState::Open(v, gate);
+                                    Ok(reply)
                                 }
                                 Err(e) => {
-                                    tracing::warn!(epoch = epoch.0, error = %e, "open refused")
+                                    tracing::warn!(epoch = epoch.0, session = %session.kind, generation = session.generation.0, error = %e, "open refused");
+                                    Err(e)
                                 }
                             }
-                            r
                         }
                         Err(e) => Err(e),
                     };
                     Some(result)
                 }
-                (ConnState::Open(_), Op::Open { .. }) => Some(Err(WireError::AlreadyOpen)),
+                (ConnState::Open(..), Op::Open { .. }) => Some(Err(WireError::AlreadyOpen)),
                 // In order with the connection's requests: the frontend sends
                 // it with no write in flight and waits for the answer.
                 (
-                    ConnState::Open(v),
+                    ConnState::Open(v, gate),
                     Op::PeerState {
+                        you,
                         peer,
-                        in_sync,
-                        arbiter_version,
+                        view,
                         peer_incarnation,
+                        fence,
                     },
                 ) => {
                     let change = PeerChange {
+                        you,
                         peer,
-                        in_sync,
-                        arbiter_version,
+                        view,
                         peer_incarnation,
+                        fence,
                     };
-                    Some(v.peer_state(epoch, change).await)
+                    Some(v.peer_state(epoch, gate, change).await)
+                }
+                (ConnState::Open(v, gate), Op::FenceSessions { kind, below }) => {
+                    Some(v.fence_sessions(epoch, gate, kind, below).await)
                 }
                 (ConnState::AwaitingOpen, _) => Some(Err(WireError::NotOpen)),
-                (ConnState::Open(_), op) => {
+                (ConnState::Open(..), op) => {
                     batch.push((id, epoch, op));
                     None
                 }
@@ -326,19 +345,20 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
                 };
             }
         }
-        if let (ConnState::Open(volume), false) = (&state, batch.is_empty()) {
+        if let (ConnState::Open(volume, session), false) = (&state, batch.is_empty()) {
             let jobs = std::mem::take(&mut batch);
             let Ok(permit) = permits.clone().acquire_many_owned(jobs.len() as u32).await else {
                 break;
             };
             let volume = volume.clone();
+            let session = session.clone();
             let tx = resp_tx.clone();
             let span = tracing::Span::current();
             // One hop to the blocking pool per burst: the disk I/O and the
             // hand-off of each response to the writer task happen there.
             tokio::task::spawn_blocking(move || {
                 for (id, epoch, op) in jobs {
-                    let result = volume.execute_blocking(epoch, op);
+                    let result = volume.execute_blocking(epoch, &session, op);
                     if let Err(e) = &result {
                         span.in_scope(|| log_refusal(e));
                     }
@@ -356,7 +376,10 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
 
 fn log_refusal(e: &WireError) {
     match e {
-        WireError::StaleEpoch { .. } | WireError::EpochNotOpened { .. } => {
+        WireError::StaleEpoch { .. }
+        | WireError::EpochNotOpened { .. }
+        | WireError::StaleSession { .. }
+        | WireError::NotSource { .. } => {
             tracing::warn!(error = %e, "request refused");
         }
         WireError::Io { .. } => {} // logged where it happened
@@ -428,12 +451,14 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
     );
     let meta_storage = files.meta;
     let sync = crate::data_sync::DataSync::new(id.as_str(), files.data.clone());
-    let logs = VolumeLogs::open(
+    let role = SyncRole::of(opened.meta.view.as_ref());
+    let logs = VolumeLogs::open_as(
         id.as_str(),
         opened.meta.size,
         meta_storage.clone(),
         files.bitmap,
         sync.clone(),
+        role,
     )
     .await
     .map_err(|e| {

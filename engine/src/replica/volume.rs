@@ -11,8 +11,14 @@
 //!   pool; a write first records itself in the activity log and, while the
 //!   peer is out of sync, in the dirty bitmap ([`super::logs`]), both
 //!   durable before the data write starts (no I/O in the common case);
-//! - `PeerState` is handled by the metadata owner, which durably starts or
-//!   stops dirty tracking before answering;
+//! - `PeerState` is handled by the metadata owner, which durably stores the
+//!   view of the arbiter's record it carries (and the frontend's fence of
+//!   its sessions to the peer), then starts or stops dirty tracking, before
+//!   answering; the view is mirrored in memory ([`Known`]) for the resync
+//!   and for the check of resync sessions (`super::direction`);
+//! - every connection is a session ([`super::sessions`]): a request runs
+//!   only while its session is not fenced, so nothing a client gave up on
+//!   lands later;
 //! - every fdatasync of the data file goes through [`DataSync`]: the
 //!   activity log learns which writes are durable, and a failed sync stops
 //!   the volume for good — every later request (`Open` included) is refused
@@ -26,9 +32,8 @@
 //! for: when a newer frontend's `Open` is answered, no request of an older
 //! epoch can land any more.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -37,12 +42,15 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::data_sync::{DataSync, SyncFailed};
 use crate::metrics::{IoOp, OpHandles};
 use crate::protocol::{
-    ArbiterVersion, Epoch, MAX_IO_BYTES, Op, ReplicaId, Reply, ResyncReport, VolumeId, WireError,
+    Epoch, MAX_IO_BYTES, Op, ReplicaId, Reply, ResyncReport, Session, SessionGen, SessionKind,
+    SyncClaim, SyncView, VolumeId, WireError,
 };
 use crate::storage::{Storage, StorageError, blocking};
 
+use super::direction::{SyncRole, Verdict, judge_copy};
 use super::logs::VolumeLogs;
-use super::meta::{self, Metadata};
+use super::meta::{self, Metadata, PeerFence, StoredView};
+use super::sessions::{SessionGate, Sessions};
 
 /// The epoch and the data requests in flight, shared by the volume and its
 /// metadata owner.
@@ -123,6 +131,55 @@ pub struct Volume {
     incarnation: u64,
     /// The peer's, as last known (see `MetaOwner::peer_state`).
     peer_incarnation: Arc<AtomicU64>,
+    /// The sessions of the connections that opened the volume.
+    sessions: Sessions,
+    /// The stored view of the record and the peer fence, as in memory.
+    known: Arc<Known>,
+}
+
+/// What the metadata owner last made durable of the arbiter's record and
+/// the frontend's fence, mirrored for readers (the resync, the check of
+/// resync sessions) with change counters.
+#[derive(Default)]
+pub struct Known {
+    state: Mutex<(Option<StoredView>, Option<PeerFence>)>,
+    /// Bumped whenever the view changes.
+    view_changes: AtomicU64,
+    /// Bumped whenever the peer fence changes.
+    fence_changes: AtomicU64,
+}
+
+impl Known {
+    fn set(&self, view: Option<StoredView>, fence: Option<PeerFence>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0 != view {
+            self.view_changes.fetch_add(1, Ordering::SeqCst);
+        }
+        if st.1 != fence {
+            self.fence_changes.fetch_add(1, Ordering::SeqCst);
+        }
+        *st = (view, fence);
+    }
+
+    pub fn view(&self) -> Option<StoredView> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    pub fn peer_fence(&self) -> Option<PeerFence> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    pub fn view_changes(&self) -> u64 {
+        self.view_changes.load(Ordering::SeqCst)
+    }
+
+    pub fn fence_changes(&self) -> u64 {
+        self.fence_changes.load(Ordering::SeqCst)
+    }
 }
 
 enum MetaCommand {
@@ -135,6 +192,12 @@ enum MetaCommand {
         change: PeerChange,
         reply: oneshot::Sender<Result<Reply, WireError>>,
     },
+    /// A view learned from the peer (its resync claim, or a refusal of
+    /// ours): stored and acted on if newer than the one known.
+    LearnView {
+        view: StoredView,
+        reply: oneshot::Sender<Result<Option<StoredView>, WireError>>,
+    },
     /// The resync found the peer recreated: remember its new incarnation.
     SetPeerIncarnation {
         incarnation: u64,
@@ -142,26 +205,17 @@ enum MetaCommand {
     },
 }
 
-/// What the frontend said about this replica's peer (`Op::PeerState`).
+/// What the frontend said (`Op::PeerState`): the record as it stands, who
+/// this replica and its peer are in it, and the sessions to the peer it
+/// gave up on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerChange {
+    pub you: ReplicaId,
     pub peer: ReplicaId,
-    pub in_sync: bool,
-    pub arbiter_version: ArbiterVersion,
+    pub view: SyncView,
     /// The peer's incarnation as the frontend knows it (0: unknown).
     pub peer_incarnation: u64,
-}
-
-/// Whether this replica believes its peer gets every write. Held by the
-/// metadata owner: in memory for now; the dirty bitmap makes the
-/// out-of-sync state durable (the regions written while it holds).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerTracking {
-    InSync,
-    OutOfSync {
-        since_epoch: Epoch,
-        arbiter_version: ArbiterVersion,
-    },
+    pub fence: Option<SessionGen>,
 }
 
 /// Owns the metadata area of one volume; the only writer of it.
@@ -170,10 +224,11 @@ struct MetaOwner {
     storage: Arc<dyn Storage>,
     current: Metadata,
     gate: Arc<EpochGate>,
-    peers: BTreeMap<ReplicaId, PeerTracking>,
     logs: Arc<VolumeLogs>,
     /// Mirrors `current.peer_incarnation` for the resync.
     peer_incarnation: Arc<AtomicU64>,
+    /// Mirrors `current.view` and `current.peer_fence`.
+    known: Arc<Known>,
 }
 
 impl MetaOwner {
@@ -191,6 +246,9 @@ impl MetaOwner {
                 } => {
                     let _ = reply.send(self.peer_state(epoch, change).await);
                 }
+                MetaCommand::LearnView { view, reply } => {
+                    let _ = reply.send(self.learn_view(view).await);
+                }
                 MetaCommand::SetPeerIncarnation { incarnation, reply } => {
                     let _ = reply.send(self.set_peer_incarnation(incarnation).await);
                 }
@@ -198,8 +256,9 @@ impl MetaOwner {
         }
     }
 
-    /// Records the peer's state. The epoch is checked here, where epoch
-    /// raises are serialised, so a stale frontend cannot change it.
+    /// Records the record's view the frontend sent and acts on it. The
+    /// epoch is checked here, where epoch raises are serialised, so a stale
+    /// frontend cannot change it.
     async fn peer_state(&mut self, epoch: Epoch, change: PeerChange) -> Result<Reply, WireError> {
         let current = self.current.epoch;
         if epoch < current {
@@ -214,37 +273,57 @@ impl MetaOwner {
                 current,
             });
         }
+        if change.view.epoch != epoch {
+            return Err(WireError::Io {
+                message: format!(
+                    "peer state carries a record of epoch {} at epoch {epoch}",
+                    change.view.epoch
+                ),
+            });
+        }
+        if let Some(k) = &self.current.view
+            && k.view.stamp() > change.view.stamp()
+        {
+            return Err(WireError::StaleView {
+                seen: change.view.stamp(),
+                current: k.view.stamp(),
+            });
+        }
+        let stored = StoredView {
+            me: change.you,
+            peer: change.peer.clone(),
+            view: change.view,
+        };
         let was_tracking = matches!(
             self.logs.bitmap().state(),
             crate::bitmap::BitmapState::Tracking { ref peer, .. } if *peer == change.peer
         );
+        let mut next = self.current.clone();
+        next.view = Some(stored.clone());
+        if let Some(below) = change.fence {
+            next.peer_fence = Some(match self.current.peer_fence {
+                Some(f) if f.epoch == epoch => PeerFence {
+                    epoch,
+                    below: f.below.max(below),
+                },
+                _ => PeerFence { epoch, below },
+            });
+        }
+        if next != self.current {
+            self.write_meta(next).await?;
+        }
         // Durable before the answer: no write is acknowledged without the
         // peer before its regions are tracked.
-        let logged = if change.in_sync {
-            self.logs.peer_rejoined(self.id.as_str()).await
-        } else {
-            self.logs
-                .peer_left(self.id.as_str(), change.peer.clone(), epoch)
-                .await
-        };
-        if let Err(e) = logged {
-            let message = crate::error_chain(&e);
-            tracing::error!(volume = %self.id, error = %message, "cannot record the peer's state");
-            return Err(WireError::Io { message });
-        }
-        let tracking = if change.in_sync {
-            PeerTracking::InSync
-        } else {
-            PeerTracking::OutOfSync {
-                since_epoch: epoch,
-                arbiter_version: change.arbiter_version.clone(),
-            }
-        };
+        self.act_on(&stored, epoch).await?;
+        let peer_in_sync = stored.peer_in_sync();
         tracing::info!(
             volume = %self.id,
+            me = %stored.me,
             peer = %change.peer,
-            in_sync = change.in_sync,
-            arbiter_version = %change.arbiter_version,
+            in_sync = ?stored.view.in_sync.iter().map(ReplicaId::as_str).collect::<Vec<_>>(),
+            record = %stored.view.stamp(),
+            arbiter_version = %stored.view.arbiter_version,
+            fence = ?change.fence.map(|g| g.0),
             epoch = epoch.0,
             "peer state changed"
         );
@@ -254,12 +333,59 @@ impl MetaOwner {
         let known = self.current.peer_incarnation;
         let learn = change.peer_incarnation != 0
             && known != change.peer_incarnation
-            && (change.in_sync || !was_tracking || known == 0);
+            && (peer_in_sync || !was_tracking || known == 0);
         if learn {
             self.set_peer_incarnation(change.peer_incarnation).await?;
         }
-        self.peers.insert(change.peer, tracking);
         Ok(Reply::Done)
+    }
+
+    /// What the view means for the dirty tracking, made durable.
+    async fn act_on(&mut self, view: &StoredView, epoch: Epoch) -> Result<(), WireError> {
+        let volume = self.id.as_str();
+        let done = match SyncRole::of(Some(view)) {
+            SyncRole::Source => self.logs.peer_left(volume, view.peer.clone(), epoch).await,
+            SyncRole::BothInSync => self.logs.peer_rejoined(volume).await,
+            SyncRole::OutOfSync | SyncRole::Unknown => {
+                let why = format!(
+                    "the record (version {}, as of {}) lists {} out of sync",
+                    view.view.arbiter_version,
+                    view.view.stamp(),
+                    view.me
+                );
+                self.logs.not_a_source(volume, &why).await
+            }
+        };
+        done.map_err(|e| {
+            let message = crate::error_chain(&e);
+            tracing::error!(volume = %self.id, error = %message, "cannot record the peer's state");
+            WireError::Io { message }
+        })
+    }
+
+    /// Stores `view` if it is newer than the one known, and acts on it;
+    /// returns the view known afterwards.
+    async fn learn_view(&mut self, view: StoredView) -> Result<Option<StoredView>, WireError> {
+        let newer = self
+            .current
+            .view
+            .as_ref()
+            .is_none_or(|k| view.view.stamp() > k.view.stamp());
+        if newer {
+            let mut next = self.current.clone();
+            next.view = Some(view.clone());
+            self.write_meta(next).await?;
+            tracing::info!(
+                volume = %self.id,
+                record = %view.view.stamp(),
+                arbiter_version = %view.view.arbiter_version,
+                in_sync = ?view.view.in_sync.iter().map(ReplicaId::as_str).collect::<Vec<_>>(),
+                "learned a newer view of the arbiter's record from the peer"
+            );
+            let epoch = self.current.epoch;
+            self.act_on(&view, epoch).await?;
+        }
+        Ok(self.current.view.clone())
     }
 
     async fn set_peer_incarnation(&mut self, incarnation: u64) -> Result<(), WireError> {
@@ -284,6 +410,7 @@ impl MetaOwner {
         })
         .await
         .map_err(|e| io_error(&e))?;
+        self.known.set(written.view.clone(), written.peer_fence);
         self.current = written;
         Ok(())
     }
@@ -332,14 +459,16 @@ impl Volume {
         let size = current.size;
         let incarnation = current.incarnation;
         let peer_incarnation = Arc::new(AtomicU64::new(current.peer_incarnation));
+        let known = Arc::new(Known::default());
+        known.set(current.view.clone(), current.peer_fence);
         let owner = MetaOwner {
             peer_incarnation: peer_incarnation.clone(),
             id: id.clone(),
             storage: meta_storage,
             current,
             gate: gate.clone(),
-            peers: BTreeMap::new(),
             logs: logs.clone(),
+            known: known.clone(),
         };
         tokio::spawn(owner.run(rx));
         Arc::new(Self {
@@ -357,7 +486,32 @@ impl Volume {
             runtime: tokio::runtime::Handle::current(),
             incarnation,
             peer_incarnation,
+            sessions: Sessions::new(),
+            known,
         })
+    }
+
+    /// The view of the arbiter's record this replica knows, and the
+    /// frontend's fence of its sessions to the peer (with change counters).
+    pub fn known(&self) -> &Arc<Known> {
+        &self.known
+    }
+
+    /// Stores (durably) and acts on a view learned from the peer, if it is
+    /// newer than the one known; returns the view known afterwards.
+    pub async fn learn_view(&self, view: StoredView) -> Result<Option<StoredView>, WireError> {
+        let (reply, rx) = oneshot::channel();
+        self.meta_tx
+            .send(MetaCommand::LearnView { view, reply })
+            .await
+            .map_err(|_| self.meta_gone())?;
+        rx.await.map_err(|_| self.meta_gone())?
+    }
+
+    fn meta_gone(&self) -> WireError {
+        WireError::Io {
+            message: format!("metadata task of volume {} is gone", self.id),
+        }
     }
 
     /// The volume's activity log and dirty bitmap.
@@ -439,10 +593,19 @@ impl Volume {
     }
 
     /// Handles `Open` on a connection: checks the size, raises the epoch if
-    /// `epoch` is newer (durably, before answering) and refuses an older one.
-    pub async fn open(&self, epoch: Epoch, expected_size: Option<u64>) -> Result<Reply, WireError> {
+    /// `epoch` is newer (durably, before answering) and refuses an older
+    /// one; judges a resync source's `claim` (learning a newer view it
+    /// carries); then opens `session`, fencing the older sessions of its
+    /// kind. Returns the answer and the session's gate.
+    pub async fn open(
+        &self,
+        epoch: Epoch,
+        expected_size: Option<u64>,
+        session: Session,
+        claim: Option<SyncClaim>,
+    ) -> Result<(Reply, Arc<SessionGate>), WireError> {
         let started = Instant::now();
-        let r = self.open_inner(epoch, expected_size).await;
+        let r = self.open_inner(epoch, expected_size, session, claim).await;
         self.metrics.record(IoOp::Open, started, 0, r.is_ok());
         r
     }
@@ -451,7 +614,9 @@ impl Volume {
         &self,
         epoch: Epoch,
         expected_size: Option<u64>,
-    ) -> Result<Reply, WireError> {
+        session: Session,
+        claim: Option<SyncClaim>,
+    ) -> Result<(Reply, Arc<SessionGate>), WireError> {
         self.sync.check().map_err(|f| failed(&f))?;
         if let Some(expected) = expected_size
             && expected != self.size
@@ -468,15 +633,24 @@ impl Volume {
                 current,
             });
         }
+        match (session.kind, &claim) {
+            (SessionKind::Resync, None) | (SessionKind::Frontend, Some(_)) => {
+                return Err(WireError::Io {
+                    message: format!(
+                        "a {} session {} a resync claim",
+                        session.kind,
+                        if claim.is_some() { "carries" } else { "lacks" }
+                    ),
+                });
+            }
+            _ => {}
+        }
         let (reply, rx) = oneshot::channel();
-        let closed = || WireError::Io {
-            message: format!("metadata task of volume {} is gone", self.id),
-        };
         self.meta_tx
             .send(MetaCommand::RaiseEpoch { epoch, reply })
             .await
-            .map_err(|_| closed())?;
-        let now = rx.await.map_err(|_| closed())??;
+            .map_err(|_| self.meta_gone())?;
+        let now = rx.await.map_err(|_| self.meta_gone())??;
         if now > epoch {
             // A newer frontend raced us.
             return Err(WireError::StaleEpoch {
@@ -484,21 +658,90 @@ impl Volume {
                 current: now,
             });
         }
-        Ok(Reply::Opened {
-            size: self.size,
-            epoch: now,
-            incarnation: self.incarnation,
-        })
+        if let Some(c) = &claim {
+            self.judge_claim(c).await?;
+        }
+        let checked = self.known.view_changes();
+        let gate = self.sessions.open(epoch, session, claim, checked).await?;
+        Ok((
+            Reply::Opened {
+                size: self.size,
+                epoch: now,
+                incarnation: self.incarnation,
+            },
+            gate,
+        ))
     }
 
-    /// Handles `PeerState`: the metadata owner records whether the peer
-    /// gets every write, at exactly the current epoch.
-    pub async fn peer_state(&self, epoch: Epoch, change: PeerChange) -> Result<Reply, WireError> {
+    /// Whether a resync source's claim may copy onto this replica, learning
+    /// its view if newer (see `super::direction`).
+    async fn judge_claim(&self, claim: &SyncClaim) -> Result<(), WireError> {
+        let mut known = self.known.view();
+        loop {
+            match judge_copy(known.as_ref(), claim) {
+                Verdict::Accept { learn: None } => return Ok(()),
+                Verdict::Accept { learn: Some(v) } => {
+                    // Stored before any copy lands; judged again against
+                    // what is known then (a newer view may have come).
+                    let after = self.learn_view(v).await?;
+                    if after.as_ref().map(|k| k.view.stamp())
+                        == known.as_ref().map(|k| k.view.stamp())
+                    {
+                        // Not stored as newer (should not happen): refuse.
+                        return Err(WireError::Io {
+                            message: "the resync claim's view could not be stored".to_owned(),
+                        });
+                    }
+                    known = after;
+                }
+                Verdict::Refuse { newest, reason } => {
+                    tracing::warn!(
+                        volume = %self.id, source = %claim.source, claim = %claim.view.stamp(),
+                        record = %newest.stamp(), reason = %reason,
+                        "resync from the peer refused: the arbiter's record says it is no source"
+                    );
+                    return Err(WireError::NotSource {
+                        known: newest,
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Re-judges a resync session's claim when this replica learned a
+    /// newer view since (its peer may have been dropped meanwhile).
+    fn recheck_source(&self, session: &SessionGate) -> Result<(), WireError> {
+        let Some(claim) = session.claim() else {
+            return Ok(());
+        };
+        let now = self.known.view_changes();
+        if now == session.checked_at() {
+            return Ok(());
+        }
+        match judge_copy(self.known.view().as_ref(), claim) {
+            Verdict::Accept { .. } => {
+                session.set_checked_at(now);
+                Ok(())
+            }
+            Verdict::Refuse { newest, reason } => Err(WireError::NotSource {
+                known: newest,
+                reason,
+            }),
+        }
+    }
+
+    /// Handles `PeerState`: the metadata owner stores the record's view
+    /// and acts on it, at exactly the current epoch.
+    pub async fn peer_state(
+        &self,
+        epoch: Epoch,
+        via: &SessionGate,
+        change: PeerChange,
+    ) -> Result<Reply, WireError> {
+        via.check()?;
         self.sync.check().map_err(|f| failed(&f))?;
         let (reply, rx) = oneshot::channel();
-        let closed = || WireError::Io {
-            message: format!("metadata task of volume {} is gone", self.id),
-        };
         self.meta_tx
             .send(MetaCommand::PeerState {
                 epoch,
@@ -506,8 +749,43 @@ impl Volume {
                 reply,
             })
             .await
-            .map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+            .map_err(|_| self.meta_gone())?;
+        rx.await.map_err(|_| self.meta_gone())?
+    }
+
+    /// Handles `FenceSessions`: the sessions of `kind` below `below` at
+    /// the current epoch are fenced; answered once none of their requests
+    /// runs any more.
+    pub async fn fence_sessions(
+        &self,
+        epoch: Epoch,
+        via: &SessionGate,
+        kind: SessionKind,
+        below: SessionGen,
+    ) -> Result<Reply, WireError> {
+        via.check()?;
+        let current = self.epoch();
+        if epoch != current {
+            return Err(if epoch < current {
+                WireError::StaleEpoch {
+                    seen: epoch,
+                    current,
+                }
+            } else {
+                WireError::EpochNotOpened {
+                    seen: epoch,
+                    current,
+                }
+            });
+        }
+        self.sessions.fence(epoch, kind, below).await?;
+        tracing::info!(volume = %self.id, %kind, below = below.0, epoch = epoch.0, "sessions fenced");
+        Ok(Reply::Done)
+    }
+
+    /// The floor of `kind`'s sessions (for tests and logs).
+    pub fn session_floor(&self, kind: SessionKind) -> SessionGen {
+        self.sessions.floor(kind)
     }
 
     /// Checks bounds; `carries_data` requests (read, write) are also held
@@ -532,7 +810,12 @@ impl Volume {
     /// Executes a data request (anything but `Open`) at `epoch`. Blocking:
     /// call it on the blocking pool (the server runs each request there in
     /// one hop, without an extra async task).
-    pub fn execute_blocking(&self, epoch: Epoch, op: Op) -> Result<Reply, WireError> {
+    pub fn execute_blocking(
+        &self,
+        epoch: Epoch,
+        session: &SessionGate,
+        op: Op,
+    ) -> Result<Reply, WireError> {
         let started = Instant::now();
         let (io_op, bytes) = match &op {
             Op::Open { .. }
@@ -542,14 +825,15 @@ impl Volume {
             | Op::MarkDirty { .. }
             | Op::ForgetActivity
             | Op::RecoveredExtents
-            | Op::ForgetExtents { .. } => (IoOp::Open, 0),
+            | Op::ForgetExtents { .. }
+            | Op::FenceSessions { .. } => (IoOp::Open, 0),
             Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
             Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
             Op::Flush => (IoOp::Flush, 0),
             Op::Trim { len, .. } => (IoOp::Trim, u64::from(*len)),
             Op::WriteZeroes { len, .. } => (IoOp::WriteZeroes, u64::from(*len)),
         };
-        let r = self.execute_inner(epoch, op);
+        let r = self.execute_inner(epoch, session, op);
         self.metrics.record(io_op, started, bytes, r.is_ok());
         if matches!(io_op, IoOp::Write | IoOp::WriteZeroes | IoOp::Trim) {
             let us = started.elapsed().as_micros() as u64;
@@ -562,17 +846,25 @@ impl Volume {
         r
     }
 
-    fn execute_inner(&self, epoch: Epoch, op: Op) -> Result<Reply, WireError> {
+    fn execute_inner(
+        &self,
+        epoch: Epoch,
+        session: &SessionGate,
+        op: Op,
+    ) -> Result<Reply, WireError> {
         let _in_flight = self.gate.enter(epoch)?;
+        let _session = session.enter()?;
         // After a failed sync nothing this copy says can be trusted: no
         // read (it may return what the kernel dropped), no write, no flush.
         self.sync.check().map_err(|f| failed(&f))?;
+        self.recheck_source(session)?;
         let data = &self.data;
         let sync = || self.sync.sync().map_err(|f| failed(&f));
         let r = match op {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
-            // Handled by the connection through `peer_state`, never here.
-            Op::PeerState { .. } => {
+            // Handled by the connection (`peer_state`, `fence_sessions`),
+            // never here.
+            Op::PeerState { .. } | Op::FenceSessions { .. } => {
                 return Err(WireError::Io {
                     message: "peer state is not a data request".to_owned(),
                 });
@@ -704,56 +996,248 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn peer_state_is_recorded_only_at_the_current_epoch() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pool = super::super::Pool::open(dir.path()).expect("pool");
+    async fn start_volume(dir: &std::path::Path) -> Arc<Volume> {
+        let pool = super::super::Pool::open(dir).expect("pool");
         let id = VolumeId::new("v1").expect("valid");
-        pool.create_volume(&id, 1 << 20).expect("create");
+        if pool.open_volume(&id).is_err() {
+            pool.create_volume(&id, 1 << 20).expect("create");
+        }
         let opened = pool.open_volume(&id).expect("open");
         let metrics = crate::metrics::Metrics::new("test");
         let meta_storage: Arc<dyn Storage> = Arc::new(opened.meta_storage);
         let data: Arc<dyn Storage> = Arc::new(opened.data);
         let sync = DataSync::new("v1", data.clone());
-        let logs = VolumeLogs::open(
+        let logs = VolumeLogs::open_as(
             "v1",
             opened.meta.size,
             meta_storage.clone(),
             Arc::new(opened.bitmap_storage),
             sync.clone(),
+            SyncRole::of(opened.meta.view.as_ref()),
         )
         .await
         .expect("logs");
-        let volume = Volume::start(
+        Volume::start(
             data,
             sync,
             meta_storage,
             opened.meta,
             logs,
             metrics.handles("v1", ""),
-        );
-        volume.open(Epoch(3), None).await.expect("open at 3");
-        let change = PeerChange {
-            peer: ReplicaId::new("a").expect("valid"),
-            in_sync: false,
-            arbiter_version: ArbiterVersion::new("7").expect("valid"),
+        )
+    }
+
+    fn id(s: &str) -> ReplicaId {
+        ReplicaId::new(s).expect("valid")
+    }
+
+    fn view(epoch: u64, seq: u64, in_sync: &[&str]) -> SyncView {
+        SyncView {
+            epoch: Epoch(epoch),
+            seq,
+            arbiter_version: crate::protocol::ArbiterVersion::new(format!("{seq}")).expect("valid"),
+            in_sync: in_sync.iter().map(|s| id(s)).collect(),
+        }
+    }
+
+    fn frontend(g: u64) -> Session {
+        Session {
+            kind: SessionKind::Frontend,
+            generation: SessionGen(g),
+        }
+    }
+
+    /// `PeerState` telling replica `you` the record `view`.
+    fn told(you: &str, view: SyncView, fence: Option<u64>) -> PeerChange {
+        PeerChange {
+            you: id(you),
+            peer: id(if you == "a" { "b" } else { "a" }),
+            view,
             peer_incarnation: 0,
-        };
+            fence: fence.map(SessionGen),
+        }
+    }
+
+    async fn write(
+        volume: &Arc<Volume>,
+        session: &Arc<SessionGate>,
+        epoch: u64,
+    ) -> Result<Reply, WireError> {
+        let (v, s) = (volume.clone(), session.clone());
+        tokio::task::spawn_blocking(move || {
+            v.execute_blocking(
+                Epoch(epoch),
+                &s,
+                Op::Write {
+                    offset: 0,
+                    fua: false,
+                    mirrored: false,
+                    data: bytes::Bytes::from_static(&[7; 4096]),
+                },
+            )
+        })
+        .await
+        .expect("join")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn peer_state_is_recorded_only_at_the_current_epoch_and_never_goes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume = start_volume(dir.path()).await;
+        let (_, fe) = volume
+            .open(Epoch(3), None, frontend(1), None)
+            .await
+            .expect("open at 3");
+        let change = told("b", view(3, 2, &["b"]), Some(4));
         assert_eq!(
-            volume.peer_state(Epoch(2), change.clone()).await,
+            volume.peer_state(Epoch(2), &fe, change.clone()).await,
             Err(WireError::StaleEpoch {
                 seen: Epoch(2),
                 current: Epoch(3)
             })
         );
         assert_eq!(
-            volume.peer_state(Epoch(4), change.clone()).await,
+            volume.peer_state(Epoch(4), &fe, change.clone()).await,
             Err(WireError::EpochNotOpened {
                 seen: Epoch(4),
                 current: Epoch(3)
             })
         );
-        assert_eq!(volume.peer_state(Epoch(3), change).await, Ok(Reply::Done));
+        assert_eq!(
+            volume.peer_state(Epoch(3), &fe, change.clone()).await,
+            Ok(Reply::Done)
+        );
+        assert!(volume.logs().is_tracking(), "b tracks a, which is out");
+        // Idempotent; an older record is refused.
+        assert_eq!(
+            volume.peer_state(Epoch(3), &fe, change).await,
+            Ok(Reply::Done)
+        );
+        assert!(matches!(
+            volume
+                .peer_state(Epoch(3), &fe, told("b", view(3, 1, &["a", "b"]), None))
+                .await,
+            Err(WireError::StaleView { .. })
+        ));
+        let known = volume.known().view().expect("a view");
+        assert_eq!((known.me.as_str(), known.view.seq), ("b", 2));
+        assert_eq!(
+            volume.known().peer_fence(),
+            Some(PeerFence {
+                epoch: Epoch(3),
+                below: SessionGen(4)
+            })
+        );
+        // Persisted: a restarted replica knows both.
+        drop(fe);
+        drop(volume);
+        let volume = start_volume(dir.path()).await;
+        assert_eq!(volume.known().view().map(|k| k.view.seq), Some(2));
+        assert_eq!(
+            volume.known().peer_fence().map(|f| f.below),
+            Some(SessionGen(4))
+        );
+        assert!(volume.logs().is_tracking());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_on_a_session_its_client_replaced_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume = start_volume(dir.path()).await;
+        let (_, old) = volume
+            .open(Epoch(1), None, frontend(1), None)
+            .await
+            .expect("open 1");
+        assert_eq!(write(&volume, &old, 1).await, Ok(Reply::Done));
+        let (_, new) = volume
+            .open(Epoch(1), None, frontend(2), None)
+            .await
+            .expect("open 2");
+        assert!(matches!(
+            write(&volume, &old, 1).await,
+            Err(WireError::StaleSession { .. })
+        ));
+        assert_eq!(write(&volume, &new, 1).await, Ok(Reply::Done));
+        // Fenced from elsewhere (a resync applying the frontend's fence).
+        let (_, resync_gate) = volume
+            .open(
+                Epoch(1),
+                None,
+                Session {
+                    kind: SessionKind::Resync,
+                    generation: SessionGen(1),
+                },
+                Some(SyncClaim {
+                    source: id("b"),
+                    target: id("a"),
+                    view: view(1, 1, &["b"]),
+                }),
+            )
+            .await
+            .expect("resync opens: nothing known yet, the claim is learned");
+        volume
+            .fence_sessions(Epoch(1), &resync_gate, SessionKind::Frontend, SessionGen(3))
+            .await
+            .expect("fenced");
+        assert!(matches!(
+            write(&volume, &new, 1).await,
+            Err(WireError::StaleSession { .. })
+        ));
+        // The claim was learned: this replica knows it is out of sync.
+        assert!(!volume.known().view().expect("view").me_in_sync());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn copies_from_a_source_the_newest_record_lists_out_of_sync_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume = start_volume(dir.path()).await;
+        let (_, fe) = volume
+            .open(Epoch(1), None, frontend(1), None)
+            .await
+            .expect("open");
+        // This replica is a, alone in sync at 1.4.
+        volume
+            .peer_state(Epoch(1), &fe, told("a", view(1, 4, &["a"]), None))
+            .await
+            .expect("told");
+        let resync = |g: u64, v: SyncView| {
+            let volume = volume.clone();
+            async move {
+                volume
+                    .open(
+                        Epoch(1),
+                        None,
+                        Session {
+                            kind: SessionKind::Resync,
+                            generation: SessionGen(g),
+                        },
+                        Some(SyncClaim {
+                            source: id("b"),
+                            target: id("a"),
+                            view: v,
+                        }),
+                    )
+                    .await
+            }
+        };
+        // b's stale claim (1.2: b alone in sync) is refused, with a's view.
+        match resync(1, view(1, 2, &["b"])).await {
+            Err(WireError::NotSource { known, .. }) => assert_eq!(known, view(1, 4, &["a"])),
+            other => panic!("{:?}", other.map(|(r, _)| r)),
+        }
+        // A newer one (1.5: a dropped since) is accepted, and learned.
+        let (_, gate) = resync(2, view(1, 5, &["b"])).await.expect("accepted");
+        assert_eq!(write(&volume, &gate, 1).await, Ok(Reply::Done));
+        assert_eq!(volume.known().view().map(|k| k.view.seq), Some(5));
+        // Once a learns a newer record without b, b's session copies no more.
+        volume
+            .peer_state(Epoch(1), &fe, told("a", view(1, 6, &["a"]), None))
+            .await
+            .expect("told");
+        assert!(matches!(
+            write(&volume, &gate, 1).await,
+            Err(WireError::NotSource { .. })
+        ));
     }
 
     /// A volume of `pool` whose data file fails as `plan` says, through a
@@ -801,11 +1285,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let plan = crate::storage::FaultPlan::new();
         let v = faulty_volume(dir.path(), plan.clone()).await;
-        v.open(Epoch(1), None).await.expect("open");
+        let (_, gate) = v
+            .open(Epoch(1), None, frontend(1), None)
+            .await
+            .expect("open");
         let run = |op: Op| {
-            let v = v.clone();
+            let (v, gate) = (v.clone(), gate.clone());
             async move {
-                tokio::task::spawn_blocking(move || v.execute_blocking(Epoch(1), op))
+                tokio::task::spawn_blocking(move || v.execute_blocking(Epoch(1), &gate, op))
                     .await
                     .expect("join")
             }
@@ -836,7 +1323,14 @@ mod tests {
             ),
             "a read"
         );
-        assert!(refused(v.open(Epoch(2), None).await), "an open");
+        assert!(
+            refused(
+                v.open(Epoch(2), None, frontend(2), None)
+                    .await
+                    .map(|(r, _)| r)
+            ),
+            "an open"
+        );
         assert_eq!(
             plan.hits("data::sync"),
             2,
