@@ -849,6 +849,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // lists of ranges, not ranges
     fn subtracting_ranges_keeps_what_is_outside() {
         assert_eq!(subtract(&[0..10, 20..30], &[5..25]), vec![0..5, 25..30]);
         assert_eq!(
