@@ -190,6 +190,11 @@ pub struct ReplicaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeName>,
     pub state: ReplicaState,
+    /// Where the replica server listens for frontends and resyncs
+    /// (`HOST:PORT`), reported by the node plugin of `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262))]
+    pub address: Option<String>,
     /// The epoch the replica last persisted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<Epoch>,
@@ -312,6 +317,7 @@ mod tests {
                 site: SiteName::new("room-b").expect("valid"),
                 node: Some(NodeName::new("node-b1").expect("valid")),
                 state: ReplicaState::Resyncing,
+                address: Some("10.0.0.2:7400".into()),
                 epoch: Some(Epoch::new(6)),
                 resync_bytes_done: Some(ByteCount::new(4096)),
                 resync_bytes_remaining: Some(ByteCount::new(8192)),

@@ -30,10 +30,13 @@ PACKAGES=(
   containernetworking-plugins busybox-static iputils-ping
   # test scripting: bc, /usr/bin/time, killall/fuser, ps/pgrep, jq (also used by build-upstream.sh), curl (the demo reads /metrics)
   bc time psmisc procps jq curl
-  # protoc for the Rust CSI/gRPC code generation, TLS material for tests
-  protobuf-compiler openssl ca-certificates
+  # protoc and the well-known .proto files (google/protobuf/*.proto, which csi.proto
+  # imports) for the Rust CSI/gRPC code generation, TLS material for tests
+  protobuf-compiler libprotobuf-dev openssl ca-certificates
   # cgo builds of kubelet and containerd in build-upstream.sh
   gcc libc6-dev
+  # promtool (check rules / test rules) for the chart's PrometheusRule alerts (e2e/tests/chart.rs)
+  prometheus
 )
 
 CHECK_ONLY=0

@@ -17,8 +17,10 @@
 //!   startup, so a resync interrupted by a crash (even kill -9) resumes from
 //!   the persisted bitmap with no one asking.
 //! - **Where the peer is.** From the replica's configuration
-//!   ([`ResyncConfig::peers`], `--peer NAME=HOST:PORT`); the node plugin
-//!   will fill it from the MirroredVolume status. Hook wanted from the
+//!   ([`ResyncConfig::peers`], `--peer NAME=HOST:PORT`), or else from
+//!   [`ResyncConfig::peers_file`], re-read at every attempt: the CSI node
+//!   plugin writes the peer's address there from the MirroredVolume
+//!   status, so a peer that appears or moves later needs no restart. Hook wanted from the
 //!   frontend/protocol owner (not needed by the tests): a
 //!   `StartResync { peer, addr }` request, so that the lease holder can
 //!   point a replica at a peer that moved.
@@ -130,6 +132,11 @@ pub struct ResyncConfig {
     /// Where the peer replicas are (the replica id the bitmap tracks →
     /// address).
     pub peers: Vec<ReplicaSpec>,
+    /// A file of `NAME=HOST:PORT` lines read at every attempt for a peer
+    /// that `peers` does not name: where the CSI node plugin writes the
+    /// peer's address from the MirroredVolume status, which may become
+    /// known (or change) after this server started.
+    pub peers_file: Option<PathBuf>,
     /// Bytes per second per resync; `None`: unlimited.
     pub rate_limit: Option<u64>,
     pub max_concurrent: usize,
@@ -142,12 +149,27 @@ impl Default for ResyncConfig {
     fn default() -> Self {
         Self {
             peers: Vec::new(),
+            peers_file: None,
             rate_limit: None,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             latency_target: Duration::from_millis(20),
             status_interval: Duration::from_secs(1),
         }
     }
+}
+
+/// The address of `peer` in a peers file (`NAME=HOST:PORT` lines); a
+/// missing or unreadable file names no peer (the attempt fails and is
+/// retried, as without an address).
+fn peer_from_file(file: &Path, peer: &ReplicaId) -> Option<ReplicaSpec> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let (name, addr) = line.trim().split_once('=')?;
+        (name == peer.as_str() && !addr.is_empty()).then(|| ReplicaSpec {
+            id: peer.clone(),
+            addr: addr.to_owned(),
+        })
+    })
 }
 
 /// Why a resync stopped before it was done (it is retried).
@@ -514,6 +536,10 @@ impl Supervisor {
             .iter()
             .find(|s| &s.id == peer)
             .cloned()
+            .or_else(|| {
+                let file = self.mgr.config.peers_file.as_deref()?;
+                peer_from_file(file, peer)
+            })
             .ok_or_else(|| ResyncError::NoPeerAddress { peer: peer.clone() })?;
         self.set_state(ResyncState::Connecting);
         let known = self
@@ -936,6 +962,30 @@ pub const STATE_NAMES: [&str; 6] = ["idle", "waiting", "connecting", "copying", 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_address_is_read_from_the_peers_file_at_each_lookup() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("peers");
+        let b = ReplicaId::new("room-b").expect("valid id");
+        assert!(peer_from_file(&file, &b).is_none(), "no file, no peer");
+        std::fs::write(&file, "room-a=10.0.0.1:7000\nroom-b=10.0.0.2:7001\n").expect("write");
+        assert_eq!(
+            peer_from_file(&file, &b).map(|s| s.addr),
+            Some("10.0.0.2:7001".to_owned())
+        );
+        std::fs::write(&file, "room-b=10.0.0.3:7002\n").expect("write");
+        assert_eq!(
+            peer_from_file(&file, &b).map(|s| s.addr),
+            Some("10.0.0.3:7002".to_owned()),
+            "a moved peer is found at its new address"
+        );
+        std::fs::write(&file, "room-b=\n").expect("write");
+        assert!(
+            peer_from_file(&file, &b).is_none(),
+            "an empty address is none"
+        );
+    }
 
     #[test]
     fn status_line_shows_progress_eta_and_why_a_full_copy() {

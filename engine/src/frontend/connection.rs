@@ -998,3 +998,7 @@ impl Completer {
         outcome
     }
 }
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;

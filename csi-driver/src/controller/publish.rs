@@ -1,0 +1,159 @@
+//! ControllerPublish/Unpublish (which node may run the volume's frontend)
+//! and ValidateVolumeCapabilities.
+//!
+//! Publishing records the node in the MirroredVolume's annotation
+//! `csi.twinvol.io/published` by a merge patch carrying the
+//! resourceVersion read, so two publishes racing for two nodes cannot both
+//! win. A volume has one frontend: publishing to a second node while the
+//! first record stands is `FailedPrecondition`. Unpublishing only removes
+//! the record and never talks to the node, so it succeeds while that node
+//! is unreachable: its frontend is fenced by the epoch the next frontend
+//! takes (after its lease expired), not by anything done here.
+
+use k8s_openapi::api::core::v1::Node;
+
+use crate::capability;
+use crate::error::{CsiError, CsiResult};
+use crate::names::ANNOTATION_PUBLISHED;
+use crate::proto::csi::validate_volume_capabilities_response::Confirmed;
+use crate::proto::csi::{
+    ControllerPublishVolumeRequest, ControllerPublishVolumeResponse,
+    ControllerUnpublishVolumeRequest, ValidateVolumeCapabilitiesRequest,
+    ValidateVolumeCapabilitiesResponse,
+};
+use crate::volume::{self, Published};
+
+use super::ControllerService;
+
+impl ControllerService {
+    pub(super) async fn publish_impl(
+        &self,
+        request: ControllerPublishVolumeRequest,
+    ) -> CsiResult<ControllerPublishVolumeResponse> {
+        if request.volume_id.is_empty() {
+            return Err(CsiError::MissingField { field: "volume_id" });
+        }
+        if request.node_id.is_empty() {
+            return Err(CsiError::MissingField { field: "node_id" });
+        }
+        let cap = request
+            .volume_capability
+            .as_ref()
+            .ok_or(CsiError::MissingField {
+                field: "volume_capability",
+            })
+            .and_then(capability::check)?;
+        let name = request.volume_id.clone();
+        let _guard = self.locks.try_lock(&name)?;
+        volume::require(&self.volumes, &name).await?;
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        if nodes
+            .get_opt(&request.node_id)
+            .await
+            .map_err(|e| CsiError::kube(format!("reading Node {}", request.node_id), e))?
+            .is_none()
+        {
+            return Err(CsiError::NodeNotFound {
+                node: request.node_id,
+            });
+        }
+        let wanted = Published {
+            node: request.node_id.clone(),
+            read_only: request.readonly || cap.read_only_mode(),
+        };
+        let record = serde_json::to_string(&wanted).map_err(|e| CsiError::Internal {
+            detail: e.to_string(),
+        })?;
+        self.swap_metadata(&name, "recording the publish", |mv| {
+            let Some(mv) = mv else {
+                return Err(CsiError::VolumeNotFound {
+                    volume: name.clone(),
+                });
+            };
+            match volume::published(mv) {
+                Some(p) if p == wanted => Ok(None),
+                Some(p) if p.node == wanted.node => Err(CsiError::AlreadyInUse {
+                    volume: name.clone(),
+                    what: format!(
+                        "published to node {} {}",
+                        p.node,
+                        if p.read_only { "read-only" } else { "read-write" }
+                    ),
+                }),
+                Some(p) => Err(CsiError::Precondition {
+                    volume: name.clone(),
+                    detail: format!(
+                        "it is published to node {}; a mirrored volume is served by one node at a time (unpublish it there first)",
+                        p.node
+                    ),
+                }),
+                None => Ok(Some(serde_json::json!({
+                    "annotations": {ANNOTATION_PUBLISHED: record},
+                }))),
+            }
+        })
+        .await?;
+        tracing::info!(volume = %name, node = %request.node_id, "published");
+        Ok(response())
+    }
+
+    pub(super) async fn unpublish_impl(
+        &self,
+        request: ControllerUnpublishVolumeRequest,
+    ) -> CsiResult<()> {
+        if request.volume_id.is_empty() {
+            return Err(CsiError::MissingField { field: "volume_id" });
+        }
+        let name = request.volume_id;
+        let _guard = self.locks.try_lock(&name)?;
+        let node = request.node_id;
+        self.swap_metadata(&name, "removing the publish record", |mv| {
+            Ok(match mv.and_then(volume::published) {
+                Some(p) if node.is_empty() || p.node == node => Some(serde_json::json!({
+                    "annotations": {ANNOTATION_PUBLISHED: null},
+                })),
+                // Not published there (or no such volume): nothing to undo.
+                _ => None,
+            })
+        })
+        .await?;
+        tracing::info!(volume = %name, node = %node, "unpublished");
+        Ok(())
+    }
+
+    pub(super) async fn validate_impl(
+        &self,
+        request: ValidateVolumeCapabilitiesRequest,
+    ) -> CsiResult<ValidateVolumeCapabilitiesResponse> {
+        if request.volume_id.is_empty() {
+            return Err(CsiError::MissingField { field: "volume_id" });
+        }
+        if request.volume_capabilities.is_empty() {
+            return Err(CsiError::MissingField {
+                field: "volume_capabilities",
+            });
+        }
+        volume::require(&self.volumes, &request.volume_id).await?;
+        Ok(match capability::check_all(&request.volume_capabilities) {
+            Ok(_) => ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(Confirmed {
+                    volume_context: request.volume_context,
+                    volume_capabilities: request.volume_capabilities,
+                    parameters: request.parameters,
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            },
+            Err(e) => ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.to_string(),
+            },
+        })
+    }
+}
+
+fn response() -> ControllerPublishVolumeResponse {
+    ControllerPublishVolumeResponse {
+        publish_context: Default::default(),
+    }
+}

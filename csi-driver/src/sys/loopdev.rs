@@ -1,0 +1,146 @@
+//! Loop devices over the frontend's FUSE file: the block device of a staged
+//! volume on a kernel without NBD or ublk.
+//!
+//! Loop devices are global to the machine, so the driver only ever detaches
+//! the one whose backing file is its own volume's FUSE file (found with
+//! `losetup --list`), never by a guess at a device number. Direct I/O
+//! (`--direct-io=on`) keeps the page cache out of the loop device, so that
+//! data is cached once (in the filesystem above), a flush reaches the
+//! frontend as an fsync, and memory reclaim never waits on the frontend.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{CsiError, CsiResult};
+
+use super::command;
+use super::mounts::path_str;
+
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(default)]
+    loopdevices: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    name: String,
+    #[serde(rename = "back-file")]
+    back_file: Option<String>,
+}
+
+/// A loop device and its backing file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    pub device: PathBuf,
+    pub backing: PathBuf,
+}
+
+fn parse(json: &str) -> CsiResult<Vec<LoopDevice>> {
+    let listing: Listing = serde_json::from_str(json).map_err(|e| CsiError::Internal {
+        detail: format!("cannot read the output of losetup --list --json: {e}"),
+    })?;
+    Ok(listing
+        .loopdevices
+        .into_iter()
+        .filter_map(|e| {
+            let back = e.back_file?;
+            // A backing file removed while attached reads "(deleted)".
+            let back = back.strip_suffix(" (deleted)").unwrap_or(&back).to_owned();
+            Some(LoopDevice {
+                device: PathBuf::from(e.name),
+                backing: PathBuf::from(back),
+            })
+        })
+        .collect())
+}
+
+/// Every attached loop device.
+pub async fn list() -> CsiResult<Vec<LoopDevice>> {
+    let out = command::run(
+        "losetup",
+        &["--list", "--json", "--output", "NAME,BACK-FILE"],
+    )
+    .await?;
+    if out.trim().is_empty() {
+        return Ok(vec![]);
+    }
+    parse(&out)
+}
+
+/// The loop devices backed by `file`.
+pub async fn find(file: &Path) -> CsiResult<Vec<PathBuf>> {
+    Ok(list()
+        .await?
+        .into_iter()
+        .filter(|d| d.backing == file)
+        .map(|d| d.device)
+        .collect())
+}
+
+/// The loop device over `file`: the one already attached, or a new one.
+pub async fn attach(file: &Path) -> CsiResult<PathBuf> {
+    if let Some(device) = find(file).await?.into_iter().next() {
+        return Ok(device);
+    }
+    let out = command::run(
+        "losetup",
+        &["--direct-io=on", "--find", "--show", path_str(file)?],
+    )
+    .await?;
+    let device = out.trim();
+    if device.is_empty() {
+        return Err(CsiError::Internal {
+            detail: format!("losetup attached {} but printed no device", file.display()),
+        });
+    }
+    Ok(PathBuf::from(device))
+}
+
+/// Detaches every loop device over `file`.
+pub async fn detach_file(file: &Path) -> CsiResult<()> {
+    for device in find(file).await? {
+        command::run("losetup", &["-d", path_str(&device)?]).await?;
+    }
+    Ok(())
+}
+
+/// The size of a block device in bytes, from sysfs.
+pub fn size(device: &Path) -> CsiResult<u64> {
+    let name = device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| CsiError::Internal {
+            detail: format!("{} is not a device path", device.display()),
+        })?;
+    let path = PathBuf::from(format!("/sys/class/block/{name}/size"));
+    let text = std::fs::read_to_string(&path).map_err(|e| CsiError::io("reading", &path, e))?;
+    let sectors: u64 = text.trim().parse().map_err(|_| CsiError::Internal {
+        detail: format!("{} holds {text:?}, not a number of sectors", path.display()),
+    })?;
+    Ok(sectors * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listing_is_read_with_deleted_files() {
+        let json = r#"{"loopdevices": [
+            {"name": "/dev/loop0", "back-file": "/var/lib/twinvol/v1/fuse/v1"},
+            {"name": "/dev/loop1", "back-file": "/tmp/img (deleted)"},
+            {"name": "/dev/loop2", "back-file": null}
+        ]}"#;
+        let devices = parse(json).expect("parses");
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0].device, PathBuf::from("/dev/loop0"));
+        assert_eq!(devices[1].backing, PathBuf::from("/tmp/img"));
+    }
+
+    #[tokio::test]
+    async fn losetup_lists_without_error() {
+        list().await.expect("losetup --list works here");
+    }
+}
