@@ -35,6 +35,8 @@ PACKAGES=(
   protobuf-compiler libprotobuf-dev openssl ca-certificates
   # cgo builds of kubelet and containerd in build-upstream.sh
   gcc libc6-dev
+  # promtool (check rules / test rules) for the chart's PrometheusRule alerts (e2e/tests/chart.rs)
+  prometheus
 )
 
 CHECK_ONLY=0

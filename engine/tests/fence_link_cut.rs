@@ -26,7 +26,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{MIB, Stack, StackOptions, fio, holds_nonzero_byte, qemu_io, wait_until};
+use common::{
+    MIB, Stack, StackOptions, fio, holds_nonzero_byte, qemu_io, run_with_deadline, wait_until,
+};
 
 const CUT: Duration = Duration::from_secs(37);
 /// fio's run: the cut starts about 3 s in, ends at about 40 s; writes go
@@ -116,10 +118,17 @@ fn writes_queued_on_a_connection_given_up_on_never_land_after_the_link_returns()
         stack.log_tails(40)
     );
     eprintln!("a back in sync {:?} after the cut", cut.elapsed());
-    let out = qemu_io::command(&stack.nbd_uri(), &["flush"])
-        .output()
-        .expect("qemu-io");
+    let out = run_with_deadline(qemu_io::command(&stack.nbd_uri(), &["flush"]), DEADLINE);
     assert!(out.status.success(), "flush failed");
+    // What a refused of the connection the frontend gave up on (requests
+    // that arrived after the fence; with the connection aborted at once,
+    // usually none arrive at all).
+    let a_log = std::fs::read_to_string(&stack.replica_log_paths()[0]).unwrap_or_default();
+    let refused = a_log
+        .lines()
+        .filter(|l| l.contains("stale frontend session"))
+        .count();
+    eprintln!("requests of given-up frontend sessions refused by a: {refused}");
     // Both in sync, nothing written, flushed: the copies must be identical.
     let diff = differing_bytes(&data[0], &data[1]);
     eprintln!("replica files differ in {diff} bytes");

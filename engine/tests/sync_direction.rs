@@ -17,7 +17,9 @@
 //! 4. b is killed and restarted: it recovers its stale header and its
 //!    activity-log extents, marks them dirty and — before the fix — copied
 //!    them onto a, the only in-sync replica, at the current epoch,
-//!    overwriting acknowledged writes with old data;
+//!    overwriting acknowledged writes with old data. Now b is no source:
+//!    its view of the record (learned from the frontend, from a's resync
+//!    claim, or from a's refusal of its own claim) lists it out of sync;
 //! 5. the link returns, b rejoins through a's resync.
 //!
 //! The check: every write acknowledged in step 3 reads back through the
@@ -32,7 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{KillOnDrop, MIB, Stack, StackOptions, qemu_io, start_proc, wait_until};
+use common::{
+    KillOnDrop, MIB, Stack, StackOptions, qemu_io, run_with_deadline, start_proc, wait_until,
+};
 use twinvol_engine::protocol::codec::decode_body;
 use twinvol_engine::protocol::{Message, Op, Request};
 
@@ -78,7 +82,6 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr").to_string();
         let state = Arc::new(ProxyState::default());
-        state.armed.store(true, Ordering::SeqCst);
         let s = state.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -108,6 +111,12 @@ impl Proxy {
             }
         });
         Proxy { addr, state }
+    }
+
+    /// From now on, the first frame that tells b its peer is back cuts
+    /// the link.
+    fn arm(&self) {
+        self.state.armed.store(true, Ordering::SeqCst);
     }
 
     fn is_cut(&self) -> bool {
@@ -170,9 +179,7 @@ fn write_slots(p: u8) -> Vec<String> {
 }
 
 fn run_qemu_io(stack: &Stack, cmds: &[String]) -> String {
-    let out = qemu_io::command(&stack.nbd_uri(), cmds)
-        .output()
-        .expect("qemu-io");
+    let out = run_with_deadline(qemu_io::command(&stack.nbd_uri(), cmds), DEADLINE);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success() && !text.contains("failed"),
@@ -217,6 +224,7 @@ fn a_replica_the_record_lists_out_of_sync_never_copies_onto_the_in_sync_one() {
     assert!(arbiter_has(&stack, "out_of_sync: a\n"), "a never left");
 
     // 2. a returns and rejoins; b never hears that it did.
+    proxy.arm();
     stack.start_replica(0);
     let cut = wait_until(DEADLINE, || proxy.is_cut().then_some(()));
     assert!(
@@ -247,12 +255,18 @@ fn a_replica_the_record_lists_out_of_sync_never_copies_onto_the_in_sync_one() {
             .unwrap_or("")
             .to_owned()
     };
+    // b knows it is no source by now (it learned a's newer record from a's
+    // resync claim, or learns it from a's refusal), or — the bug — it
+    // starts copying onto a.
     let outcome = wait_until(DEADLINE, || {
-        let log = since_restart();
+        let log = std::fs::read_to_string(&b_log).unwrap_or_default();
+        if since_restart().contains("resync started") {
+            return Some("resync started (copying onto a)");
+        }
         [
-            "resync started",
-            "resync attempt failed",
+            "it is no resync source",
             "not a resync source",
+            "outlived its reason",
         ]
         .into_iter()
         .find(|s| log.contains(s))
@@ -266,9 +280,7 @@ fn a_replica_the_record_lists_out_of_sync_never_copies_onto_the_in_sync_one() {
         .map(|k| format!("read -P 0x44 {} {SLOT}", k * EXTENT))
         .collect();
     let lost = |stack: &Stack| {
-        let out = qemu_io::command(&stack.nbd_uri(), &reads)
-            .output()
-            .expect("qemu-io");
+        let out = run_with_deadline(qemu_io::command(&stack.nbd_uri(), &reads), DEADLINE);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         (text.matches("Pattern verification failed").count(), text)
     };

@@ -493,6 +493,9 @@ impl Mirror {
             // out, so only its return releases the request.
             let mut last_lost = false;
             let mut again = false;
+            // Replicas this write may go on without (the other one is in
+            // sync), whose sessions are given up.
+            let mut give_up = [false; 2];
             for (i, r) in [a, b].into_iter().enumerate() {
                 match r {
                     None | Some(Ok(_)) => {}
@@ -513,18 +516,20 @@ impl Mirror {
                             }
                         });
                         if !now_in_sync {
+                            // What it did not answer must not land later:
+                            // every session to it so far is given up; the
+                            // re-send to the in-sync replica alone waits
+                            // until that one holds the floor
+                            // (`fence_pending`).
+                            self.replicas[i].give_up();
                             if demoted {
-                                // What it did not answer must not land
-                                // later: given up; the re-send to the
-                                // in-sync replica alone waits until it
-                                // holds the floor (`fence_pending`).
-                                self.replicas[i].give_up();
+                                tracing::warn!(volume = %self.volume, replica = %self.replicas[i].id(), error = %e, "catching-up replica failed a request: it stops catching up; the in-sync replica records the region for the resync");
                             }
-                            tracing::warn!(volume = %self.volume, replica = %self.replicas[i].id(), error = %e, "catching-up replica failed a request: it stops catching up; the in-sync replica records the region for the resync");
                             again = true;
                         } else if self.is_loss(&e) {
                             self.suspect(i, started);
                             lost = true;
+                            give_up[i] = true;
                         } else {
                             tracing::warn!(volume = %self.volume, error = %e, "mirrored request failed");
                             return Err(backend_error(e));
@@ -534,10 +539,22 @@ impl Mirror {
                         self.suspect(i, started);
                         lost = true;
                         last_lost |= !m.in_sync[1 - i];
+                        give_up[i] = m.in_sync[1 - i];
                     }
                     Some(Err(e)) => {
                         tracing::warn!(volume = %self.volume, error = %e, "mirrored request failed");
                         return Err(backend_error(e));
+                    }
+                }
+            }
+            if modifies(&op) {
+                // A write that timed out there may still land there later
+                // (its session may even be a new one, opened after the
+                // fail-over gave up the old ones): given up too, before the
+                // write is acknowledged without that replica.
+                for (i, g) in give_up.into_iter().enumerate() {
+                    if g {
+                        self.replicas[i].give_up();
                     }
                 }
             }
@@ -614,6 +631,14 @@ fn spawn_state_gauge(
             }
         }
     });
+}
+
+/// Whether `op` changes the volume's data.
+fn modifies(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }
+    )
 }
 
 /// Sets `op`'s `mirrored` flag to `v` (data requests only).

@@ -659,6 +659,76 @@ mod tests {
         assert!(logs.unreconciled().is_empty());
     }
 
+    async fn open_as(pool: &Pool, id: &VolumeId, role: SyncRole) -> Arc<VolumeLogs> {
+        let v = pool.open_volume(id).expect("open volume");
+        VolumeLogs::open_as(
+            id.as_str(),
+            v.meta.size,
+            Arc::new(v.meta_storage),
+            Arc::new(v.bitmap_storage),
+            role,
+        )
+        .await
+        .expect("open logs")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_tracking_header_the_record_contradicts_is_dropped_at_startup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        for (name, role) in [("v1", SyncRole::BothInSync), ("v2", SyncRole::OutOfSync)] {
+            let id = VolumeId::new(name).expect("valid");
+            pool.create_volume(&id, SIZE).expect("create");
+            let logs = open(&pool, &id).await;
+            logs.peer_left(name, peer(), Epoch(1)).await.expect("left");
+            let l = logs.clone();
+            tokio::task::spawn_blocking(move || {
+                drop(l.before_write(4 << 20, 4096, false).expect("logged"))
+            })
+            .await
+            .expect("join");
+            assert_eq!(logs.bitmap().dirty_count(), 1);
+            drop(logs);
+            // Restarted knowing a record that makes it no source: the header
+            // (the source of a stale copy) is gone, nothing is dirty, and
+            // the extent with a write in flight waits for reconciliation.
+            let logs = open_as(&pool, &id, role).await;
+            assert!(!logs.is_tracking(), "{role:?}");
+            assert_eq!(logs.bitmap().state(), BitmapState::Clean, "{role:?}");
+            assert_eq!(logs.bitmap().dirty_count(), 0);
+            assert_eq!(logs.unreconciled(), vec![(4 << 20)..(8 << 20)]);
+            assert_eq!(logs.peer_in_sync(), role == SyncRole::BothInSync);
+        }
+        // A source keeps it, and its recovered extent is dirty.
+        let id = VolumeId::new("v3").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        logs.peer_left("v3", peer(), Epoch(1)).await.expect("left");
+        drop(logs);
+        let logs = open_as(&pool, &id, SyncRole::Source).await;
+        assert!(logs.is_tracking());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replica_out_of_sync_at_the_arbiter_drops_its_tracking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        logs.peer_left("v1", peer(), Epoch(1)).await.expect("left");
+        let l = logs.clone();
+        tokio::task::spawn_blocking(move || drop(l.before_write(0, 4096, false).expect("logged")))
+            .await
+            .expect("join");
+        logs.not_a_source("v1", "test").await.expect("dropped");
+        assert!(!logs.is_tracking());
+        assert_eq!(logs.bitmap().dirty_count(), 0);
+        drop(logs);
+        let logs = open(&pool, &id).await;
+        assert_eq!(logs.bitmap().state(), BitmapState::Clean, "durably");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn marking_needs_a_tracked_peer() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -21,11 +21,15 @@
 //!   lands later.
 //!
 //! Fencing is exact: a data request counts itself in flight *before* it
-//! checks the epoch, and raising the epoch sets the new value *before* it
-//! waits for the in-flight count to drain (both sequentially consistent).
-//! So every request either sees the new epoch and is refused, or is waited
-//! for: when a newer frontend's `Open` is answered, no request of an older
-//! epoch can land any more.
+//! checks the epoch (and its session), and raising the epoch sets the new
+//! value *before* it waits for the in-flight count to drain (both
+//! sequentially consistent). So every request either sees the new epoch
+//! and is refused, or is waited for: when a newer frontend's `Open` is
+//! answered, no request of an older epoch can land any more. A write is
+//! counted only once its activity-log and bitmap registrations are done
+//! (they may wait for room in the log, which must not hold a fence up);
+//! registering a write that is then refused only makes the logs more
+//! conservative.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +48,7 @@ use crate::storage::{Storage, StorageError, blocking};
 use super::direction::{SyncRole, Verdict, judge_copy};
 use super::logs::VolumeLogs;
 use super::meta::{self, Metadata, PeerFence, StoredView};
-use super::sessions::{SessionGate, Sessions};
+use super::sessions::{SessionGate, SessionInFlight, Sessions};
 
 /// The epoch and the data requests in flight, shared by the volume and its
 /// metadata owner.
@@ -56,10 +60,20 @@ struct EpochGate {
 }
 
 impl EpochGate {
+    /// Checks `epoch` without counting a request (an early refusal before
+    /// waiting for anything; the counted check follows).
+    fn check(&self, epoch: Epoch) -> Result<(), WireError> {
+        self.compare(epoch)
+    }
+
     /// Counts a request in flight, then checks its epoch.
     fn enter(&self, epoch: Epoch) -> Result<InFlight<'_>, WireError> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let guard = InFlight(self);
+        self.compare(epoch).map(|()| guard)
+    }
+
+    fn compare(&self, epoch: Epoch) -> Result<(), WireError> {
         let current = Epoch(self.epoch.load(Ordering::SeqCst));
         if epoch < current {
             Err(WireError::StaleEpoch {
@@ -72,7 +86,7 @@ impl EpochGate {
                 current,
             })
         } else {
-            Ok(guard)
+            Ok(())
         }
     }
 
@@ -812,15 +826,41 @@ impl Volume {
         r
     }
 
+    /// Admits a request of `session` at `epoch`: counted in flight, then
+    /// checked (epoch, session, a resync source's claim), so that a raise
+    /// of the epoch or a fence waits for it. A write is admitted only once
+    /// its activity-log and bitmap registrations are done — those may wait
+    /// for room in the log, which must not hold up a fence (the frontend's
+    /// `ForgetActivity`, which makes room, may be waiting behind one).
+    fn admit<'a>(
+        &'a self,
+        epoch: Epoch,
+        session: &'a SessionGate,
+    ) -> Result<(InFlight<'a>, SessionInFlight<'a>), WireError> {
+        let in_flight = self.gate.enter(epoch)?;
+        let in_session = session.enter()?;
+        self.recheck_source(session)?;
+        Ok((in_flight, in_session))
+    }
+
     fn execute_inner(
         &self,
         epoch: Epoch,
         session: &SessionGate,
         op: Op,
     ) -> Result<Reply, WireError> {
-        let _in_flight = self.gate.enter(epoch)?;
-        let _session = session.enter()?;
-        self.recheck_source(session)?;
+        // Early refusal; the exact check is `admit`.
+        self.gate.check(epoch)?;
+        session.check()?;
+        let writes = matches!(
+            op,
+            Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }
+        );
+        let _admitted = if writes {
+            None
+        } else {
+            Some(self.admit(epoch, session)?)
+        };
         let data = &self.data;
         let r = match op {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
@@ -847,6 +887,7 @@ impl Volume {
                 let _logged = self
                     .logs
                     .before_write(offset, bytes.len() as u64, mirrored)?;
+                let _admitted = self.admit(epoch, session)?;
                 data.write_at(&bytes, offset)
                     .and_then(|()| if fua { data.sync() } else { Ok(()) })
                     .map(|()| Reply::Done)
@@ -859,6 +900,7 @@ impl Volume {
             } => {
                 self.check_range(offset, u64::from(len), false)?;
                 let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
+                let _admitted = self.admit(epoch, session)?;
                 data.punch(offset, u64::from(len)).map(|()| Reply::Done)
             }
             Op::WriteZeroes {
@@ -869,6 +911,7 @@ impl Volume {
             } => {
                 self.check_range(offset, u64::from(len), false)?;
                 let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
+                let _admitted = self.admit(epoch, session)?;
                 data.zero(offset, u64::from(len))
                     .and_then(|()| if fua { data.sync() } else { Ok(()) })
                     .map(|()| Reply::Done)
