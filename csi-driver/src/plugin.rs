@@ -25,7 +25,7 @@ use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::node_server::NodeServer;
 use crate::proto::registration::registration_server::RegistrationServer;
 use crate::registration::{self, RegistrationService, RegistrationState};
-use crate::{health, server};
+use crate::{authority, health, server};
 
 /// A client from `kubeconfig`, or the usual places (`KUBECONFIG`, the
 /// in-cluster service account).
@@ -208,7 +208,7 @@ pub async fn run_node(opts: NodeOptions) -> CsiResult<()> {
             registration_state,
         )));
         tracing::info!(socket = %reg_socket.display(), "serving kubelet plugin registration");
-        tasks.spawn(server::serve(
+        tasks.spawn(authority::serve(
             reg,
             reg_listener,
             twinvol_engine::process::shutdown_signal(),
