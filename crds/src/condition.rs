@@ -53,15 +53,21 @@ pub enum VolumeConditionType {
     Resyncing,
     /// A replica sits on a fenced site.
     Fenced,
+    /// Each Site has a node recorded for its replica.
+    Placed,
+    /// The frontend runs away from the volume's preferred site.
+    AwayFromHome,
 }
 
 impl VolumeConditionType {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::Ready,
         Self::Synced,
         Self::Degraded,
         Self::Resyncing,
         Self::Fenced,
+        Self::Placed,
+        Self::AwayFromHome,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -71,6 +77,8 @@ impl VolumeConditionType {
             Self::Degraded => "Degraded",
             Self::Resyncing => "Resyncing",
             Self::Fenced => "Fenced",
+            Self::Placed => "Placed",
+            Self::AwayFromHome => "AwayFromHome",
         }
     }
 }
@@ -83,13 +91,18 @@ pub enum SiteConditionType {
     /// The operator fenced the site: its replicas are out of every in-sync
     /// set and its frontends' leases expired.
     Fenced,
+    /// Planned maintenance was requested: the site's volumes move away.
+    Maintenance,
 }
 
 impl SiteConditionType {
+    pub const ALL: [Self; 3] = [Self::Healthy, Self::Fenced, Self::Maintenance];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Healthy => "Healthy",
             Self::Fenced => "Fenced",
+            Self::Maintenance => "Maintenance",
         }
     }
 }

@@ -36,6 +36,12 @@ use crate::PoolPath;
         description = "Node plugins with a fresh heartbeat"
     ),
     printcolumn(
+        name = "Healthy",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Healthy\")].status",
+        description = "Whether the site's node plugins heartbeat"
+    ),
+    printcolumn(
         name = "Fenced",
         type_ = "boolean",
         json_path = ".status.fenced",
@@ -70,6 +76,14 @@ pub struct SiteSpec {
             .message("spec.pool must be an absolute path: a directory or a block device such as /dev/sdb")
     )]
     pub pool: PoolPath,
+
+    /// When the operator fences this site (it was lost), also put the
+    /// `node.kubernetes.io/out-of-service` taint on its nodes, so that
+    /// Kubernetes itself evicts and detaches everything there at once. Only
+    /// for a site declared dead: the taint is meant for nodes that are
+    /// really off. The operator removes the taint it set when it unfences.
+    #[serde(default)]
+    pub out_of_service_taint: bool,
 }
 
 /// Observed health of a Site.
@@ -122,6 +136,7 @@ mod tests {
                     match_expressions: None,
                 },
                 pool: PoolPath::new("/var/lib/twinvol/pool").expect("absolute"),
+                out_of_service_taint: false,
             },
         );
         let json = serde_json::to_value(&site).expect("serializes");
@@ -161,7 +176,10 @@ mod tests {
             .flatten()
             .filter_map(|c| c["name"].as_str())
             .collect();
-        assert_eq!(columns, ["Nodes-Ready", "Plugins", "Fenced", "Pool", "Age"]);
+        assert_eq!(
+            columns,
+            ["Nodes-Ready", "Plugins", "Healthy", "Fenced", "Pool", "Age"]
+        );
         assert!(version["subresources"]["status"].is_object());
     }
 }

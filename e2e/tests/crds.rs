@@ -16,7 +16,8 @@ use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 use twinvol_crds::{
     ConditionStatus, Epoch, FrontendStatus, MirroredVolume, MirroredVolumeStatus, NodeName,
-    ReplicaState, ReplicaStatus, Site, SiteName, SiteStatus, VolumeConditionType,
+    ReplicaState, ReplicaStatus, Site, SiteConditionType, SiteName, SiteStatus,
+    VolumeConditionType,
 };
 use twinvol_e2e::{ControlPlane, ControlPlaneOptions};
 
@@ -443,7 +444,14 @@ async fn status_shows_in_kubectl_get_and_stale_status_writes_conflict() {
         plugins_heartbeating: 1,
         fenced: false,
         last_transition_time: Some(Time(at(1_790_000_000))),
-        conditions: vec![],
+        conditions: vec![Condition {
+            type_: SiteConditionType::Healthy.as_str().to_owned(),
+            status: ConditionStatus::True.as_str().to_owned(),
+            reason: "Heartbeating".to_owned(),
+            message: "1 of 2 node plugins heartbeat".to_owned(),
+            observed_generation: Some(1),
+            last_transition_time: Time(at(1_790_000_000)),
+        }],
     }})
     .to_string();
     plane
@@ -460,6 +468,7 @@ async fn status_shows_in_kubectl_get_and_stale_status_writes_conflict() {
     let row = columns(&plane, &["get", "site", "room-a", "-o", "wide"]);
     assert_eq!(row["NODES-READY"], "2");
     assert_eq!(row["PLUGINS"], "1");
+    assert_eq!(row["HEALTHY"], "True");
     assert_eq!(row["FENCED"], "false");
     assert_eq!(row["POOL"], "/var/lib/twinvol/pool");
     let sites: Api<Site> = Api::all(plane.client());

@@ -71,12 +71,16 @@ fn writes_queued_on_a_connection_given_up_on_never_land_after_the_link_returns()
     ]);
     let fio = fio::Background::spawn(writer);
     let data = stack.replica_data_paths();
+    // Writes flow to both (at iodepth 32 of 4 MiB, far more is in flight
+    // than a socket holds: the connection to a has a full queue).
     assert!(
-        wait_until(DEADLINE, || holds_nonzero_byte(&data[0]).then_some(())).is_some(),
+        wait_until(DEADLINE, || data
+            .iter()
+            .all(|d| holds_nonzero_byte(d))
+            .then_some(()))
+        .is_some(),
         "fio wrote nothing"
     );
-    // Let fio fill the queues.
-    std::thread::sleep(Duration::from_secs(2));
     stack.set_site_link(0, false);
     let cut = Instant::now();
     let out = wait_until(Duration::from_secs(30), || {

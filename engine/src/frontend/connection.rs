@@ -996,3 +996,7 @@ impl Completer {
         outcome
     }
 }
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;

@@ -23,8 +23,21 @@
 //!   reads the counts (all sequentially consistent), so each request either
 //!   sees the new floor or is waited for.
 //!
+//! Who "the same client" is: within an epoch, the frontend is the lease
+//! holder of that epoch — every acquisition bumps the epoch, so a frontend
+//! restarted under an arbiter is a new epoch, and the epoch gate fences
+//! all of its predecessor's sessions at its first `Open`; without an
+//! arbiter (a fixed `--epoch`) a restarted frontend is the same client: its
+//! first generation is refused below the floor, it continues above it, and
+//! its session fences its predecessor's. Its id is not needed for any of
+//! this (two frontends at one epoch are what the lease prevents). The
+//! resync client is the peer replica's resync (a volume has one peer); a
+//! restarted source continues above the floor the same way.
+//!
 //! The table is per epoch: a newer epoch starts with fresh floors (the
-//! epoch gate fences all of the old epoch's sessions). It lives in memory
+//! epoch gate fences all of the old epoch's sessions), and a frontend's
+//! floor relayed by the peer is tagged with its epoch and applied only at
+//! it. It lives in memory
 //! only: a replica restart ends every connection to it, so nothing from
 //! before can arrive over one (the frontend's floor for a peer is persisted
 //! by the *other* replica, which applies it to this one before copying).
