@@ -3,9 +3,10 @@
 //! `e2e/tools/build-upstream.sh`, found through `TWINVOL_UPSTREAM_BIN`).
 //!
 //! The arbiter's contract is written once, generic over `A: Arbiter`
-//! ([`conformance`], [`exactly_one_of_16_concurrent_swaps_wins`]), and run
-//! against both the engine's file arbiter and [`KubeArbiter`], so the two
-//! cannot drift apart. The Kubernetes-only behaviours follow: what a kubectl
+//! ([`conformance`], [`exactly_one_of_16_concurrent_swaps_wins`],
+//! [`a_frontend_whose_clock_runs_ahead_never_takes_a_renewed_lease`]), and
+//! run against both the engine's file arbiter and [`KubeArbiter`], so the
+//! two cannot drift apart. The Kubernetes-only behaviours follow: what a kubectl
 //! user sees in the status, the operator's fields kept, a stale
 //! resourceVersion refused by the server itself, an unreadable status or a
 //! deleted object reported as corrupt, and an API server that stops
@@ -22,12 +23,16 @@ use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
+use std::sync::Arc;
 use twinvol_crds::{MirroredVolume, NodeName};
 use twinvol_csi_driver::arbiter::KubeArbiter;
 use twinvol_e2e::{ControlPlane, ControlPlaneOptions};
+
 use twinvol_engine::arbiter::{
-    Arbiter, ArbiterError, Change, FileArbiter, FrontendId, Rejected, VolumeRecord,
+    Arbiter, ArbiterError, Change, FileArbiter, FrontendId, Lease, LeaseId, Rejected, VolumeRecord,
 };
+use twinvol_engine::clock::WallClock;
+use twinvol_engine::frontend::lease::{self, LeaseConfig, LeaseError};
 use twinvol_engine::protocol::{Epoch, ReplicaId};
 
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -37,7 +42,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a call may take beyond its deadline (scheduling on a busy machine).
 const SLACK: Duration = Duration::from_millis(1500);
 const LEASE: Duration = Duration::from_secs(10);
-const MARGIN: Duration = Duration::from_secs(2);
 
 fn r(s: &str) -> ReplicaId {
     ReplicaId::new(s).expect("valid replica id")
@@ -58,24 +62,33 @@ fn now_ms() -> u64 {
     u64::try_from(since.as_millis()).expect("fits")
 }
 
-fn acquire(holder: &str, now_ms: u64) -> Change {
+fn acquire(holder: &str, now_ms: u64, replaces: Option<&Lease>) -> Change {
     Change::AcquireLease {
         holder: fe(holder),
         duration: LEASE,
-        margin: MARGIN,
         now_ms,
+        replaces: replaces.cloned(),
     }
 }
 
-fn renew(holder: &str, now_ms: u64) -> Change {
-    Change::RenewLease {
+fn id(holder: &str, epoch: u64) -> LeaseId {
+    LeaseId {
         holder: fe(holder),
+        epoch: Epoch(epoch),
+    }
+}
+
+fn renew(holder: &str, epoch: u64, now_ms: u64) -> Change {
+    Change::RenewLease {
+        lease: id(holder, epoch),
         now_ms,
     }
 }
 
-fn release(holder: &str) -> Change {
-    Change::ReleaseLease { holder: fe(holder) }
+fn release(holder: &str, epoch: u64) -> Change {
+    Change::ReleaseLease {
+        lease: id(holder, epoch),
+    }
 }
 
 async fn swap<A: Arbiter>(arbiter: &A, from: &VolumeRecord, change: Change) -> VolumeRecord {
@@ -112,41 +125,59 @@ async fn conformance<A: Arbiter>(arbiter: &A) {
     assert_eq!(fresh.lease, None);
     assert_eq!(arbiter.read().await.expect("read again"), fresh);
 
-    // Acquiring bumps the epoch and records the lease as asked.
+    // Acquiring bumps the epoch and records the lease as asked, with the
+    // epoch of the acquisition.
     let t0 = now_ms();
-    let held = swap(arbiter, &fresh, acquire("fe-1", t0)).await;
+    let held = swap(arbiter, &fresh, acquire("fe-1", t0, None)).await;
     assert_eq!(held.epoch, Epoch(1));
     let lease = held.lease.clone().expect("a lease");
     assert_eq!(
-        (lease.holder, lease.renewed_at_ms, lease.duration),
-        (fe("fe-1"), t0, LEASE)
+        (lease.id(), lease.renewed_at_ms, lease.duration),
+        (id("fe-1", 1), t0, LEASE)
     );
     assert_eq!(held.in_sync, both(), "acquiring leaves the in-sync set");
 
-    // A live lease is refused to another holder; only the holder renews or
-    // releases.
-    let late = refused(arbiter, &held, acquire("fe-2", t0 + 1_000)).await;
-    assert!(
-        matches!(&late, Rejected::LeaseHeld { holder, until_ms, .. }
-            if *holder == fe("fe-1") && *until_ms == t0 + 10_000),
-        "{late:?}"
+    // A held lease is refused to whoever does not name it as the lease it
+    // saw expire, whatever its clock says; only the acquisition itself
+    // renews or releases it.
+    let late = refused(arbiter, &held, acquire("fe-2", t0 + 3_600_000, None)).await;
+    assert_eq!(
+        late,
+        Rejected::LeaseHeld {
+            held: id("fe-1", 1),
+            requester: fe("fe-2"),
+        }
     );
-    let not_holder = refused(arbiter, &held, renew("fe-2", t0 + 1_000)).await;
-    assert!(
-        matches!(not_holder, Rejected::NotHolder { .. }),
-        "{not_holder:?}"
-    );
-    let not_holder = refused(arbiter, &held, release("fe-2")).await;
+    let not_holder = refused(arbiter, &held, renew("fe-2", 1, t0 + 1_000)).await;
     assert!(
         matches!(not_holder, Rejected::NotHolder { .. }),
         "{not_holder:?}"
     );
-    let renewed = swap(arbiter, &held, renew("fe-1", t0 + 3_000)).await;
+    let not_holder = refused(arbiter, &held, renew("fe-1", 0, t0 + 1_000)).await;
+    assert!(
+        matches!(not_holder, Rejected::NotHolder { .. }),
+        "another acquisition of the same name: {not_holder:?}"
+    );
+    let not_holder = refused(arbiter, &held, release("fe-2", 1)).await;
+    assert!(
+        matches!(not_holder, Rejected::NotHolder { .. }),
+        "{not_holder:?}"
+    );
+    let renewed = swap(arbiter, &held, renew("fe-1", 1, t0 + 3_000)).await;
     assert_eq!(renewed.epoch, held.epoch, "renewing keeps the epoch");
     assert_eq!(
         renewed.lease.as_ref().map(|l| l.renewed_at_ms),
         Some(t0 + 3_000)
     );
+    // A renewal whose clock went back still changes the lease.
+    let back = swap(arbiter, &renewed, renew("fe-1", 1, t0)).await;
+    assert_eq!(
+        back.lease.as_ref().map(|l| l.renewed_at_ms),
+        Some(t0 + 3_001)
+    );
+    // The lease as it was before a renewal is not the one held now.
+    refused(arbiter, &back, acquire("fe-2", t0, Some(&lease))).await;
+    let renewed = back;
 
     // A swap on a version that is no longer current conflicts, carries the
     // current record and changes nothing.
@@ -193,21 +224,90 @@ async fn conformance<A: Arbiter>(arbiter: &A) {
         }
     );
 
-    // Released, the lease is free at once; every acquisition (a restarted
-    // holder's too) bumps the epoch; an expired lease (plus the margin) is
-    // taken over.
-    let released = swap(arbiter, &rejoined, release("fe-1")).await;
+    // Released, the lease is free at once; every acquisition bumps the
+    // epoch; a held lease — a restarted holder's own included — is taken
+    // only by naming it exactly, and its old acquisition is refused.
+    let released = swap(arbiter, &rejoined, release("fe-1", 1)).await;
     assert_eq!(released.lease, None);
     assert_eq!(released.epoch, Epoch(1), "releasing keeps the epoch");
-    let second = swap(arbiter, &released, acquire("fe-2", t0 + 4_000)).await;
+    let second = swap(arbiter, &released, acquire("fe-2", t0 + 4_000, None)).await;
     assert_eq!(second.epoch, Epoch(2));
-    let restarted = swap(arbiter, &second, acquire("fe-2", t0 + 5_000)).await;
+    refused(arbiter, &second, acquire("fe-2", t0 + 5_000, None)).await;
+    let restarted = swap(
+        arbiter,
+        &second,
+        acquire("fe-2", t0 + 5_000, second.lease.as_ref()),
+    )
+    .await;
     assert_eq!(restarted.epoch, Epoch(3));
-    let expiry = t0 + 5_000 + 10_000 + 2_000;
-    refused(arbiter, &restarted, acquire("fe-3", expiry - 1)).await;
-    let taken = swap(arbiter, &restarted, acquire("fe-3", expiry)).await;
+    refused(arbiter, &restarted, renew("fe-2", 2, t0 + 5_001)).await;
+    refused(
+        arbiter,
+        &restarted,
+        acquire("fe-3", t0 + 99_000, second.lease.as_ref()),
+    )
+    .await;
+    let taken = swap(
+        arbiter,
+        &restarted,
+        acquire("fe-3", t0, restarted.lease.as_ref()),
+    )
+    .await;
     assert_eq!(taken.epoch, Epoch(4));
-    assert_eq!(taken.lease.map(|l| l.holder), Some(fe("fe-3")));
+    assert_eq!(taken.lease.map(|l| l.id()), Some(id("fe-3", 4)));
+}
+
+/// The lease's time rules through the engine's own lease code: a frontend
+/// whose wall clock runs an hour ahead never takes a lease its holder
+/// renews (expiry is judged on the observer's monotonic clock, from the
+/// record going unchanged), and takes it once the holder stopped renewing
+/// for the lease's duration plus the margin. From a record without a
+/// lease.
+async fn a_frontend_whose_clock_runs_ahead_never_takes_a_renewed_lease<A: Arbiter + Clone>(
+    arbiter: &A,
+) {
+    let duration = Duration::from_secs(2);
+    let margin = Duration::from_secs(1);
+    let config = |holder: &str, offset_ms: i64| LeaseConfig {
+        holder: fe(holder),
+        duration,
+        margin,
+        wall_clock: WallClock::offset(offset_ms),
+    };
+    let arbiter = Arc::new(arbiter.clone());
+    let holder = config("fe-holder", 0);
+    let (record, guard) = lease::acquire(arbiter.as_ref(), &holder, Duration::from_secs(30))
+        .await
+        .expect("the holder acquires");
+    let renewing = tokio::spawn(lease::renew(arbiter.clone(), holder, guard.clone()));
+    let ahead = config("fe-ahead", 3_600_000);
+    let watched = 3 * (duration + margin);
+    let started = Instant::now();
+    let r = lease::acquire(arbiter.as_ref(), &ahead, watched).await;
+    assert!(
+        matches!(r, Err(LeaseError::GaveUp { .. })),
+        "a frontend an hour ahead took a renewed lease after {:?}: {r:?}",
+        started.elapsed()
+    );
+    assert!(guard.valid(), "the holder lost its lease");
+    let now = arbiter.read().await.expect("read");
+    assert_eq!(now.epoch, record.epoch);
+    assert_eq!(now.lease.map(|l| l.holder), Some(fe("fe-holder")));
+
+    renewing.abort();
+    let stopped = Instant::now();
+    let (taken, _) = lease::acquire(arbiter.as_ref(), &ahead, Duration::from_secs(30))
+        .await
+        .expect("taken once unrenewed");
+    let took = stopped.elapsed();
+    assert!(
+        took >= duration,
+        "taken {took:?} after the holder stopped renewing (lease {duration:?})"
+    );
+    assert_eq!(taken.epoch, Epoch(record.epoch.get() + 1));
+    eprintln!(
+        "clock-skew case: held for {watched:?} against a clock an hour ahead; taken {took:?} after the renewals stopped"
+    );
 }
 
 /// Sixteen swaps on one version, half dropping each replica: exactly one
@@ -262,6 +362,10 @@ async fn the_file_arbiter_meets_the_arbiter_contract() {
             _ => exactly_one_of_16_concurrent_swaps_wins(&arbiter).await,
         }
     }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let arbiter =
+        FileArbiter::create(&dir.path().join("vol.json"), both()).expect("creates a record");
+    a_frontend_whose_clock_runs_ahead_never_takes_a_renewed_lease(&arbiter).await;
 }
 
 /// A test's Kubernetes side: the control plane, a client and helpers.
@@ -373,7 +477,7 @@ async fn status_shows_the_record_and_keeps_the_operators_fields(cluster: &Cluste
         + &cluster.jsonpath("status", ".status.conditions");
 
     let t0 = now_ms();
-    let held = swap(&arbiter, &fresh, acquire("node-a1-fe", t0)).await;
+    let held = swap(&arbiter, &fresh, acquire("node-a1-fe", t0, None)).await;
     let degraded = swap(&arbiter, &held, Change::RemoveFromInSync(r("room-b"))).await;
     assert_eq!(
         cluster.jsonpath("status", ".metadata.resourceVersion"),
@@ -424,8 +528,8 @@ async fn status_shows_the_record_and_keeps_the_operators_fields(cluster: &Cluste
         Change::AcquireLease {
             holder: fe("node-a1-fe"),
             duration: Duration::from_millis(1_500),
-            margin: MARGIN,
             now_ms: t0 + 1,
+            replaces: degraded.lease.clone(),
         },
     )
     .await;
@@ -434,7 +538,12 @@ async fn status_shows_the_record_and_keeps_the_operators_fields(cluster: &Cluste
         Some(Duration::from_secs(2))
     );
 
-    let released = swap(&arbiter, &short, release("node-a1-fe")).await;
+    assert_eq!(
+        cluster.jsonpath("status", ".status.frontend.epoch"),
+        "2",
+        "the acquisition's epoch"
+    );
+    let released = swap(&arbiter, &short, release("node-a1-fe", 2)).await;
     assert_eq!(cluster.jsonpath("status", ".status.frontend"), "");
     assert_eq!(released.epoch, Epoch(2));
 }
@@ -446,7 +555,7 @@ async fn a_stale_resource_version_write_does_not_land(cluster: &Cluster) {
     let arbiter = cluster.volume("stale").await;
     let fresh = arbiter.read().await.expect("read");
     let stale_object = cluster.volumes().get("stale").await.expect("get");
-    let held = swap(&arbiter, &fresh, acquire("fe-1", now_ms())).await;
+    let held = swap(&arbiter, &fresh, acquire("fe-1", now_ms(), None)).await;
 
     let mut write = stale_object;
     write.data["status"] = json!({"epoch": 0, "inSync": ["room-b"]});
@@ -479,7 +588,7 @@ async fn a_stale_resource_version_write_does_not_land(cluster: &Cluster) {
 async fn an_unreadable_status_or_a_deleted_volume_is_corrupt(cluster: &Cluster) {
     let arbiter = cluster.volume("corrupt").await;
     let fresh = arbiter.read().await.expect("read");
-    let held = swap(&arbiter, &fresh, acquire("fe-1", now_ms())).await;
+    let held = swap(&arbiter, &fresh, acquire("fe-1", now_ms(), None)).await;
     cluster.patch_status("corrupt", json!({"status": {"inSync": []}}));
     let err = arbiter
         .read()
@@ -490,7 +599,7 @@ async fn an_unreadable_status_or_a_deleted_volume_is_corrupt(cluster: &Cluster) 
         "{err}"
     );
     let err = arbiter
-        .update(&held.version, renew("fe-1", now_ms()))
+        .update(&held.version, renew("fe-1", 1, now_ms()))
         .await
         .expect_err("nothing is written over an unreadable status");
     assert!(matches!(err, ArbiterError::Corrupt { .. }), "{err}");
@@ -549,6 +658,8 @@ async fn the_kube_arbiter_meets_the_arbiter_contract_against_a_real_api_server()
 
     conformance(&cluster.volume("conformance").await).await;
     exactly_one_of_16_concurrent_swaps_wins(&cluster.volume("race").await).await;
+    a_frontend_whose_clock_runs_ahead_never_takes_a_renewed_lease(&cluster.volume("skew").await)
+        .await;
     status_shows_the_record_and_keeps_the_operators_fields(&cluster).await;
     a_stale_resource_version_write_does_not_land(&cluster).await;
     an_unreadable_status_or_a_deleted_volume_is_corrupt(&cluster).await;

@@ -5,6 +5,7 @@
 pub mod activity_log;
 pub mod arbiter;
 pub mod bitmap;
+pub mod clock;
 pub mod frontend;
 pub mod metrics;
 pub mod process;

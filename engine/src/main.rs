@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use twinvol_engine::arbiter::{FileArbiter, FrontendId};
+use twinvol_engine::clock::WallClock;
 use twinvol_engine::frontend::lease::{LeaseConfig, now_ms};
 use twinvol_engine::frontend::service::{
     self as frontend_service, ArbiterOptions, FrontendProcess,
@@ -200,11 +201,27 @@ struct FrontendArgs {
     /// Speak another protocol version (tests of version refusal only).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
+    /// Offset this frontend's wall clock (`60s`, `-1500ms`): tests of a
+    /// machine whose clock is wrong.
+    #[arg(long, hide = true, env = "TWINVOL_WALL_CLOCK_OFFSET", value_parser = parse_offset_ms, allow_hyphen_values = true)]
+    wall_clock_offset: Option<i64>,
     /// Stall the file arbiter after chosen commits (test builds only;
     /// docs/engine.md): e.g. `return-to-in-sync#1=8s`.
     #[cfg(feature = "failpoints")]
     #[arg(long, env = "TWINVOL_ARBITER_STALL")]
     arbiter_stall: Option<String>,
+}
+
+/// A signed duration in milliseconds: `60s`, `-1500ms`.
+fn parse_offset_ms(s: &str) -> Result<i64, String> {
+    let (sign, rest) = match s.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let d = parse_duration(rest)?;
+    i64::try_from(d.as_millis())
+        .map(|ms| sign * ms)
+        .map_err(|_| format!("{s:?} is too large an offset"))
 }
 
 /// Refuses a fault-injection variable that this build would ignore: a test
@@ -401,6 +418,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         holder: FrontendId(a.frontend_id.unwrap_or_default()),
                         duration: a.lease_duration,
                         margin: a.lease_margin,
+                        wall_clock: WallClock::offset(a.wall_clock_offset.unwrap_or(0)),
                     },
                     replica_timeout: a.replica_timeout,
                     acquire_timeout: Duration::from_secs(600),

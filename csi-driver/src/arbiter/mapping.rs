@@ -110,6 +110,7 @@ pub fn record_from(object: &DynamicObject) -> Result<VolumeRecord, MappingError>
                         })?;
                 Some(Lease {
                     holder: FrontendId(holder),
+                    epoch: Epoch(frontend.epoch.get()),
                     renewed_at_ms: ms_from_micro_time(&renew_time)?,
                     duration: Duration::from_secs(
                         u64::try_from(seconds)
@@ -161,7 +162,7 @@ pub fn status_after(
                 _ => {
                     let mut fresh = Map::new();
                     fresh.insert("node".into(), Value::String(node.to_string()));
-                    fresh.insert("epoch".into(), epoch);
+                    fresh.insert("epoch".into(), int64(lease.epoch.get())?);
                     fresh
                 }
             };
@@ -273,7 +274,7 @@ fn names(sites: &[SiteName]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use twinvol_engine::arbiter::Change;
+    use twinvol_engine::arbiter::{Change, LeaseId};
 
     use super::*;
 
@@ -355,8 +356,8 @@ mod tests {
                 Change::AcquireLease {
                     holder: FrontendId("fe-1".into()),
                     duration: Duration::from_secs(10),
-                    margin: Duration::from_secs(2),
                     now_ms: 1_764_078_000_123,
+                    replaces: None,
                 },
                 before.version.clone(),
             )
@@ -397,7 +398,10 @@ mod tests {
         let renewed = before
             .apply(
                 Change::RenewLease {
-                    holder: FrontendId("fe-1".into()),
+                    lease: LeaseId {
+                        holder: FrontendId("fe-1".into()),
+                        epoch: Epoch(3),
+                    },
                     now_ms: 1_767_225_605_000,
                 },
                 before.version.clone(),
@@ -422,7 +426,10 @@ mod tests {
         let released = before
             .apply(
                 Change::ReleaseLease {
-                    holder: FrontendId("fe-1".into()),
+                    lease: LeaseId {
+                        holder: FrontendId("fe-1".into()),
+                        epoch: Epoch(3),
+                    },
                 },
                 before.version.clone(),
             )

@@ -16,6 +16,7 @@
 //! | `epoch`                 | `status.epoch`                                        |
 //! | `in_sync`               | `status.inSync` (written in `spec.sites` order)       |
 //! | `lease.holder`          | `status.frontend.leaseHolder`                         |
+//! | `lease.epoch`           | `status.frontend.epoch` (the acquisition's epoch)     |
 //! | `lease.renewed_at_ms`   | `status.frontend.renewTime` (MicroTime)               |
 //! | `lease.duration`        | `status.frontend.leaseDurationSeconds`                |
 //! | `lease == None`         | no `status.frontend` (or one without `leaseHolder`)   |
@@ -28,7 +29,15 @@
 //!   swap writes all three. An empty `inSync` once a frontend has held the
 //!   volume (epoch > 0 or a `frontend`) is corrupt: the rules never empty
 //!   it, and reading it as "both in sync" could serve stale data.
-//! - **Times**: `renewTime` is written as exactly `renewed_at_ms` (a
+//! - **Lease identity**: a lease is one acquisition, holder *and* epoch;
+//!   `status.frontend.epoch` is written at the acquisition and kept by
+//!   renewals, so a frontend restarted under the same name cannot renew
+//!   its predecessor's lease (the engine's rules, `LeaseId`).
+//! - **Times**: nobody decides anything by comparing `renewTime` with a
+//!   clock (the engine's lease code times how long the record went
+//!   unchanged, on the observer's own monotonic clock); every renewal
+//!   writes a later `renewTime` than the last, so that it shows as a
+//!   change. `renewTime` is written as exactly `renewed_at_ms` (a
 //!   MicroTime holds microseconds, so whole milliseconds are exact) and read
 //!   back rounded *up* to the millisecond (exact for what this arbiter
 //!   wrote; never makes a finer-grained renewal look older).

@@ -22,6 +22,7 @@ use kube::{Client, Resource};
 use serde::{Deserialize, Serialize};
 use twinvol_crds::{MirroredVolume, NodeName};
 use twinvol_engine::arbiter::FrontendId;
+use twinvol_engine::clock::WallClock;
 use twinvol_engine::frontend::lease::LeaseConfig;
 use twinvol_engine::frontend::service::{self, ArbiterOptions, FrontendProcess};
 use twinvol_engine::frontend::{MirrorConfig, ReplicaSpec};
@@ -121,6 +122,7 @@ pub async fn run(spec: FrontendSpec, client: Client) -> Result<(), DataPlaneErro
                 holder: FrontendId(spec.node.clone()),
                 duration: Duration::from_millis(spec.lease_duration_ms),
                 margin: Duration::from_millis(spec.lease_margin_ms),
+                wall_clock: WallClock::system(),
             },
             replica_timeout: Duration::from_millis(spec.replica_timeout_ms),
             acquire_timeout: Duration::from_secs(600),

@@ -51,6 +51,10 @@ struct OnDisk {
 #[derive(Serialize, Deserialize)]
 struct OnDiskLease {
     holder: String,
+    /// The epoch of the acquisition; absent in records written before
+    /// leases carried it, when it was always the record's epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<u64>,
     renewed_at_ms: u64,
     duration_ms: u64,
 }
@@ -186,6 +190,7 @@ impl FileArbiter {
             in_sync: ids(d.in_sync)?,
             lease: d.lease.map(|l| Lease {
                 holder: FrontendId(l.holder),
+                epoch: Epoch(l.epoch.unwrap_or(d.epoch)),
                 renewed_at_ms: l.renewed_at_ms,
                 duration: Duration::from_millis(l.duration_ms),
             }),
@@ -206,6 +211,7 @@ impl FileArbiter {
             in_sync: names(&record.in_sync),
             lease: record.lease.as_ref().map(|l| OnDiskLease {
                 holder: l.holder.0.clone(),
+                epoch: Some(l.epoch.get()),
                 renewed_at_ms: l.renewed_at_ms,
                 duration_ms: u64::try_from(l.duration.as_millis()).unwrap_or(u64::MAX),
             }),

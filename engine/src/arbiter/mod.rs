@@ -21,7 +21,7 @@ pub mod stall;
 use std::future::Future;
 
 pub use file::FileArbiter;
-pub use record::{Change, FrontendId, Lease, Rejected, VolumeRecord};
+pub use record::{Change, FrontendId, Lease, LeaseId, Rejected, VolumeRecord};
 
 /// An opaque version of a volume's record: what a compare-and-swap expects.
 /// A counter for the file arbiter, a resourceVersion for Kubernetes; callers
@@ -51,8 +51,9 @@ pub enum ArbiterError {
     /// The arbiter could not be reached or read, or did not answer in time.
     /// For an update the outcome is unknown (over HTTP a write that timed
     /// out may still land): callers re-read and decide again — a swap that
-    /// landed shows as already done, a repeated lease acquisition only
-    /// bumps the epoch once more.
+    /// landed shows as already done, and an acquisition that landed shows
+    /// as a lease with the caller's holder, the expected epoch and the
+    /// caller's `now_ms` (`frontend::lease` takes it as its own).
     #[error("arbiter unreachable at {location}: {source}")]
     Unreachable {
         location: String,

@@ -1049,6 +1049,7 @@ mod tests {
         rec.epoch = Epoch(epoch);
         rec.lease = Some(Lease {
             holder: FrontendId(holder.into()),
+            epoch: Epoch(epoch),
             renewed_at_ms: 0,
             duration: Duration::from_secs(10),
         });

@@ -1,32 +1,53 @@
 //! The frontend's lease at the arbiter and its self-fencing (design
 //! invariants 3 and 4).
 //!
-//! [`acquire`] takes the lease through the arbiter's compare-and-swap
-//! (`AcquireLease` bumps the epoch), waiting — and saying why — while a live
-//! lease of another holder has not expired plus the margin. [`renew`] then
-//! renews it every third of its duration.
+//! A lease is one acquisition ([`LeaseId`]: holder and epoch). [`acquire`]
+//! takes it through the arbiter's compare-and-swap (`AcquireLease` bumps
+//! the epoch); [`renew`] then renews it every third of its duration, and
+//! [`release`] gives it up on a clean stop. Only that acquisition renews or
+//! releases it: a frontend restarted under the same name is another one.
 //!
-//! The lease is judged on this process's own monotonic clock, never on the
-//! arbiter's wall-clock times: it is valid until `start + duration`, where
-//! `start` is when the last *successful* renew call began (a renew that
-//! took long only shortens the lease). [`LeaseGuard::valid`] is checked
-//! right before every acknowledgement, so nothing is acknowledged after the
-//! lease expired. Being refused by the arbiter (another holder) or a
+//! # Time: no two clocks are ever compared
+//!
+//! - *The holder* judges its own lease on `CLOCK_BOOTTIME`
+//!   ([`BootInstant`]: monotonic, and running through a suspend): it is
+//!   valid until `start + duration`, where `start` is when the last
+//!   *successful* renew call began (a renew that took long only shortens
+//!   the lease). [`LeaseGuard::valid`] is checked right before every
+//!   acknowledgement, so nothing is acknowledged after the lease ran out —
+//!   not even by a machine that slept through it.
+//! - *Another frontend* judges the lease as client-go's leader election
+//!   does: on its own monotonic clock, from the moment a read first showed
+//!   it the lease as it now is ([`ExpiryWatch`]); the lease may be taken
+//!   once it stayed exactly so (no renewal, whatever its time says) for its
+//!   duration plus the margin. The holder's `renewed_at_ms` (its wall
+//!   clock, recorded for people) never enters the decision, so a machine
+//!   whose clock runs ahead or behind cannot take a live lease. The margin
+//!   covers the two clocks' rates differing and the holder's last
+//!   acknowledgements in flight.
+//!
+//! Being refused by the arbiter (another acquisition holds the lease) or a
 //! replica reporting a newer epoch fences the frontend for good.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use crate::arbiter::{Arbiter, ArbiterError, Change, FrontendId, Rejected, VolumeRecord};
+use crate::arbiter::{
+    Arbiter, ArbiterError, Change, FrontendId, Lease, LeaseId, Rejected, VolumeRecord,
+};
+use crate::clock::{BootInstant, WallClock};
 
 /// How this frontend holds its lease.
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {
     pub holder: FrontendId,
     pub duration: Duration,
-    /// Extra wait after another holder's lease expired before taking it.
+    /// Extra wait, after another holder's lease went unrenewed for its
+    /// duration, before taking it.
     pub margin: Duration,
+    /// The wall clock recorded at the arbiter (offset only in tests).
+    pub wall_clock: WallClock,
 }
 
 /// Why the lease could not be acquired.
@@ -57,10 +78,12 @@ pub enum LeaseState {
     Fenced,
 }
 
-/// The lease as the data path sees it: lock-free checks.
+/// The lease as the data path sees it: lock-free checks, on
+/// `CLOCK_BOOTTIME`.
 #[derive(Debug)]
 pub struct LeaseGuard {
-    base: Instant,
+    id: LeaseId,
+    base: BootInstant,
     /// Nanoseconds after `base` until which the lease is valid.
     valid_until_ns: AtomicU64,
     fenced: AtomicBool,
@@ -68,9 +91,11 @@ pub struct LeaseGuard {
 }
 
 impl LeaseGuard {
-    /// A lease whose last successful renew call started at `start`.
-    pub fn new(start: Instant, duration: Duration) -> Arc<Self> {
+    /// Acquisition `id`, whose last successful renew call (or the
+    /// acquisition itself) started at `start`.
+    pub fn new(id: LeaseId, start: BootInstant, duration: Duration) -> Arc<Self> {
         let g = Arc::new(Self {
+            id,
             base: start,
             valid_until_ns: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
@@ -80,12 +105,17 @@ impl LeaseGuard {
         g
     }
 
-    fn ns(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    /// The acquisition this guard stands for.
+    pub fn id(&self) -> &LeaseId {
+        &self.id
+    }
+
+    fn ns(&self, t: BootInstant) -> u64 {
+        u64::try_from(t.saturating_since(self.base).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Records a successful renew call that began at `start`.
-    pub fn renewed(&self, start: Instant) {
+    pub fn renewed(&self, start: BootInstant) {
         let until = self.ns(start + self.duration);
         self.valid_until_ns.fetch_max(until, Ordering::SeqCst);
     }
@@ -95,7 +125,7 @@ impl LeaseGuard {
         self.fenced.store(true, Ordering::SeqCst);
     }
 
-    pub fn state_at(&self, now: Instant) -> LeaseState {
+    pub fn state_at(&self, now: BootInstant) -> LeaseState {
         if self.fenced.load(Ordering::SeqCst) {
             LeaseState::Fenced
         } else if self.ns(now) < self.valid_until_ns.load(Ordering::SeqCst) {
@@ -106,7 +136,7 @@ impl LeaseGuard {
     }
 
     pub fn state(&self) -> LeaseState {
-        self.state_at(Instant::now())
+        self.state_at(BootInstant::now())
     }
 
     /// Whether an acknowledgement may be sent now.
@@ -119,7 +149,7 @@ impl LeaseGuard {
         if self.fenced.load(Ordering::SeqCst) {
             return Duration::ZERO;
         }
-        let now = self.ns(Instant::now());
+        let now = self.ns(BootInstant::now());
         Duration::from_nanos(
             self.valid_until_ns
                 .load(Ordering::SeqCst)
@@ -128,13 +158,50 @@ impl LeaseGuard {
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch, as the arbiter records
-/// lease times.
+/// Wall-clock milliseconds since the Unix epoch of this machine, for what
+/// people read (`arbiter show`); never used to judge a lease.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    WallClock::system().now_ms()
+}
+
+/// An observer's view of another acquisition's lease: since when, on the
+/// observer's own monotonic clock, it has seen the lease exactly as it is.
+#[derive(Debug, Default)]
+pub struct ExpiryWatch {
+    seen: Option<(Lease, Instant)>,
+}
+
+impl ExpiryWatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that a read which returned at `read_at` showed `lease`;
+    /// returns how much longer it must stay exactly so before it may be
+    /// taken (zero: now). A lease seen for the first time, or changed in
+    /// any way (a renewal, another acquisition), starts the wait again:
+    /// the read returned after the change was written, and the holder
+    /// counts its lease from before it wrote it.
+    pub fn observe(&mut self, lease: &Lease, read_at: Instant, margin: Duration) -> Duration {
+        let wait = lease.duration.saturating_add(margin);
+        match &self.seen {
+            Some((seen, since)) if seen == lease => {
+                (*since + wait).saturating_duration_since(read_at)
+            }
+            _ => {
+                self.seen = Some((lease.clone(), read_at));
+                wait
+            }
+        }
+    }
+
+    /// How long the lease being watched has been seen unchanged, as of
+    /// `now`.
+    pub fn unchanged_for(&self, now: Instant) -> Duration {
+        self.seen.as_ref().map_or(Duration::ZERO, |(_, since)| {
+            now.saturating_duration_since(*since)
+        })
+    }
 }
 
 /// Emits at most one log line per `every` (no error storm while holding).
@@ -171,9 +238,25 @@ impl RateLimit {
     }
 }
 
-/// Acquires the lease, waiting for another holder's lease to expire plus
-/// the margin, and retrying an unreachable arbiter, until `give_up`.
-/// Returns the record (with the new epoch) and the guard.
+/// An acquisition whose answer was lost (the arbiter did not answer in
+/// time): it may have landed, and then the lease is ours.
+#[derive(Debug, Clone)]
+struct Attempt {
+    epoch: crate::protocol::Epoch,
+    now_ms: u64,
+    started: BootInstant,
+}
+
+impl Attempt {
+    fn landed(&self, holder: &FrontendId, lease: &Lease) -> bool {
+        lease.holder == *holder && lease.epoch == self.epoch && lease.renewed_at_ms == self.now_ms
+    }
+}
+
+/// Acquires the lease, waiting for another acquisition's lease to go
+/// unrenewed for its duration plus the margin (timed here, see the module
+/// doc), and retrying an unreachable arbiter, until `give_up`. Returns the
+/// record (with the new epoch) and the guard.
 pub async fn acquire<A: Arbiter>(
     arbiter: &A,
     config: &LeaseConfig,
@@ -182,6 +265,8 @@ pub async fn acquire<A: Arbiter>(
     let began = Instant::now();
     let deadline = began + give_up;
     let mut log = RateLimit::new(Duration::from_secs(1));
+    let mut watch = ExpiryWatch::new();
+    let mut lost_answers: Vec<Attempt> = Vec::new();
     loop {
         if Instant::now() >= deadline {
             return Err(LeaseError::GaveUp {
@@ -189,57 +274,105 @@ pub async fn acquire<A: Arbiter>(
                 waited: began.elapsed(),
             });
         }
-        let start = Instant::now();
-        let wait = match arbiter.read().await {
-            Ok(record) => {
-                let change = Change::AcquireLease {
-                    holder: config.holder.clone(),
-                    duration: config.duration,
-                    margin: config.margin,
-                    now_ms: now_ms(),
-                };
-                match arbiter.update(&record.version, change).await {
-                    Ok(next) => {
-                        tracing::info!(holder = %config.holder, epoch = next.epoch.0, version = %next.version, duration = ?config.duration, "lease acquired; epoch bumped");
-                        return Ok((next, LeaseGuard::new(start, config.duration)));
-                    }
-                    Err(ArbiterError::Conflict { .. }) => Duration::ZERO,
-                    Err(ArbiterError::Rejected(Rejected::LeaseHeld {
-                        holder, until_ms, ..
-                    })) => {
-                        let free_at = until_ms.saturating_add(
-                            u64::try_from(config.margin.as_millis()).unwrap_or(u64::MAX),
-                        );
-                        let left = Duration::from_millis(free_at.saturating_sub(now_ms()));
-                        if log.allow().is_some() {
-                            tracing::info!(holder = %holder, wait = ?left, "the lease is held by another frontend; waiting for it to expire plus the margin");
-                        }
-                        left.clamp(Duration::from_millis(20), Duration::from_millis(500))
-                    }
-                    Err(e @ (ArbiterError::Unreachable { .. } | ArbiterError::Corrupt { .. })) => {
-                        if let Some(n) = log.allow() {
-                            tracing::warn!(error = %crate::error_chain(&e), suppressed = n, "cannot acquire the lease: arbiter unavailable; retrying");
-                        }
-                        Duration::from_millis(200)
-                    }
-                    Err(e) => {
-                        return Err(LeaseError::Refused {
-                            holder: config.holder.clone(),
-                            source: e,
-                        });
-                    }
-                }
-            }
+        let start = BootInstant::now();
+        let record = match arbiter.read().await {
+            Ok(r) => r,
             Err(e) => {
                 if let Some(n) = log.allow() {
                     tracing::warn!(error = %crate::error_chain(&e), suppressed = n, "cannot read the arbiter record; retrying");
                 }
-                Duration::from_millis(200)
+                sleep_until_or(deadline, Duration::from_millis(200)).await;
+                continue;
             }
         };
-        let until = (Instant::now() + wait).min(deadline);
-        tokio::time::sleep_until(until.into()).await;
+        let read_at = Instant::now();
+        if let Some(lease) = &record.lease
+            && let Some(a) = lost_answers
+                .iter()
+                .find(|a| a.landed(&config.holder, lease))
+        {
+            tracing::info!(holder = %config.holder, epoch = lease.epoch.0, version = %record.version, "lease acquired (the acquisition whose answer was lost had landed)");
+            let guard = LeaseGuard::new(lease.id(), a.started, config.duration);
+            return Ok((record, guard));
+        }
+        let replaces = match &record.lease {
+            None => None,
+            Some(lease) => {
+                let left = watch.observe(lease, read_at, config.margin);
+                if !left.is_zero() {
+                    if let Some(n) = log.allow() {
+                        tracing::info!(lease = %lease.id(), unchanged_for = ?watch.unchanged_for(read_at), wait_at_least = ?left, suppressed = n, "the lease is held by another acquisition; waiting until it goes unrenewed for its duration plus the margin");
+                    }
+                    sleep_until_or(
+                        deadline,
+                        left.clamp(Duration::from_millis(20), Duration::from_millis(500)),
+                    )
+                    .await;
+                    continue;
+                }
+                tracing::warn!(lease = %lease.id(), unchanged_for = ?watch.unchanged_for(read_at), "the lease went unrenewed for its duration plus the margin: taking it over");
+                Some(lease.clone())
+            }
+        };
+        let now_ms = config.wall_clock.now_ms();
+        let change = Change::AcquireLease {
+            holder: config.holder.clone(),
+            duration: config.duration,
+            now_ms,
+            replaces,
+        };
+        let retry_in = match arbiter.update(&record.version, change).await {
+            Ok(next) => {
+                let Some(lease) = next.lease.clone() else {
+                    return Err(LeaseError::Refused {
+                        holder: config.holder.clone(),
+                        source: ArbiterError::Corrupt {
+                            location: "the acquired record".to_owned(),
+                            reason: "no lease after an acquisition".to_owned(),
+                        },
+                    });
+                };
+                tracing::info!(holder = %config.holder, epoch = next.epoch.0, version = %next.version, duration = ?config.duration, "lease acquired; epoch bumped");
+                return Ok((next, LeaseGuard::new(lease.id(), start, config.duration)));
+            }
+            // Changed since the read: look again.
+            Err(
+                ArbiterError::Conflict { .. } | ArbiterError::Rejected(Rejected::LeaseHeld { .. }),
+            ) => Duration::ZERO,
+            Err(e @ ArbiterError::Unreachable { .. }) => {
+                // It may land anyway (an HTTP write that timed out): if a
+                // later read shows it, the lease is ours.
+                lost_answers.push(Attempt {
+                    epoch: crate::protocol::Epoch(record.epoch.get() + 1),
+                    now_ms,
+                    started: start,
+                });
+                if let Some(n) = log.allow() {
+                    tracing::warn!(error = %crate::error_chain(&e), suppressed = n, "cannot acquire the lease: arbiter unavailable; retrying");
+                }
+                Duration::from_millis(200)
+            }
+            Err(e @ ArbiterError::Corrupt { .. }) => {
+                if let Some(n) = log.allow() {
+                    tracing::warn!(error = %crate::error_chain(&e), suppressed = n, "cannot acquire the lease: arbiter record unreadable; retrying");
+                }
+                Duration::from_millis(200)
+            }
+            Err(e) => {
+                return Err(LeaseError::Refused {
+                    holder: config.holder.clone(),
+                    source: e,
+                });
+            }
+        };
+        sleep_until_or(deadline, retry_in).await;
     }
+}
+
+/// Sleeps `d`, but not past `deadline`.
+async fn sleep_until_or(deadline: Instant, d: Duration) {
+    let until = (Instant::now() + d).min(deadline);
+    tokio::time::sleep_until(until.into()).await;
 }
 
 /// Renews the lease every third of its duration until fenced; logs lease
@@ -270,15 +403,16 @@ pub async fn renew<A: Arbiter>(arbiter: Arc<A>, config: LeaseConfig, guard: Arc<
         if Instant::now() < next {
             continue;
         }
-        let start = Instant::now();
-        match renew_once(arbiter.as_ref(), &config).await {
+        let start = BootInstant::now();
+        let started = Instant::now();
+        match renew_once(arbiter.as_ref(), &config, guard.id()).await {
             Ok(record) => {
                 guard.renewed(start);
                 tracing::debug!(version = %record.version, "lease renewed");
-                next = start + period;
+                next = started + period;
             }
             Err(ArbiterError::Rejected(e)) => {
-                tracing::error!(error = %e, "the arbiter says another frontend holds the lease: fenced for good, no more acknowledgements");
+                tracing::error!(error = %e, "the arbiter says another acquisition holds the lease: fenced for good, no more acknowledgements");
                 guard.fence();
                 return;
             }
@@ -309,106 +443,38 @@ fn log_state(config: &LeaseConfig, state: LeaseState) {
     }
 }
 
-/// One renewal: read, then compare-and-swap; a conflict (someone changed
-/// the in-sync set) is re-read and retried once more.
+/// One renewal of acquisition `id`: read, then compare-and-swap; a
+/// conflict (someone changed the in-sync set) is re-read and retried a few
+/// times.
 async fn renew_once<A: Arbiter>(
     arbiter: &A,
     config: &LeaseConfig,
+    id: &LeaseId,
 ) -> Result<VolumeRecord, ArbiterError> {
     let mut record = arbiter.read().await?;
+    let change = || Change::RenewLease {
+        lease: id.clone(),
+        now_ms: config.wall_clock.now_ms(),
+    };
     for _ in 0..3 {
-        let change = Change::RenewLease {
-            holder: config.holder.clone(),
-            now_ms: now_ms(),
-        };
-        match arbiter.update(&record.version, change).await {
+        match arbiter.update(&record.version, change()).await {
             Err(ArbiterError::Conflict { current, .. }) => record = *current,
             other => return other,
         }
     }
-    let change = Change::RenewLease {
-        holder: config.holder.clone(),
-        now_ms: now_ms(),
-    };
-    arbiter.update(&record.version, change).await
+    arbiter.update(&record.version, change()).await
 }
 
-/// Gives the lease up on a clean shutdown so that the next frontend does
-/// not wait for it to expire.
-pub async fn release<A: Arbiter>(arbiter: &A, holder: &FrontendId) -> Result<(), ArbiterError> {
+/// Gives acquisition `id` up on a clean shutdown so that the next frontend
+/// does not wait for it to expire.
+pub async fn release<A: Arbiter>(arbiter: &A, id: &LeaseId) -> Result<(), ArbiterError> {
     let record = arbiter.read().await?;
     arbiter
-        .update(
-            &record.version,
-            Change::ReleaseLease {
-                holder: holder.clone(),
-            },
-        )
+        .update(&record.version, Change::ReleaseLease { lease: id.clone() })
         .await
         .map(|_| ())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lease_is_valid_for_its_duration_from_the_start_of_the_last_renew() {
-        let t0 = Instant::now();
-        let g = LeaseGuard::new(t0, Duration::from_secs(10));
-        assert_eq!(g.state_at(t0 + Duration::from_secs(9)), LeaseState::Held);
-        assert_eq!(
-            g.state_at(t0 + Duration::from_secs(10)),
-            LeaseState::Expired
-        );
-        g.renewed(t0 + Duration::from_secs(5));
-        assert_eq!(g.state_at(t0 + Duration::from_secs(14)), LeaseState::Held);
-        // An older renew call finishing late never shortens the lease.
-        g.renewed(t0 + Duration::from_secs(1));
-        assert_eq!(g.state_at(t0 + Duration::from_secs(14)), LeaseState::Held);
-        g.fence();
-        assert_eq!(g.state_at(t0), LeaseState::Fenced);
-        assert_eq!(g.remaining(), Duration::ZERO);
-    }
-
-    #[test]
-    fn the_rate_limit_lets_one_line_through_per_period() {
-        let mut r = RateLimit::new(Duration::from_secs(60));
-        assert_eq!(r.allow(), Some(0));
-        assert_eq!(r.allow(), None);
-        assert_eq!(r.allow(), None);
-    }
-
-    #[tokio::test]
-    async fn a_second_frontend_waits_for_expiry_and_bumps_the_epoch() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v1.arbiter");
-        let replicas = ["a", "b"]
-            .into_iter()
-            .map(|s| crate::protocol::ReplicaId::new(s).expect("valid"))
-            .collect();
-        let arbiter = crate::arbiter::FileArbiter::create(&path, replicas).expect("create");
-        let cfg = |h: &str| LeaseConfig {
-            holder: FrontendId(h.to_owned()),
-            duration: Duration::from_millis(300),
-            margin: Duration::from_millis(100),
-        };
-        let (first, _g1) = acquire(&arbiter, &cfg("fe-1"), Duration::from_secs(5))
-            .await
-            .expect("first");
-        let t = Instant::now();
-        let (second, g2) = acquire(&arbiter, &cfg("fe-2"), Duration::from_secs(5))
-            .await
-            .expect("second");
-        assert!(
-            t.elapsed() >= Duration::from_millis(250),
-            "took over a live lease after {:?}",
-            t.elapsed()
-        );
-        assert_eq!(second.epoch.0, first.epoch.0 + 1);
-        assert!(g2.valid());
-        // The first frontend's renewal is refused: fenced for good.
-        let r = renew_once(&arbiter, &cfg("fe-1")).await;
-        assert!(matches!(r, Err(ArbiterError::Rejected(_))), "{r:?}");
-    }
-}
+#[path = "lease_tests.rs"]
+mod tests;

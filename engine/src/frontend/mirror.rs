@@ -13,15 +13,42 @@
 //! ever dropped: I/O waits for both replicas.
 //!
 //! Exports (NBD, FUSE) see the mirror only through [`BlockBackend`].
-//! Requests larger than the protocol's [`MAX_IO_BYTES`] are split.
+//! Writes larger than the protocol's [`MAX_IO_BYTES`] are split, trims and
+//! write-zeroes into [`DISCARD_CHUNK`] pieces (so that each fits a
+//! replica's activity log and answers well within the replica timeout).
+//!
+//! # A write is never abandoned half-way
+//!
+//! Once a write (or trim, or write-zeroes) has been handed to the mirror it
+//! runs to its end, whatever happens to its caller — driven by the caller
+//! while it waits, by a task of its own once it stopped waiting: an
+//! NBD client that resets its connection drops the export's futures, a
+//! shutdown stops the exports, a failed chunk of a large write ends the
+//! caller's wait — none of that may leave the write on one in-sync replica
+//! only, which reads of the same block would then answer differently
+//! depending on the replica. So every such request either reaches every
+//! replica that gets writes, or (in degraded operation) the replica it
+//! failed on leaves the in-sync set through the arbiter and the request is
+//! re-sent to the survivor, which records the region as dirty for the
+//! resync — also when the failure is a refusal (an I/O error) while the
+//! other in-sync replica has it. [`Mirror::drain`] waits for them (the
+//! frontend's stop does, before its final flush), and
+//! [`Mirror::forget_activity`] refuses while any is in flight or after one
+//! ended in an error with the copies possibly different (without an
+//! arbiter there is nothing else to record that in): the replicas'
+//! activity logs then stay for the next frontend to reconcile.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::try_join_all;
-use tokio::sync::{mpsc, watch};
+use futures::StreamExt;
+use futures::future::{join_all, try_join_all};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::metrics::{IoOp, Metrics, OpHandles};
 use crate::protocol::{
@@ -39,6 +66,12 @@ use crate::arbiter::{Arbiter, FrontendId};
 
 /// How often a request held on the last in-sync replica is sent again.
 const HELD_RETRY: Duration = Duration::from_millis(500);
+/// Trims and write-zeroes are sent in pieces of at most this: 16 extents
+/// of a replica's activity log at its defaults (it holds 256), and quick
+/// enough for a replica to answer well within the replica timeout.
+pub const DISCARD_CHUNK: u32 = 64 << 20;
+/// Pieces of one trim or write-zeroes in flight at once.
+const DISCARD_PARALLEL: usize = 4;
 
 /// How a mirror is set up.
 #[derive(Debug, Clone)]
@@ -80,8 +113,13 @@ pub enum MirrorError {
     },
 }
 
-/// A volume mirrored on two replicas.
+/// A volume mirrored on two replicas. Cheap to share: the state lives in
+/// an [`Arc`] that the tasks running writes hold too.
 pub struct Mirror {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     volume: VolumeId,
     size: u64,
     replicas: [Arc<ReplicaHandle>; 2],
@@ -97,7 +135,85 @@ pub struct Mirror {
     /// (published by the fail-over task, for status).
     progress: watch::Sender<[Option<u64>; 2]>,
     /// Set by [`Mirror::enable_failover`].
-    degrade: Option<Degrade>,
+    degrade: OnceLock<Degrade>,
+    /// Writes (and trims, write-zeroes) not ended yet, waited for or not.
+    writes: WritesInFlight,
+    /// Set when a write ended in an error after it may have reached one
+    /// replica and not the other, with nothing recording the region (see
+    /// the module doc): the activity logs must then not be forgotten.
+    unsettled: AtomicBool,
+}
+
+/// Counts the writes in flight; [`Mirror::drain`] waits for none.
+#[derive(Default)]
+struct WritesInFlight {
+    count: AtomicU64,
+    idle: Notify,
+}
+
+/// A future that is driven by its caller while the caller waits (no task,
+/// no extra wake-up on the hot path) and, if the caller drops it before it
+/// ended, by a task of its own from there on: it never stops half-way.
+struct RunToEnd<T: Send + 'static> {
+    fut: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+}
+
+impl<T: Send + 'static> RunToEnd<T> {
+    fn new(fut: impl Future<Output = T> + Send + 'static) -> Self {
+        Self {
+            fut: Some(Box::pin(fut)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for RunToEnd<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(fut) = self.fut.as_mut() else {
+            return Poll::Pending;
+        };
+        match fut.as_mut().poll(cx) {
+            Poll::Ready(v) => {
+                self.fut = None;
+                Poll::Ready(v)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for RunToEnd<T> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            // Outside a runtime (the process is going down) there is
+            // nothing left to run it on.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let future = async move {
+                    let _ = fut.await;
+                };
+                drop(rt.spawn(future));
+            }
+        }
+    }
+}
+
+/// One write counted in flight until dropped.
+struct WriteTicket(Arc<Inner>);
+
+impl WriteTicket {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.writes.count.fetch_add(1, Ordering::SeqCst);
+        Self(inner.clone())
+    }
+}
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        if self.0.writes.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.writes.idle.notify_waiters();
+        }
+    }
 }
 
 /// The mirror's side of degraded operation.
@@ -214,16 +330,20 @@ impl Mirror {
         }
         tracing::info!(volume = %config.volume, size = ra.size(), epoch = config.epoch.0, local = %config.local, "mirror connected to both replicas");
         Ok(Self {
-            size: ra.size(),
-            metrics: metrics.handles(vol, ""),
-            volume: config.volume,
-            replicas: [Arc::new(ra), Arc::new(rb)],
-            local,
-            epoch: config.epoch,
-            membership,
-            skipping: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
-            progress: watch::channel([None, None]).0,
-            degrade: None,
+            inner: Arc::new(Inner {
+                size: ra.size(),
+                metrics: metrics.handles(vol, ""),
+                volume: config.volume,
+                replicas: [Arc::new(ra), Arc::new(rb)],
+                local,
+                epoch: config.epoch,
+                membership,
+                skipping: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+                progress: watch::channel([None, None]).0,
+                degrade: OnceLock::new(),
+                writes: WritesInFlight::default(),
+                unsettled: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -232,7 +352,8 @@ impl Mirror {
     /// ones come back through it, and nothing is acknowledged unless
     /// `lease` is valid. First applies the arbiter's in-sync set and
     /// reconciles what a previous frontend may have left half-written
-    /// (`failover::FailoverTask`); returns once that is done.
+    /// (`failover::FailoverTask`); returns once that is done. Call it once,
+    /// before serving anything.
     pub async fn enable_failover<A: Arbiter>(
         &mut self,
         arbiter: Arc<A>,
@@ -243,24 +364,32 @@ impl Mirror {
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (fences, fences_rx) = mpsc::unbounded_channel();
-        self.degrade = Some(Degrade {
-            suspects: tx,
-            fences,
-            lease: lease.clone(),
-            timeout,
-        });
+        let inner = &self.inner;
+        if inner
+            .degrade
+            .set(Degrade {
+                suspects: tx,
+                fences,
+                lease: lease.clone(),
+                timeout,
+            })
+            .is_err()
+        {
+            tracing::error!(volume = %inner.volume, "degraded operation was already on; ignoring a second enable_failover");
+            return;
+        }
         let failover = Failover {
             arbiter,
             me,
-            epoch: self.epoch,
+            epoch: inner.epoch,
             lease,
-            replicas: self.replicas.clone(),
-            local: self.local,
-            membership: self.membership.clone(),
-            skipping: self.skipping.clone(),
-            progress: self.progress.clone(),
+            replicas: inner.replicas.clone(),
+            local: inner.local,
+            membership: inner.membership.clone(),
+            skipping: inner.skipping.clone(),
+            progress: inner.progress.clone(),
             metrics,
-            volume: self.volume.clone(),
+            volume: inner.volume.clone(),
         };
         let task = failover.reconcile_at_start().await;
         tokio::spawn(task.run(rx, fences_rx));
@@ -268,41 +397,81 @@ impl Mirror {
 
     /// The in-sync set as this frontend applies it (for status).
     pub fn membership(&self) -> watch::Receiver<Membership> {
-        self.membership.subscribe()
+        self.inner.membership.subscribe()
     }
 
     /// Bytes still to copy to each catching-up replica (for status).
     pub fn catch_up_progress(&self) -> watch::Receiver<[Option<u64>; 2]> {
-        self.progress.subscribe()
+        self.inner.progress.subscribe()
     }
 
     /// Each replica connection's state, indexed like the replicas.
     pub fn watch_replica_connections(&self) -> [watch::Receiver<ReplicaState>; 2] {
         [
-            self.replicas[0].watch_state(),
-            self.replicas[1].watch_state(),
+            self.inner.replicas[0].watch_state(),
+            self.inner.replicas[1].watch_state(),
         ]
     }
 
     /// The epoch this frontend runs at.
     pub fn epoch(&self) -> Epoch {
-        self.epoch
+        self.inner.epoch
     }
 
-    /// After a successful final flush (nothing in flight): tells every
+    /// Writes (trims, write-zeroes) still running, whether or not anybody
+    /// waits for them.
+    pub fn writes_in_flight(&self) -> u64 {
+        self.inner.writes.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `deadline` until no write is in flight; whether none is.
+    /// Writes held for a lost replica stay in flight until the fail-over
+    /// (or the replica's return) releases them.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        let writes = &self.inner.writes;
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let idle = writes.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if writes.count.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, idle).await.is_err() {
+                return writes.count.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+
+    /// After a successful final flush with nothing in flight: tells every
     /// replica that gets writes to forget its activity-log extents, so that
-    /// the next frontend has nothing to reconcile. Nothing acknowledged is
-    /// on one of them only: both had every write, or the in-sync one marked
-    /// what the other misses in its dirty bitmap.
+    /// the next frontend has nothing to reconcile. Nothing is on one of
+    /// them only: every write reached both, or the in-sync one marked what
+    /// the other misses in its dirty bitmap. Refused while writes are in
+    /// flight, or once a write ended with the copies possibly different
+    /// and nothing recording it (see the module doc): the extents then stay
+    /// for the next frontend.
     pub async fn forget_activity(&self) -> Result<(), BackendError> {
-        let m = self.membership.borrow().clone();
+        let inner = &self.inner;
+        let m = inner.membership.borrow().clone();
         if m.fenced.is_some() {
             return Ok(());
+        }
+        let in_flight = self.writes_in_flight();
+        if in_flight > 0 {
+            return Err(BackendError::Io(format!(
+                "{in_flight} writes are still in flight; the activity logs are kept for the next frontend"
+            )));
+        }
+        if inner.unsettled.load(Ordering::SeqCst) {
+            return Err(BackendError::Io(
+                "a write failed after it may have reached one replica only; the activity logs are kept for the next frontend to reconcile".to_owned(),
+            ));
         }
         let sends = [m.gets_writes(0), m.gets_writes(1)];
         let one = |i: usize| async move {
             if sends[i] {
-                self.call(i, Op::ForgetActivity).await.map(|_| ())
+                inner.call(i, Op::ForgetActivity).await.map(|_| ())
             } else {
                 Ok(())
             }
@@ -312,26 +481,71 @@ impl Mirror {
     }
 
     pub fn volume(&self) -> &VolumeId {
-        &self.volume
+        &self.inner.volume
     }
 
     /// The state of each replica, local first.
     pub fn replica_states(&self) -> Vec<(ReplicaId, ReplicaState)> {
-        let order = [self.local, 1 - self.local];
-        order
-            .iter()
-            .map(|&i| (self.replicas[i].id().clone(), self.state_of(i)))
+        self.replica_states_indexed()
+            .into_iter()
+            .map(|(_, id, state)| (id, state))
             .collect()
     }
 
     /// The state of each replica with its index, local first.
     pub fn replica_states_indexed(&self) -> Vec<(usize, ReplicaId, ReplicaState)> {
-        [self.local, 1 - self.local]
+        let inner = &self.inner;
+        [inner.local, 1 - inner.local]
             .into_iter()
-            .map(|i| (i, self.replicas[i].id().clone(), self.state_of(i)))
+            .map(|i| (i, inner.replicas[i].id().clone(), inner.state_of(i)))
             .collect()
     }
 
+    /// Runs `op` (a write, trim or write-zeroes) to its end, whatever
+    /// happens to its caller (see the module doc and [`RunToEnd`]); its
+    /// result, if the caller still waits.
+    async fn detached(&self, op: Op) -> Result<(), BackendError> {
+        let ticket = WriteTicket::new(&self.inner);
+        RunToEnd::new(async move {
+            let inner = ticket.0.clone();
+            let r = inner.both(op).await;
+            if let Err(e) = &r
+                && !matches!(
+                    e,
+                    BackendError::OutOfRange { .. } | BackendError::Fenced { .. }
+                )
+            {
+                inner.unsettled.store(true, Ordering::SeqCst);
+            }
+            drop(ticket);
+            r
+        })
+        .await
+    }
+
+    /// Splits a trim or write-zeroes of `len` bytes at `offset` into
+    /// [`DISCARD_CHUNK`] pieces built by `op`, a few in flight at once, each
+    /// run to its end; the first error, once all are done.
+    async fn discard(
+        &self,
+        offset: u64,
+        len: u32,
+        op: impl Fn(u64, u32) -> Op,
+    ) -> Result<(), BackendError> {
+        let pieces = discard_chunks(offset, u64::from(len)).map(|(o, l)| self.detached(op(o, l)));
+        let results: Vec<_> = futures::stream::iter(pieces)
+            .buffer_unordered(DISCARD_PARALLEL)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    fn measure<T>(&self, op: IoOp, started: Instant, bytes: u64, r: &Result<T, BackendError>) {
+        self.inner.metrics.record(op, started, bytes, r.is_ok());
+    }
+}
+
+impl Inner {
     fn state_of(&self, i: usize) -> ReplicaState {
         self.membership
             .borrow()
@@ -341,7 +555,7 @@ impl Mirror {
     /// Calls replica `i`, with the fail-over timeout if degraded operation
     /// is on.
     async fn call(&self, i: usize, op: Op) -> Result<Reply, CallError> {
-        match &self.degrade {
+        match self.degrade.get() {
             None => self.replicas[i].call(op).await,
             Some(d) => match tokio::time::timeout(d.timeout, self.replicas[i].call(op)).await {
                 Ok(r) => r,
@@ -356,7 +570,7 @@ impl Mirror {
     /// Whether `e` means the replica is gone (rather than refusing this
     /// request) and degraded operation may drop it.
     fn is_loss(&self, e: &CallError) -> bool {
-        self.degrade.is_some()
+        self.degrade.get().is_some()
             && matches!(
                 e,
                 CallError::ConnectionLost { .. }
@@ -365,9 +579,24 @@ impl Mirror {
             )
     }
 
+    /// Whether replica `i` failing with `e` while the other in-sync replica
+    /// has the request makes the copies differ unless `i` leaves the
+    /// in-sync set (degraded operation): any failure but being fenced.
+    fn is_one_sided(&self, e: &CallError) -> bool {
+        self.degrade.get().is_some()
+            && !matches!(
+                e,
+                CallError::Fenced { .. }
+                    | CallError::Refused {
+                        source: WireError::StaleEpoch { .. } | WireError::OutOfRange { .. },
+                        ..
+                    }
+            )
+    }
+
     /// The last check before an acknowledgement: the lease.
     fn may_ack(&self) -> Result<(), BackendError> {
-        match &self.degrade {
+        match self.degrade.get() {
             Some(d) if !d.lease.valid() => Err(BackendError::Fenced {
                 reason: "the lease is not valid (not renewed in time, or taken over)".to_owned(),
             }),
@@ -420,7 +649,7 @@ impl Mirror {
     }
 
     fn suspect(&self, index: usize, since: Instant) {
-        if let Some(d) = &self.degrade {
+        if let Some(d) = self.degrade.get() {
             let _ = d.suspects.send(Suspect { index, since });
         }
     }
@@ -493,6 +722,8 @@ impl Mirror {
             // out, so only its return releases the request.
             let mut last_lost = false;
             let mut again = false;
+            // Which replicas have the request now.
+            let got = [matches!(a, Some(Ok(_))), matches!(b, Some(Ok(_)))];
             // Replicas this write may go on without (the other one is in
             // sync), whose sessions are given up.
             let mut give_up = [false; 2];
@@ -526,7 +757,7 @@ impl Mirror {
                                 tracing::warn!(volume = %self.volume, replica = %self.replicas[i].id(), error = %e, "catching-up replica failed a request: it stops catching up; the in-sync replica records the region for the resync");
                             }
                             again = true;
-                        } else if self.is_loss(&e) {
+                        } else if self.is_loss(&e) || (got[1 - i] && self.is_one_sided(&e)) {
                             self.suspect(i, started);
                             lost = true;
                             give_up[i] = true;
@@ -540,6 +771,17 @@ impl Mirror {
                         lost = true;
                         last_lost |= !m.in_sync[1 - i];
                         give_up[i] = m.in_sync[1 - i];
+                    }
+                    Some(Err(e)) if got[1 - i] && m.in_sync[1 - i] && self.is_one_sided(&e) => {
+                        // The other in-sync replica applied it: answering
+                        // with this error would leave the copies different
+                        // while both count as in sync. This one leaves the
+                        // set instead, and the survivor, told first, gets
+                        // the request again and records it for the resync.
+                        tracing::warn!(volume = %self.volume, replica = %self.replicas[i].id(), error = %e, "a replica failed a request the other in-sync replica applied: it leaves the in-sync set");
+                        self.suspect(i, started);
+                        lost = true;
+                        give_up[i] = true;
                     }
                     Some(Err(e)) => {
                         tracing::warn!(volume = %self.volume, error = %e, "mirrored request failed");
@@ -589,15 +831,11 @@ impl Mirror {
     /// the in-sync peer does not know of yet (the fail-over task is asked
     /// to tell it), if any.
     fn fence_pending(&self, m: &Membership, sends: [bool; 2]) -> Option<usize> {
-        let d = self.degrade.as_ref()?;
+        let d = self.degrade.get()?;
         let i =
             (0..2).find(|&i| !sends[i] && m.fence_told[i] < self.replicas[i].abandoned_below())?;
         let _ = d.fences.send(i);
         Some(i)
-    }
-
-    fn measure<T>(&self, op: IoOp, started: Instant, bytes: u64, r: &Result<T, BackendError>) {
-        self.metrics.record(op, started, bytes, r.is_ok());
     }
 }
 
@@ -701,7 +939,16 @@ fn backend_error(e: CallError) -> BackendError {
 
 /// Splits `[offset, offset + len)` into protocol-sized chunks.
 fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
-    let max = u64::from(MAX_IO_BYTES);
+    split(offset, len, MAX_IO_BYTES)
+}
+
+/// Splits `[offset, offset + len)` into trim / write-zeroes pieces.
+fn discard_chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    split(offset, len, DISCARD_CHUNK)
+}
+
+fn split(offset: u64, len: u64, max: u32) -> impl Iterator<Item = (u64, u32)> {
+    let max = u64::from(max);
     (0..len.div_ceil(max)).map(move |i| {
         let start = i * max;
         (offset + start, (len - start).min(max) as u32)
@@ -710,17 +957,18 @@ fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
 
 impl BlockBackend for Mirror {
     fn size(&self) -> u64 {
-        self.size
+        self.inner.size
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
         let started = Instant::now();
-        check_range(offset, u64::from(len), self.size)?;
+        let inner = &self.inner;
+        check_range(offset, u64::from(len), inner.size)?;
         let r = if len <= MAX_IO_BYTES {
-            self.read_chunk(offset, len).await
+            inner.read_chunk(offset, len).await
         } else {
             let parts =
-                try_join_all(chunks(offset, u64::from(len)).map(|(o, l)| self.read_chunk(o, l)))
+                try_join_all(chunks(offset, u64::from(len)).map(|(o, l)| inner.read_chunk(o, l)))
                     .await;
             parts.map(|parts| {
                 let mut out = BytesMut::with_capacity(len as usize);
@@ -737,9 +985,9 @@ impl BlockBackend for Mirror {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
         let started = Instant::now();
         let len = data.len() as u64;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.inner.size)?;
         let r = if len <= u64::from(MAX_IO_BYTES) {
-            self.both(Op::Write {
+            self.detached(Op::Write {
                 offset,
                 fua,
                 mirrored: false,
@@ -747,10 +995,12 @@ impl BlockBackend for Mirror {
             })
             .await
         } else {
-            try_join_all(chunks(offset, len).map(|(o, l)| {
+            // Every chunk runs to its end, whatever the others do; the
+            // first error once all are done.
+            join_all(chunks(offset, len).map(|(o, l)| {
                 let start = (o - offset) as usize;
                 let part = data.slice(start..start + l as usize);
-                self.both(Op::Write {
+                self.detached(Op::Write {
                     offset: o,
                     fua,
                     mirrored: false,
@@ -758,7 +1008,8 @@ impl BlockBackend for Mirror {
                 })
             }))
             .await
-            .map(|_| ())
+            .into_iter()
+            .collect()
         };
         self.measure(IoOp::Write, started, len, &r);
         r
@@ -766,16 +1017,16 @@ impl BlockBackend for Mirror {
 
     async fn flush(&self) -> Result<(), BackendError> {
         let started = Instant::now();
-        let r = self.both(Op::Flush).await;
+        let r = self.inner.both(Op::Flush).await;
         self.measure(IoOp::Flush, started, 0, &r);
         r
     }
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), BackendError> {
         let started = Instant::now();
-        check_range(offset, u64::from(len), self.size)?;
+        check_range(offset, u64::from(len), self.inner.size)?;
         let r = self
-            .both(Op::Trim {
+            .discard(offset, len, |offset, len| Op::Trim {
                 offset,
                 len,
                 mirrored: false,
@@ -787,15 +1038,21 @@ impl BlockBackend for Mirror {
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), BackendError> {
         let started = Instant::now();
-        check_range(offset, u64::from(len), self.size)?;
-        let r = self
-            .both(Op::WriteZeroes {
+        check_range(offset, u64::from(len), self.inner.size)?;
+        // In pieces, FUA becomes one flush after all of them.
+        let pieces = u64::from(len).div_ceil(u64::from(DISCARD_CHUNK));
+        let piece_fua = fua && pieces == 1;
+        let mut r = self
+            .discard(offset, len, |offset, len| Op::WriteZeroes {
                 offset,
                 len,
-                fua,
+                fua: piece_fua,
                 mirrored: false,
             })
             .await;
+        if r.is_ok() && fua && !piece_fua {
+            r = self.inner.both(Op::Flush).await;
+        }
         self.measure(IoOp::WriteZeroes, started, u64::from(len), &r);
         r
     }

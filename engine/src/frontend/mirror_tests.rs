@@ -210,3 +210,79 @@ async fn reads_go_to_the_local_replica() {
     assert_eq!(count("b"), 10, "local replica b serves reads:\n{text}");
     assert_eq!(count("a"), 0, "remote replica a serves none");
 }
+
+/// Compares each replica's data file with `image`.
+fn assert_replicas_hold(r: &Replicas, image: &[u8]) {
+    for path in &r.data {
+        let on_disk = std::fs::read(path).expect("read data file");
+        if let Some(at) = on_disk.iter().zip(image).position(|(a, b)| a != b) {
+            panic!("{} differs from the image at byte {at}", path.display());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_caller_went_away_still_reaches_both_replicas() {
+    let size = 24 << 20;
+    let r = replicas([size, size]).await;
+    let m = Mirror::connect(config(&r, 1), Metrics::new("twinvol_frontend"))
+        .await
+        .expect("connect");
+    let mut image = vec![0u8; size as usize];
+    // Each write is polled once (it is handed to the replicas' connections)
+    // and then dropped, as an NBD client reset drops the export's futures;
+    // the last one larger than a protocol request (split into chunks). They
+    // do not overlap (overlapping writes in flight at once have no order).
+    for i in 0..49u64 {
+        let (off, len) = if i == 48 {
+            (16 << 20, MAX_IO_BYTES as usize + 8192)
+        } else {
+            (i * 256 * 1024, 128 * 1024)
+        };
+        let data = pattern(1000 + i, len);
+        image[off as usize..off as usize + len].copy_from_slice(&data);
+        let w = m.write(off, data, false);
+        let _ = tokio::time::timeout(Duration::ZERO, w).await;
+    }
+    assert!(
+        m.drain(Duration::from_secs(30)).await,
+        "{} writes still in flight",
+        m.writes_in_flight()
+    );
+    assert_eq!(m.writes_in_flight(), 0);
+    m.flush().await.expect("flush");
+    assert_replicas_hold(&r, &image);
+    // Nothing was left half-done: the activity logs may be forgotten.
+    m.forget_activity().await.expect("forget");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trims_and_write_zeroes_go_in_pieces_and_reach_both_replicas() {
+    let size = 160 << 20;
+    let r = replicas([size, size]).await;
+    let m = Mirror::connect(config(&r, 1), Metrics::new("twinvol_frontend"))
+        .await
+        .expect("connect");
+    let data = pattern(7, size as usize);
+    for (i, part) in data.chunks(MAX_IO_BYTES as usize).enumerate() {
+        let off = (i * MAX_IO_BYTES as usize) as u64;
+        m.write(off, Bytes::copy_from_slice(part), false)
+            .await
+            .expect("fill");
+    }
+    let mut image = data.to_vec();
+    // More than two pieces each, not aligned to them.
+    let (t_off, t_len) = (4096u64, 2 * DISCARD_CHUNK + 12_288);
+    m.trim(t_off, t_len).await.expect("trim");
+    image[t_off as usize..(t_off + u64::from(t_len)) as usize].fill(0);
+    let (z_off, z_len) = (
+        size - u64::from(DISCARD_CHUNK) - 40_960,
+        DISCARD_CHUNK + 8192,
+    );
+    m.write_zeroes(z_off, z_len, true)
+        .await
+        .expect("write zeroes");
+    image[z_off as usize..(z_off + u64::from(z_len)) as usize].fill(0);
+    m.flush().await.expect("flush");
+    assert_replicas_hold(&r, &image);
+}

@@ -3,9 +3,15 @@
 //! the ready file, until a shutdown signal or an export fails.
 //!
 //! On shutdown the exports stop first (the FUSE file is unmounted, the NBD
-//! socket removed), then the mirror is flushed so that nothing written
-//! through it is left only in the replicas' page caches, then the lease (if
-//! any) is released so that the next frontend need not wait for it.
+//! socket removed); the writes they had handed to the mirror run on (see
+//! `frontend::mirror`) and are waited for
+//! ([`DRAIN_TIMEOUT`]), with the lease still renewed and the fail-over
+//! still working, so that none is left on one replica only. Then the mirror
+//! is flushed so that nothing written through it is left only in the
+//! replicas' page caches, the activity logs are cleared — only if every
+//! write ended and the flush succeeded: otherwise they stay, and the next
+//! frontend reconciles them — and the lease (if any) is released so that
+//! the next frontend need not wait for it.
 //!
 //! With an arbiter, the frontend first acquires the lease (which bumps the
 //! epoch it then opens the replicas with), renews it in the background and
@@ -34,6 +40,9 @@ use super::status::Reporter;
 
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop waits for the writes in flight (a slow link may hold a
+/// few MiB of them) before it gives up on clearing the activity logs.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The frontend process's options.
 #[derive(Debug, Clone)]
@@ -142,21 +151,21 @@ pub async fn run_with<A: Arbiter>(
 
     let mut config = opts.mirror.clone();
     let mut lease = None;
+    // Renewal runs outside `tasks`: it must go on while a stop waits for
+    // the writes in flight.
+    let mut renewing = None;
     if let (Some(a), Some(arbiter)) = (&opts.arbiter, arbiter) {
         let (record, guard) = lease::acquire(arbiter.as_ref(), &a.lease, a.acquire_timeout).await?;
         config.epoch = record.epoch;
         let in_sync: Vec<String> = record.in_sync.iter().map(|r| r.to_string()).collect();
         tracing::info!(epoch = record.epoch.0, in_sync = ?in_sync, "using the arbiter's epoch");
-        tasks.spawn({
-            let (arbiter, cfg, guard) = (arbiter.clone(), a.lease.clone(), guard.clone());
-            async move {
-                lease::renew(arbiter, cfg, guard).await;
-                // Fenced for good: the exports stay up, failing I/O, until
-                // the process is stopped.
-                std::future::pending::<()>().await;
-                Ok(())
-            }
-        });
+        // Fenced for good, it ends; the exports stay up, failing I/O,
+        // until the process is stopped.
+        renewing = Some(tokio::spawn(lease::renew(
+            arbiter.clone(),
+            a.lease.clone(),
+            guard.clone(),
+        )));
         lease = Some((arbiter, guard));
     }
     let mut mirror = Mirror::connect_with(config, metrics.clone(), lease.is_some()).await?;
@@ -227,16 +236,29 @@ pub async fn run_with<A: Arbiter>(
             Err(e) => Err(FrontendError::Task(e.to_string())),
         },
     };
+    // The exports stop taking requests; what they handed to the mirror
+    // runs on.
     tasks.shutdown().await;
     if let Some(export) = fuse_export {
         // Unmounting joins the FUSE threads: blocking.
         let _ = tokio::task::spawn_blocking(move || drop(export)).await;
     }
+    let in_flight = mirror.writes_in_flight();
+    let drained = mirror.drain(DRAIN_TIMEOUT).await;
+    if !drained {
+        tracing::warn!(
+            in_flight = mirror.writes_in_flight(),
+            "writes still in flight after {DRAIN_TIMEOUT:?}: the activity logs are kept; the next frontend reconciles them"
+        );
+    } else if in_flight > 0 {
+        tracing::info!(writes = in_flight, "writes in flight at the stop ended");
+    }
     match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, mirror.flush()).await {
-        Ok(Ok(())) => {
+        Ok(Ok(())) if drained => {
             tracing::info!("final flush done");
-            // Both replicas hold the same data now: the next frontend need
-            // not reconcile their activity logs.
+            // Both replicas hold the same data now (or the in-sync one
+            // records what the other misses): the next frontend need not
+            // reconcile their activity logs.
             match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, mirror.forget_activity()).await {
                 Ok(Ok(())) => tracing::info!("activity logs cleared"),
                 Ok(Err(e)) => {
@@ -247,16 +269,20 @@ pub async fn run_with<A: Arbiter>(
                 ),
             }
         }
+        Ok(Ok(())) => tracing::info!("final flush done"),
         Ok(Err(e)) => tracing::warn!(error = %e, "final flush failed"),
         Err(_) => tracing::warn!("final flush timed out"),
     }
-    if let (Some(a), Some((arbiter, _))) = (&opts.arbiter, &lease) {
-        match lease::release(arbiter.as_ref(), &a.lease.holder).await {
+    if let Some((arbiter, guard)) = &lease {
+        match lease::release(arbiter.as_ref(), guard.id()).await {
             Ok(()) => tracing::info!("lease released"),
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot release the lease; the next frontend waits for it to expire")
             }
         }
+    }
+    if let Some(r) = renewing {
+        r.abort();
     }
     result
 }

@@ -49,7 +49,10 @@
 //!
 //! A failed activity-log update poisons the log: every later write of the
 //! volume fails until the replica restarts (which runs recovery). That is
-//! the "fatal for the volume" the activity log asks for.
+//! the "fatal for the volume" the activity log asks for. A request larger
+//! than the log holds at once is that request's refusal only (`TooLarge`);
+//! the volume splits trims and write-zeroes into [`VolumeLogs::pieces`]
+//! so that they never are.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -301,6 +304,32 @@ impl VolumeLogs {
         lock(&self.unreconciled).clone()
     }
 
+    /// The largest range one request may cover in the activity log: half
+    /// its extents (whole, aligned), so that one request never waits for
+    /// the whole log. Larger trims and write-zeroes go in [`Self::pieces`].
+    pub fn max_piece_bytes(&self) -> u64 {
+        let c = self.al.config();
+        (c.max_active() as u64 / 2).max(1) * c.extent_size()
+    }
+
+    /// `[offset, offset + len)` cut at multiples of [`Self::max_piece_bytes`]:
+    /// pieces that each fit the activity log, to be logged and applied one
+    /// after the other.
+    pub fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + use<> {
+        let piece = self.max_piece_bytes();
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let next = ((at / piece) + 1).saturating_mul(piece).min(end);
+            let r = (at, next - at);
+            at = next;
+            Some(r)
+        })
+    }
+
     /// Records the write of `len` bytes at `offset` before it starts: the
     /// activity log, then the bitmap when the peer is out of sync — a mark,
     /// or with `mirrored` (the frontend sends the write to the peer too)
@@ -320,9 +349,23 @@ impl VolumeLogs {
             });
         }
         self.runtime.block_on(async {
-            let al = self.al.begin_write(offset, len).await.map_err(|e| {
-                tracing::error!(error = %crate::error_chain(&e), "activity log failed: volume refuses writes until restarted");
-                WireError::Io { message: crate::error_chain(&e) }
+            let al = self.al.begin_write(offset, len).await.map_err(|e| match &e {
+                // This request only: the log is fine and later writes pass.
+                AlError::TooLarge { .. } => {
+                    tracing::warn!(error = %crate::error_chain(&e), "request refused: larger than the activity log holds at once");
+                    WireError::TooLarge {
+                        len,
+                        max: self.max_piece_bytes(),
+                    }
+                }
+                AlError::Failed { .. } => {
+                    tracing::error!(error = %crate::error_chain(&e), "activity log failed: the volume refuses writes until the replica restarts (recovery runs then)");
+                    WireError::Io { message: crate::error_chain(&e) }
+                }
+                _ => {
+                    tracing::warn!(error = %crate::error_chain(&e), "request refused by the activity log");
+                    WireError::Io { message: crate::error_chain(&e) }
+                }
             })?;
             let mark = if self.is_tracking() {
                 let marked = if mirrored {
@@ -574,6 +617,41 @@ mod tests {
 
     fn peer() -> ReplicaId {
         ReplicaId::new("a").expect("valid")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_range_of_any_length_is_cut_into_pieces_the_activity_log_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        let piece = logs.max_piece_bytes();
+        let c = logs.al.config();
+        assert_eq!(piece, c.max_active() as u64 / 2 * c.extent_size());
+        for (offset, len) in [
+            (0, 1),
+            (4096, 3 * piece),
+            (piece - 1, 2),
+            (7, u64::from(u32::MAX)),
+        ] {
+            let pieces: Vec<_> = logs.pieces(offset, len).collect();
+            let mut at = offset;
+            for &(o, l) in &pieces {
+                assert_eq!(o, at, "contiguous");
+                assert!(l > 0 && l <= piece, "{l} bytes at {o}");
+                // Within one aligned window: at most max_active / 2 extents.
+                assert_eq!(o / piece, (o + l - 1) / piece, "{l} bytes at {o}");
+                at += l;
+            }
+            assert_eq!(at, offset + len, "covers the range");
+        }
+        // A piece inside the volume is logged like any write.
+        let (o, l) = logs.pieces(0, SIZE).next().expect("a piece");
+        let l2 = logs.clone();
+        tokio::task::spawn_blocking(move || drop(l2.before_write(o, l, false).expect("logged")))
+            .await
+            .expect("join");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -826,6 +826,28 @@ impl Volume {
         r
     }
 
+    /// Applies a range operation (trim, write-zeroes) in pieces that each
+    /// fit the activity log, each logged (and marked, while tracking)
+    /// before it is applied: a range of any length a request can carry.
+    /// Each piece is admitted (epoch, session) after its registrations,
+    /// as a write is.
+    fn in_pieces(
+        &self,
+        epoch: Epoch,
+        session: &SessionGate,
+        offset: u64,
+        len: u64,
+        mirrored: bool,
+        apply: impl Fn(u64, u64) -> Result<(), StorageError>,
+    ) -> Result<(), WireError> {
+        for (o, l) in self.logs.pieces(offset, len) {
+            let _logged = self.logs.before_write(o, l, mirrored)?;
+            let _admitted = self.admit(epoch, session)?;
+            apply(o, l).map_err(|e| io_error(&e))?;
+        }
+        Ok(())
+    }
+
     /// Admits a request of `session` at `epoch`: counted in flight, then
     /// checked (epoch, session, a resync source's claim), so that a raise
     /// of the epoch or a fence waits for it. A write is admitted only once
@@ -899,9 +921,10 @@ impl Volume {
                 mirrored,
             } => {
                 self.check_range(offset, u64::from(len), false)?;
-                let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
-                let _admitted = self.admit(epoch, session)?;
-                data.punch(offset, u64::from(len)).map(|()| Reply::Done)
+                self.in_pieces(epoch, session, offset, u64::from(len), mirrored, |o, l| {
+                    data.punch(o, l)
+                })?;
+                Ok(Reply::Done)
             }
             Op::WriteZeroes {
                 offset,
@@ -910,11 +933,16 @@ impl Volume {
                 mirrored,
             } => {
                 self.check_range(offset, u64::from(len), false)?;
-                let _logged = self.logs.before_write(offset, u64::from(len), mirrored)?;
-                let _admitted = self.admit(epoch, session)?;
-                data.zero(offset, u64::from(len))
-                    .and_then(|()| if fua { data.sync() } else { Ok(()) })
-                    .map(|()| Reply::Done)
+                self.in_pieces(epoch, session, offset, u64::from(len), mirrored, |o, l| {
+                    data.zero(o, l)
+                })?;
+                let synced = if fua {
+                    let _admitted = self.admit(epoch, session)?;
+                    data.sync()
+                } else {
+                    Ok(())
+                };
+                synced.map(|()| Reply::Done)
             }
             Op::ResyncStatus => {
                 let bitmap = self.logs.bitmap();

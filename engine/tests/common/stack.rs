@@ -341,6 +341,26 @@ impl Stack {
         ip(&["link", "set", &site.host_if, if up { "up" } else { "down" }]);
     }
 
+    /// Limits what the host sends into site `i` (the frontend's requests to
+    /// its replica, the other site's resync) to `rate` (`tc` syntax, e.g.
+    /// `40mbit`) with a token bucket on the host side of its veth (with
+    /// `netns`): a slow inter-site link, on which requests queue. Removed
+    /// with the veth.
+    pub fn throttle_site_link(&self, i: usize, rate: &str) {
+        let site = self.sites.get(i).expect("stack started with netns");
+        let out = Command::new("tc")
+            .args(["qdisc", "replace", "dev", &site.host_if, "root", "tbf"])
+            .args(["rate", rate, "burst", "64kb", "latency", "500ms"])
+            .output()
+            .expect("run tc");
+        assert!(
+            out.status.success(),
+            "tc qdisc replace on {}: {}",
+            site.host_if,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The running frontend's pid (for SIGSTOP/SIGCONT).
     pub fn frontend_pid(&self) -> Option<i32> {
         self.frontend.as_ref().map(Proc::pid)

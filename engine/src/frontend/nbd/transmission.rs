@@ -17,6 +17,11 @@
 //! Write payloads are read into a [`BytesMut`] arena that is split and frozen
 //! per request: one allocation serves many requests, and the arena's memory
 //! is reused once the requests holding it have completed.
+//!
+//! When the client goes away (a reset, a broken pipe) the connection's
+//! tasks are dropped with whatever is in flight: only the replies are lost.
+//! The mirror runs every write it was handed to its end on its own
+//! (`frontend::mirror`), so a reset never leaves a write on one replica.
 
 use std::sync::Arc;
 

@@ -1,0 +1,242 @@
+//! The lease's time rules against the file arbiter, in process: expiry
+//! judged by the observer's own clock, a wall clock far ahead, a restarted
+//! holder, an acquisition whose answer was lost.
+
+use std::sync::atomic::AtomicUsize;
+
+use super::*;
+use crate::arbiter::{FileArbiter, Version};
+use crate::protocol::{Epoch, ReplicaId};
+
+fn lease(holder: &str, epoch: u64, renewed_at_ms: u64) -> Lease {
+    Lease {
+        holder: FrontendId(holder.to_owned()),
+        epoch: Epoch(epoch),
+        renewed_at_ms,
+        duration: Duration::from_secs(10),
+    }
+}
+
+fn file_arbiter(dir: &tempfile::TempDir) -> FileArbiter {
+    let replicas = ["a", "b"]
+        .into_iter()
+        .map(|s| ReplicaId::new(s).expect("valid"))
+        .collect();
+    FileArbiter::create(&dir.path().join("v1.arbiter"), replicas).expect("create")
+}
+
+fn cfg(holder: &str, duration_ms: u64, margin_ms: u64) -> LeaseConfig {
+    LeaseConfig {
+        holder: FrontendId(holder.to_owned()),
+        duration: Duration::from_millis(duration_ms),
+        margin: Duration::from_millis(margin_ms),
+        wall_clock: WallClock::system(),
+    }
+}
+
+#[test]
+fn a_lease_is_valid_for_its_duration_from_the_start_of_the_last_renew() {
+    let t0 = BootInstant::now();
+    let id = LeaseId {
+        holder: FrontendId("fe".to_owned()),
+        epoch: Epoch(1),
+    };
+    let g = LeaseGuard::new(id.clone(), t0, Duration::from_secs(10));
+    assert_eq!(g.id(), &id);
+    assert_eq!(g.state_at(t0 + Duration::from_secs(9)), LeaseState::Held);
+    assert_eq!(
+        g.state_at(t0 + Duration::from_secs(10)),
+        LeaseState::Expired
+    );
+    g.renewed(t0 + Duration::from_secs(5));
+    assert_eq!(g.state_at(t0 + Duration::from_secs(14)), LeaseState::Held);
+    // An older renew call finishing late never shortens the lease.
+    g.renewed(t0 + Duration::from_secs(1));
+    assert_eq!(g.state_at(t0 + Duration::from_secs(14)), LeaseState::Held);
+    g.fence();
+    assert_eq!(g.state_at(t0), LeaseState::Fenced);
+    assert_eq!(g.remaining(), Duration::ZERO);
+}
+
+#[test]
+fn the_rate_limit_lets_one_line_through_per_period() {
+    let mut r = RateLimit::new(Duration::from_secs(60));
+    assert_eq!(r.allow(), Some(0));
+    assert_eq!(r.allow(), None);
+    assert_eq!(r.allow(), None);
+}
+
+#[test]
+fn an_observer_times_a_lease_from_when_it_saw_it_last_change() {
+    let margin = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let mut w = ExpiryWatch::new();
+    // First sight: the full duration plus margin, whatever its time says
+    // (here far in the past by the observer's wall clock).
+    assert_eq!(
+        w.observe(&lease("fe", 1, 0), at(0), margin),
+        Duration::from_secs(12)
+    );
+    assert_eq!(
+        w.observe(&lease("fe", 1, 0), at(5), margin),
+        Duration::from_secs(7)
+    );
+    assert_eq!(w.unchanged_for(at(5)), Duration::from_secs(5));
+    // A renewal — even one whose time went backwards — starts again.
+    assert_eq!(
+        w.observe(&lease("fe", 1, 1), at(11), margin),
+        Duration::from_secs(12)
+    );
+    assert_eq!(
+        w.observe(&lease("fe", 1, 1), at(22), margin),
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        w.observe(&lease("fe", 1, 1), at(23), margin),
+        Duration::ZERO
+    );
+    assert_eq!(
+        w.observe(&lease("fe", 1, 1), at(99), margin),
+        Duration::ZERO
+    );
+    // Another acquisition (same name, new epoch) is another lease.
+    assert_eq!(
+        w.observe(&lease("fe", 2, 1), at(99), margin),
+        Duration::from_secs(12)
+    );
+}
+
+#[tokio::test]
+async fn a_second_frontend_waits_until_the_lease_went_unrenewed_and_bumps_the_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = file_arbiter(&dir);
+    let (first, g1) = acquire(&arbiter, &cfg("fe-1", 300, 100), Duration::from_secs(5))
+        .await
+        .expect("first");
+    let t = Instant::now();
+    let (second, g2) = acquire(&arbiter, &cfg("fe-2", 300, 100), Duration::from_secs(5))
+        .await
+        .expect("second");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "took over after {:?}, before the lease went unrenewed for its duration plus the margin",
+        t.elapsed()
+    );
+    assert_eq!(second.epoch.0, first.epoch.0 + 1);
+    assert!(g2.valid());
+    // The first frontend's renewal is refused: fenced for good.
+    let r = renew_once(&arbiter, &cfg("fe-1", 300, 100), g1.id()).await;
+    assert!(matches!(r, Err(ArbiterError::Rejected(_))), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frontend_whose_clock_is_an_hour_ahead_never_takes_a_renewed_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = Arc::new(file_arbiter(&dir));
+    let holder = cfg("fe-1", 1_000, 500);
+    let (_, guard) = acquire(arbiter.as_ref(), &holder, Duration::from_secs(5))
+        .await
+        .expect("holder");
+    let renewing = tokio::spawn(renew(arbiter.clone(), holder, guard.clone()));
+    let mut ahead = cfg("fe-ahead", 1_000, 500);
+    ahead.wall_clock = WallClock::offset(3_600_000);
+    let r = acquire(arbiter.as_ref(), &ahead, Duration::from_millis(4_500)).await;
+    assert!(matches!(r, Err(LeaseError::GaveUp { .. })), "{r:?}");
+    assert!(guard.valid(), "the holder lost its lease");
+    let record = arbiter.read().await.expect("read");
+    assert_eq!(record.lease.map(|l| l.holder.0), Some("fe-1".to_owned()));
+
+    // The holder stops renewing: the lease is taken once it stayed
+    // unrenewed for its duration plus the margin.
+    renewing.abort();
+    let stopped = Instant::now();
+    let (taken, _) = acquire(arbiter.as_ref(), &ahead, Duration::from_secs(10))
+        .await
+        .expect("taken once unrenewed");
+    assert!(stopped.elapsed() >= Duration::from_millis(1_500));
+    assert_eq!(taken.epoch, Epoch(2));
+}
+
+#[tokio::test]
+async fn a_restarted_holder_waits_like_anyone_and_its_predecessor_cannot_renew() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = file_arbiter(&dir);
+    let config = cfg("fe", 300, 100);
+    let (_, before) = acquire(&arbiter, &config, Duration::from_secs(5))
+        .await
+        .expect("first acquisition");
+    let t = Instant::now();
+    let (record, after) = acquire(&arbiter, &config, Duration::from_secs(5))
+        .await
+        .expect("second acquisition");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(record.epoch, Epoch(2));
+    assert_eq!(after.id().epoch, Epoch(2));
+    let r = renew_once(&arbiter, &config, before.id()).await;
+    assert!(
+        matches!(r, Err(ArbiterError::Rejected(Rejected::NotHolder { .. }))),
+        "the predecessor renewed by name: {r:?}"
+    );
+    renew_once(&arbiter, &config, after.id())
+        .await
+        .expect("the new acquisition renews");
+    release(&arbiter, before.id())
+        .await
+        .expect_err("the predecessor cannot release it either");
+    release(&arbiter, after.id()).await.expect("released");
+}
+
+/// A file arbiter whose first acquisition lands but answers `Unreachable`
+/// (an HTTP write that timed out after the server applied it).
+struct LosesFirstAnswer {
+    inner: FileArbiter,
+    acquisitions: AtomicUsize,
+}
+
+impl Arbiter for LosesFirstAnswer {
+    async fn read(&self) -> Result<VolumeRecord, ArbiterError> {
+        self.inner.read().await
+    }
+
+    async fn update(
+        &self,
+        expected: &Version,
+        change: Change,
+    ) -> Result<VolumeRecord, ArbiterError> {
+        let acquiring = matches!(change, Change::AcquireLease { .. });
+        let r = self.inner.update(expected, change).await;
+        if acquiring && r.is_ok() && self.acquisitions.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(ArbiterError::Unreachable {
+                location: "test".to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "answer lost"),
+            });
+        }
+        r
+    }
+}
+
+#[tokio::test]
+async fn an_acquisition_whose_answer_was_lost_is_recognised_as_ours() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = LosesFirstAnswer {
+        inner: file_arbiter(&dir),
+        acquisitions: AtomicUsize::new(0),
+    };
+    let t = Instant::now();
+    let (record, guard) = acquire(&arbiter, &cfg("fe", 10_000, 2_000), Duration::from_secs(5))
+        .await
+        .expect("acquired");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "waited for its own lease"
+    );
+    assert_eq!(record.epoch, Epoch(1), "one acquisition, one epoch");
+    assert_eq!(guard.id().epoch, Epoch(1));
+    assert!(guard.valid());
+    assert_eq!(arbiter.acquisitions.load(Ordering::SeqCst), 1);
+}
