@@ -25,7 +25,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::error::{CsiError, CsiResult};
 use crate::names::{
-    ANNOTATION_POOL_FREE, ANNOTATION_POOL_TOTAL, LABEL_APP, LABEL_NODE, LABEL_SITE, node_lease_name,
+    ANNOTATION_POOL_CAPACITY, ANNOTATION_POOL_FREE, ANNOTATION_POOL_TOTAL, LABEL_APP, LABEL_NODE,
+    LABEL_SITE, node_lease_name,
 };
 
 /// How the heartbeat is kept.
@@ -104,6 +105,9 @@ fn lease_object(config: &HeartbeatConfig, existing: Option<&Lease>) -> CsiResult
         .get_or_insert_with(Default::default);
     annotations.insert(ANNOTATION_POOL_FREE.into(), free.to_string());
     annotations.insert(ANNOTATION_POOL_TOTAL.into(), total.to_string());
+    // The operator's placement reads the usable size of the pool and
+    // subtracts the replicas it placed there itself.
+    annotations.insert(ANNOTATION_POOL_CAPACITY.into(), total.to_string());
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     if spec.holder_identity.as_deref() != Some(config.node.as_str()) {
         spec.acquire_time = Some(now.clone());

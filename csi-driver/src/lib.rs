@@ -16,6 +16,7 @@
 //! - [`proto`]: code generated from csi.proto and the registration API.
 
 pub mod arbiter;
+pub mod authority;
 pub mod capability;
 pub mod controller;
 pub mod dataplane;

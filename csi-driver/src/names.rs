@@ -31,6 +31,8 @@ pub const LABEL_SITE: &str = "twinvol.io/site";
 /// Annotations of a node heartbeat Lease: the node's pool space.
 pub const ANNOTATION_POOL_FREE: &str = "twinvol.io/pool-free-bytes";
 pub const ANNOTATION_POOL_TOTAL: &str = "twinvol.io/pool-total-bytes";
+/// The pool's usable size, as the operator's placement reads it.
+pub const ANNOTATION_POOL_CAPACITY: &str = "twinvol.io/pool-capacity-bytes";
 /// The longest volume name used unchanged.
 const MAX_PLAIN: usize = 63;
 

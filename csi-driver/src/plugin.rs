@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use tonic::transport::Server;
 
 use crate::controller::ControllerService;
+use crate::dataplane::process::InstanceLock;
 use crate::dataplane::{self, FrontendSpec, ReplicaServerSpec};
 use crate::error::{CsiError, CsiResult};
 use crate::heartbeat::{self, HeartbeatConfig, HeartbeatHealth};
@@ -24,7 +25,7 @@ use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::node_server::NodeServer;
 use crate::proto::registration::registration_server::RegistrationServer;
 use crate::registration::{self, RegistrationService, RegistrationState};
-use crate::{health, server};
+use crate::{authority, health, server};
 
 /// A client from `kubeconfig`, or the usual places (`KUBECONFIG`, the
 /// in-cluster service account).
@@ -207,7 +208,7 @@ pub async fn run_node(opts: NodeOptions) -> CsiResult<()> {
             registration_state,
         )));
         tracing::info!(socket = %reg_socket.display(), "serving kubelet plugin registration");
-        tasks.spawn(server::serve(
+        tasks.spawn(authority::serve(
             reg,
             reg_listener,
             twinvol_engine::process::shutdown_signal(),
@@ -227,6 +228,7 @@ pub async fn run_node(opts: NodeOptions) -> CsiResult<()> {
 
 /// `--mode frontend --spec FILE`.
 pub async fn run_frontend(spec: &Path) -> CsiResult<()> {
+    let _single = InstanceLock::take(spec)?;
     let spec: FrontendSpec = read_spec(spec)?;
     let client = kube_client(None).await?;
     dataplane::frontend::run(spec, client)
@@ -238,6 +240,7 @@ pub async fn run_frontend(spec: &Path) -> CsiResult<()> {
 
 /// `--mode replica --spec FILE`.
 pub async fn run_replica(spec: &Path) -> CsiResult<()> {
+    let _single = InstanceLock::take(spec)?;
     let spec: ReplicaServerSpec = read_spec(spec)?;
     dataplane::replica::run(spec)
         .await

@@ -9,6 +9,8 @@
 //!    its mounts and loop devices gone, only its disks (state and pool
 //!    directories) left, as after a power cut — stages the volume again
 //!    and finds the data written before.
+//! 3. A filesystem still mounted in another mount namespace is never torn
+//!    down under it: unstage refuses, naming the process, until it is gone.
 
 mod common;
 
@@ -285,20 +287,101 @@ async fn the_data_plane_outlives_the_node_service() {
         "durable before the power cut\n"
     );
     assert_eq!(sha(&target.join("fio.dat")), checksum_before);
-    unpublish_and_unstage(&mut csi, &id, &staging, &target).await;
+
+    // 3. A process that entered a private mount namespace while the volume
+    //    was mounted keeps a copy of the mount: unmounting here does not
+    //    flush it, so unstaging must refuse (naming it) and keep the
+    //    frontend serving it, and succeed once it is gone.
+    let mut holder = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "300"])
+        .spawn()
+        .expect("unshare");
+    let holder_pid = holder.id();
+    wait_for(
+        "the copy of the mount in the new namespace",
+        Duration::from_secs(10),
+        || async {
+            let text = std::fs::read_to_string(format!("/proc/{holder_pid}/mountinfo"))
+                .unwrap_or_default();
+            if text.contains(&staging.display().to_string()) {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    )
+    .await;
+    std::fs::write(target.join("late"), "written before the refused unstage\n").expect("late file");
+    csi.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .expect("NodeUnpublish");
+    let refused = csi
+        .node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .expect_err("unstage while another namespace mounts the filesystem");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.message().contains("sleep"),
+        "names the holder: {}",
+        refused.message()
+    );
+    let serving = frontend_pid(&bed.nodes[0], &id).expect("the frontend pid");
+    assert!(
+        alive(serving),
+        "the frontend keeps serving the other namespace's copy"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    csi.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .expect("NodeUnstage once the other namespace is gone");
     assert!(
         mounts_under(&bed.nodes[0].root).is_empty(),
         "{:?}",
         mounts_under(&bed.nodes[0].root)
     );
     assert!(loops_over(&bed.nodes[0].root).is_empty());
+    assert!(!alive(serving));
+    // Nothing written before was lost: stage once more and read it.
+    stage_and_publish(&mut csi, &id, &staging, &target).await;
+    assert_eq!(
+        std::fs::read_to_string(target.join("late")).expect("the late file"),
+        "written before the refused unstage\n"
+    );
+    assert_eq!(sha(&target.join("fio.dat")), checksum_before);
+    unpublish_and_unstage(&mut csi, &id, &staging, &target).await;
+    assert!(loops_over(&bed.nodes[0].root).is_empty());
 }
 
+/// The SHA-256 of a file (or why it cannot be read).
 fn sha(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
         .output()
         .expect("sha256sum");
+    if !out.status.success() {
+        return format!(
+            "unreadable: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()

@@ -375,4 +375,61 @@ async fn a_volume_written_on_site_a_reads_back_on_site_b() {
         .await
         .expect("deleting again is fine");
     assert!(node_a.alive() && node_b.alive(), "node plugins still up");
+
+    // xfs by StorageClass parameter: made on first use, mounted as xfs.
+    let xfs = controller
+        .controller
+        .create_volume(create_request(
+            "pvc-xfs",
+            320 << 20,
+            params(&[("fsType", "xfs")]),
+        ))
+        .await
+        .expect("CreateVolume xfs")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(
+        xfs.volume_context.get("fsType").map(String::as_str),
+        Some("xfs")
+    );
+    controller
+        .controller
+        .controller_publish_volume(publish_request(&xfs.volume_id, &name_b))
+        .await
+        .expect("ControllerPublish xfs");
+    let staging_x = bed.nodes[1].root.join("staging-xfs");
+    let mut stage = stage_request(
+        &xfs.volume_id,
+        &staging_x,
+        common::client::mount_cap(
+            "",
+            twinvol_csi_driver::proto::csi::volume_capability::access_mode::Mode::SingleNodeWriter,
+        ),
+    );
+    stage.volume_context = xfs.volume_context.clone();
+    csi_b
+        .node
+        .node_stage_volume(stage)
+        .await
+        .expect("NodeStage xfs");
+    let fs = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(staging_x.to_str().unwrap_or("")))
+        .and_then(|l| {
+            l.split(" - ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .map(str::to_owned)
+        });
+    assert_eq!(fs.as_deref(), Some("xfs"), "the staging mount is xfs");
+    csi_b
+        .node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: xfs.volume_id.clone(),
+            staging_target_path: staging_x.display().to_string(),
+        })
+        .await
+        .expect("NodeUnstage xfs");
 }

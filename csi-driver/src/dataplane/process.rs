@@ -109,6 +109,39 @@ impl ProcessFiles {
     }
 }
 
+/// Held by a running data-plane process for its whole life: an exclusive
+/// `flock` on `<dir>/<role>.lock`. A second frontend of the same volume (or
+/// a second replica server over the same pool) — which would fence the
+/// first, or open its files twice — cannot start; the kernel releases the
+/// lock when the process dies, however it dies.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl InstanceLock {
+    /// Takes the lock of the process whose spec is `spec`, or fails
+    /// saying that another instance runs.
+    pub fn take(spec: &Path) -> CsiResult<Self> {
+        let path = spec.with_extension("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| CsiError::io("opening", &path, e))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err((_, errno)) => Err(CsiError::Internal {
+                detail: format!(
+                    "another process holds {} ({errno}): this volume's process already runs",
+                    path.display()
+                ),
+            }),
+        }
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> CsiResult<()> {
     let tmp = path.with_extension("tmp");
@@ -357,6 +390,17 @@ mod tests {
             "a pid running another program is not ours"
         );
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+
+    #[test]
+    fn a_second_instance_cannot_take_the_lock() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spec = dir.path().join("frontend.json");
+        let first = InstanceLock::take(&spec).expect("first");
+        let again = InstanceLock::take(&spec);
+        assert!(again.is_err(), "a second instance runs beside the first");
+        drop(first);
+        InstanceLock::take(&spec).expect("free once the first is gone");
     }
 
     #[tokio::test]

@@ -11,8 +11,10 @@
 //! resyncs its peer, the progress (`resyncBytesDone`/`Remaining`) in the
 //! peer's entry, at most every 3 s; the peer's plugin then reports its
 //! state `Resyncing` until it is back in the in-sync set. When the volume is
-//! deleted it stops the server, removes the data and drops the Site's
-//! finalizer. Level-triggered: every event, and a tick every few seconds,
+//! deleted it stops the server, removes the data, drops its entry from
+//! `status.replicas` (the operator's finalizer goes when none is left) and
+//! drops the Site's finalizer (`twinvol.io/replica-<site>`, the controller
+//! plugin's, for clusters without the operator). Level-triggered: every event, and a tick every few seconds,
 //! reconciles from what is (processes, files, the object), so a restarted
 //! plugin re-adopts the servers that kept running.
 //!
@@ -173,6 +175,7 @@ impl ReplicaSupervisor {
             .find(|r| r.node.as_ref().is_some_and(|n| *n == self.config.node));
         if mv.meta().deletion_timestamp.is_some() {
             self.remove_data(&name).await?;
+            self.drop_entry(mv).await?;
             return self.drop_finalizer(mv).await;
         }
         let Some(entry) = placed_here else {
@@ -412,6 +415,44 @@ impl ReplicaSupervisor {
         std::fs::remove_dir_all(&dir).map_err(|e| CsiError::io("removing", &dir, e))?;
         tracing::info!(volume, "removed the replica's data");
         Ok(())
+    }
+
+    /// Removes this node's replica entry from `status.replicas` once its
+    /// data is gone: the operator releases its own finalizer when no entry
+    /// is left. A merge patch of the list with the resourceVersion read, so
+    /// no other writer's entry is lost (a conflict retries next round).
+    async fn drop_entry(&self, mv: &MirroredVolume) -> CsiResult<()> {
+        let Some(status) = &mv.status else {
+            return Ok(());
+        };
+        let mine = |r: &&twinvol_crds::ReplicaStatus| {
+            r.site == self.site && r.node.as_ref().is_some_and(|n| *n == self.config.node)
+        };
+        if !status.replicas.iter().any(|r| mine(&r)) {
+            return Ok(());
+        }
+        let others: Vec<&twinvol_crds::ReplicaStatus> =
+            status.replicas.iter().filter(|r| !mine(r)).collect();
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": mv.resource_version()},
+            "status": {"replicas": others},
+        });
+        let name = mv.name_any();
+        match self
+            .api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(volume = %name, "replica data removed: status entry dropped");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(CsiError::kube(
+                format!("dropping the replica entry of {name}"),
+                e,
+            )),
+        }
     }
 
     async fn drop_finalizer(&self, mv: &MirroredVolume) -> CsiResult<()> {

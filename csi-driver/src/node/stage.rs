@@ -19,7 +19,13 @@
 //! **Unstage** undoes all of it — unmount, detach the device, stop the
 //! frontend (which flushes both replicas and releases its lease) — and
 //! leaves no mount, loop device or process behind. An unknown volume is
-//! already unstaged.
+//! already unstaged. The frontend is stopped only once the loop device is
+//! really gone: a process that unshared its mount namespace while the
+//! volume was mounted keeps a copy of the mount, which unmounting here does
+//! not flush; unstaging then fails (FailedPrecondition, naming that
+//! process) and keeps serving that filesystem instead of losing its
+//! unwritten data. Staging again refuses likewise rather than mount the
+//! filesystem a second time.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -43,6 +49,8 @@ use super::{NodeService, required};
 /// How long a frontend may take to flush and release its lease on
 /// unstage before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How long a detached loop device may take to go (its last close).
+const DETACH_WAIT: Duration = Duration::from_secs(10);
 
 impl NodeService {
     pub(super) fn volume_dir(&self, volume: &str) -> VolumeDir {
@@ -212,7 +220,7 @@ impl NodeService {
         if let Some(rec) = vdir.record()? {
             mounts::unmount_lazy(&rec.staging_path).await?;
         }
-        loopdev::detach_file(&vdir.fuse_file()).await?;
+        loopdev::detach_and_wait(&vdir.fuse_file(), &vdir.volume, DETACH_WAIT).await?;
         mounts::unmount_lazy(&vdir.fuse_dir()).await?;
         Ok(())
     }
@@ -278,7 +286,9 @@ impl NodeService {
             }
             mounts::unmount_all(&rec.staging_path).await?;
         }
-        loopdev::detach_file(&vdir.fuse_file()).await?;
+        // Only once the device is really gone: a filesystem still mounted
+        // elsewhere would lose its unwritten data with the frontend.
+        loopdev::detach_and_wait(&vdir.fuse_file(), &vdir.volume, DETACH_WAIT).await?;
         stop_frontend(&vdir.frontend()).await?;
         mounts::unmount_lazy(&vdir.fuse_dir()).await?;
         vdir.remove()?;

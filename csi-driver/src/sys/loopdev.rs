@@ -98,12 +98,64 @@ pub async fn attach(file: &Path) -> CsiResult<PathBuf> {
     Ok(PathBuf::from(device))
 }
 
-/// Detaches every loop device over `file`.
-pub async fn detach_file(file: &Path) -> CsiResult<()> {
-    for device in find(file).await? {
-        command::run("losetup", &["-d", path_str(&device)?]).await?;
+/// `major:minor` of a block device, from sysfs.
+pub fn dev_numbers(device: &Path) -> Option<String> {
+    let name = device.file_name()?.to_str()?;
+    let text = std::fs::read_to_string(format!("/sys/class/block/{name}/dev")).ok()?;
+    Some(text.trim().to_owned())
+}
+
+/// Detaches the loop devices over `file` and waits until they are gone.
+///
+/// `losetup -d` of a device still open only marks it to detach on last
+/// close. If it is still there after `wait`, something holds it open:
+/// typically the filesystem still mounted in another mount namespace (a
+/// process that unshared its mounts while the volume was mounted keeps a
+/// copy of the mount, and unmounting here does not flush that copy). That
+/// is an error naming the holders; the caller must not stop the frontend
+/// under it, or that filesystem's unwritten data would be lost.
+pub async fn detach_and_wait(
+    file: &Path,
+    volume: &str,
+    wait: std::time::Duration,
+) -> CsiResult<()> {
+    let devices = find(file).await?;
+    for device in &devices {
+        command::run("losetup", &["-d", path_str(device)?]).await?;
     }
-    Ok(())
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = find(file).await?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let holders: Vec<String> = left
+                .iter()
+                .filter_map(|d| dev_numbers(d))
+                .flat_map(|n| super::mounts::namespaces_mounting(&n))
+                .collect();
+            return Err(CsiError::Precondition {
+                volume: volume.to_owned(),
+                detail: format!(
+                    "its block device {} is still open after losetup -d; {}",
+                    left.iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if holders.is_empty() {
+                        "some process holds it open".to_owned()
+                    } else {
+                        format!(
+                            "its filesystem is still mounted in other mount namespaces ({}); unmount it there, then unstage again",
+                            holders.join("; ")
+                        )
+                    }
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// The size of a block device in bytes, from sysfs.

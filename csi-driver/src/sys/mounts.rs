@@ -137,6 +137,44 @@ pub async fn unmount_lazy(target: &Path) -> CsiResult<()> {
     Ok(())
 }
 
+/// Processes (`pid (name) at mountpoint`, one per mount namespace) whose
+/// mount namespace mounts the device `major:minor` — other than ours.
+pub fn namespaces_mounting(dev: &str) -> Vec<String> {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = vec![];
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in procs.flatten() {
+        let pid = entry.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == own.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        if let Some(m) = parse(&text).into_iter().find(|m| m.device == dev) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            out.push(format!(
+                "pid {pid} ({}) at {}",
+                comm.trim(),
+                m.mount_point.display()
+            ));
+        }
+    }
+    out
+}
+
 pub fn create_dir(path: &Path) -> CsiResult<()> {
     std::fs::create_dir_all(path).map_err(|e| CsiError::io("creating directory", path, e))
 }

@@ -149,6 +149,22 @@ impl Bed {
             .prefix("twinvol-csi-test-")
             .tempdir()
             .expect("temp dir");
+        // Like kubelet's root directory: a shared mount, so that a process
+        // entering a new mount namespace (`ip netns exec`, a container)
+        // while a volume is mounted gets a slave copy, which unmounting
+        // here unmounts too.
+        let root = dir.path().display().to_string();
+        for args in [
+            vec!["--bind", root.as_str(), root.as_str()],
+            vec!["--make-rshared", root.as_str()],
+        ] {
+            let out = Command::new("mount").args(&args).output().expect("mount");
+            assert!(
+                out.status.success(),
+                "mount {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "a-test-secret-of-32-bytes-length").expect("secret");
         let mut manifests =
@@ -311,7 +327,7 @@ impl Bed {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
-            .filter(|p| p.starts_with(root))
+            .filter(|p| p.starts_with(root) && p != root)
             .collect();
         mounted.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for m in mounted.iter().filter(|p| !p.ends_with("fuse")) {
@@ -377,6 +393,10 @@ impl Drop for Bed {
             eprintln!("{}", self.log_tails());
         }
         self.clean_data_plane();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
         if std::env::var_os("TWINVOL_E2E_KEEP").is_some_and(|v| v == "1") {
             eprintln!("keeping {}", self.dir.path().display());
             self.dir.disable_cleanup(true);
