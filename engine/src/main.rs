@@ -239,18 +239,7 @@ fn refuse_fault_env() -> anyhow::Result<()> {
 
 /// `1500ms`, `10s`, `2m`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
-    }
+    twinvol_engine::units::parse_duration(s)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
