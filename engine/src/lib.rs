@@ -6,6 +6,7 @@ pub mod activity_log;
 pub mod arbiter;
 pub mod bitmap;
 pub mod clock;
+pub mod data_sync;
 pub mod frontend;
 pub mod metrics;
 pub mod process;

@@ -253,6 +253,10 @@ pub struct ResyncStatus {
     pub eta_ms: Option<u64>,
     /// Attempts completed with nothing dirty left.
     pub completed: u64,
+    /// Set when this replica's copy failed (an fdatasync error): it serves
+    /// and copies nothing until restarted, and says why here.
+    #[serde(default)]
+    pub volume_failed: Option<String>,
 }
 
 impl ResyncStatus {
@@ -288,7 +292,11 @@ impl ResyncStatus {
             ResyncState::Failed { error } => format!("failed ({error})"),
             s => resync_state_name(s).to_owned(),
         };
-        let mut out = format!("volume: {}\nresync: {state}\n", self.volume);
+        let mut out = format!("volume: {}\n", self.volume);
+        if let Some(why) = &self.volume_failed {
+            out.push_str(&format!("volume failed: {why}\n"));
+        }
+        out.push_str(&format!("resync: {state}\n"));
         if let Some(peer) = &self.peer {
             out.push_str(&format!("peer: {peer}\n"));
         }
@@ -397,6 +405,7 @@ impl Supervisor {
             elapsed_ms: 0,
             eta_ms: None,
             completed: 0,
+            volume_failed: None,
         };
         Self {
             mgr,
@@ -441,6 +450,16 @@ impl Supervisor {
         let mut retry = Duration::from_millis(250);
         self.publish();
         loop {
+            if let Some(f) = self.volume.failure() {
+                // Its data may have lost acknowledged writes: it must not
+                // be copied from. Until a restart.
+                let why = f.to_string();
+                tracing::error!(reason = %why, "resync stopped: this replica's copy failed");
+                self.status.volume_failed = Some(why.clone());
+                self.status.state = ResyncState::Failed { error: why };
+                self.publish();
+                return;
+            }
             let logs = self.volume.logs().clone();
             let bitmap = logs.bitmap().clone();
             let peer = match bitmap.state() {
@@ -983,6 +1002,7 @@ mod tests {
             elapsed_ms: 1000,
             eta_ms: Some(2200),
             completed: 0,
+            volume_failed: None,
         };
         assert_eq!(s.line(), "resync v1 → b: 12.5 MiB / 40.0 MiB, 31%, ETA 3 s");
         s.full_copy = Some("dirty bitmap untrusted: a write of the bitmap failed earlier".into());
@@ -1014,6 +1034,7 @@ mod tests {
             elapsed_ms: 500,
             eta_ms: Some(1500),
             completed: 0,
+            volume_failed: None,
         };
         std::fs::write(
             dir.path().join("v1/resync-status.json"),
@@ -1071,6 +1092,7 @@ mod tests {
             elapsed_ms: 0,
             eta_ms: None,
             completed: 0,
+            volume_failed: None,
         };
         let v = serde_json::to_value(&s).expect("json");
         assert_eq!(v["state"], "failed");

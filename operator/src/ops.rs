@@ -122,12 +122,16 @@ pub async fn fence_volume(ctx: &Context, volume: &VolumeName, lost: &SiteName) -
         source,
     })?;
     let lost_id = replica(lost, volume)?;
-    let after = record::fence(&before, &lost_id, ctx.wall_ms(), ctx.config.timings.margin)
-        .map_err(|source| Error::Refused {
+    // The fingerprint check above: the lease read now is the one watched
+    // expire on the operator's clock, so the acquisition names it.
+    let expired = before.lease.clone();
+    let after = record::fence(&before, &lost_id, ctx.wall_ms(), expired).map_err(|source| {
+        Error::Refused {
             volume: volume.to_string(),
             change: "fence",
             source,
-        })?;
+        }
+    })?;
     let node = status
         .frontend
         .as_ref()
@@ -183,7 +187,9 @@ pub async fn promote_volume(
         &replica(&promotion.demote, volume)?,
         promotion.bump_epoch,
         ctx.wall_ms(),
-        ctx.config.timings.margin,
+        // Checked above when bumping: the lease read now is the one watched
+        // expire.
+        before.lease.clone(),
     )
     .map_err(|source| Error::Refused {
         volume: volume.to_string(),

@@ -21,6 +21,19 @@
 //! never holds more than `max_active` extents, and after a crash every extent
 //! that had a write in flight is in the recovered set.
 //!
+//! # Power loss: only durable extents leave
+//!
+//! A completed write is only in the page cache until the data file is
+//! synced; a power cut takes it back. So, with the data file's
+//! [`DataSync`] ([`ActivityLog::open_tracking`]), an extent leaves the log —
+//! evicted, or dropped by [`ActivityLog::forget_idle`] — only once every
+//! write to it is durable: each extent remembers the sync tag of its last
+//! completed write. When a request needs room and every idle extent still
+//! has writes only in the page cache, the flusher syncs the data file first
+//! (as DRBD flushes the backing device before an activity-log transaction),
+//! then evicts. After a power cut the recovered set therefore holds every
+//! extent this copy may have lost, which is what its peer must copy back.
+//!
 //! # Failures
 //!
 //! A failed update leaves the previous slot valid on disk, but the log can no
@@ -34,6 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
+use crate::data_sync::{DataSync, SyncFailed};
 use crate::storage::{Storage, StorageError, blocking};
 
 use super::format::{self, MAX_ACTIVE, Read, ReadError, Slot, SlotError};
@@ -183,6 +197,8 @@ struct Ext {
     phase: Phase,
     last_used: u64,
     pinned: bool,
+    /// The data sync tag of its last completed write (0: none since open).
+    written: u64,
 }
 
 /// What the flusher tells a waiting request.
@@ -219,6 +235,9 @@ struct State {
 
 struct Inner {
     storage: Arc<dyn Storage>,
+    /// The data file's syncs: extents leave only once durable (none: the
+    /// caller does not track durability; every idle extent may leave).
+    data: Option<Arc<DataSync>>,
     config: AlConfig,
     runtime: tokio::runtime::Handle,
     state: Mutex<State>,
@@ -273,23 +292,36 @@ impl Inner {
     }
 
     fn release(self: &Arc<Self>, extents: Range<u64>) {
+        // Read after the data write completed: see `DataSync`.
+        let tag = self.write_tag();
         let mut st = self.lock();
         for e in extents {
             if let Some(x) = st.extents.get_mut(&e) {
                 x.refs = x.refs.saturating_sub(1);
+                x.written = x.written.max(tag);
             }
         }
         self.kick(&mut st);
     }
 
+    fn write_tag(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.tag())
+    }
+
+    /// Whether every write to `x` is on stable storage.
+    fn durable(&self, x: &Ext) -> bool {
+        self.data.as_ref().is_none_or(|d| d.is_durable(x.written))
+    }
+
     /// Admits queued requests in order while they fit; returns the set to
-    /// write, or `None` when nothing can be admitted now.
-    fn take_round(&self, st: &mut State) -> Option<Slot> {
+    /// write, or what else to do.
+    fn take_round(&self, st: &mut State) -> Take {
         let max = self.config.max_active;
+        let idle = |x: &Ext| x.refs == 0 && !x.pinned && x.phase == Phase::Logged;
         let mut lru: Vec<(u64, u64)> = st
             .extents
             .iter()
-            .filter(|(_, x)| x.refs == 0 && !x.pinned && x.phase == Phase::Logged)
+            .filter(|(_, x)| idle(x) && self.durable(x))
             .map(|(e, x)| (x.last_used, *e))
             .collect();
         lru.sort_unstable();
@@ -315,6 +347,15 @@ impl Inner {
                 }
             }
             if free < needed {
+                // Room would be made by extents whose writes are still only
+                // in the page cache: make them durable, then try again.
+                let waiting_for_sync = st
+                    .extents
+                    .iter()
+                    .any(|(e, x)| idle(x) && !self.durable(x) && !req.extents.contains(e));
+                if !admitted && waiting_for_sync {
+                    return Take::SyncData;
+                }
                 break;
             }
             for v in victims {
@@ -331,6 +372,7 @@ impl Inner {
                     phase: Phase::Adding,
                     last_used: tick,
                     pinned: false,
+                    written: 0,
                 });
                 x.refs += 1;
                 x.last_used = tick;
@@ -339,29 +381,69 @@ impl Inner {
             admitted = true;
         }
         if !admitted {
-            return None;
+            return Take::Nothing;
         }
         let mut extents: Vec<u64> = st.extents.keys().copied().collect();
         extents.sort_unstable();
-        Some(Slot {
+        Take::Write(Slot {
             generation: st.generation + 1,
             volume_size: self.config.volume_size,
             extent_size: self.config.extent_size,
             extents,
         })
     }
+
+    /// Syncs the data file (blocking pool), as a storage error if it fails.
+    async fn sync_data(&self) -> Result<(), StorageError> {
+        let Some(data) = self.data.clone() else {
+            return Ok(());
+        };
+        blocking(move || data.sync().map_err(sync_error)).await
+    }
+}
+
+/// What the flusher does next.
+enum Take {
+    /// Write this set.
+    Write(Slot),
+    /// Sync the data file first: only extents with writes not yet durable
+    /// could make room.
+    SyncData,
+    /// Nothing can be admitted now.
+    Nothing,
+}
+
+fn sync_error(f: SyncFailed) -> StorageError {
+    StorageError {
+        op: "fdatasync of the data file",
+        target: f.target.clone(),
+        offset: 0,
+        source: std::io::Error::other(f.to_string()),
+    }
 }
 
 async fn flush_loop(inner: Arc<Inner>) {
     loop {
-        let slot = {
+        let take = {
             let mut st = inner.lock();
-            match inner.take_round(&mut st) {
-                Some(slot) => slot,
-                None => {
-                    st.flushing = false;
+            let take = inner.take_round(&mut st);
+            if matches!(take, Take::Nothing) {
+                st.flushing = false;
+            }
+            take
+        };
+        let slot = match take {
+            Take::Write(slot) => slot,
+            Take::Nothing => return,
+            Take::SyncData => {
+                if let Err(e) = inner.sync_data().await {
+                    // The writes waiting for room can be told nothing good:
+                    // the log fails as on a failed update of its own.
+                    let (e, queued) = poison(&mut inner.lock(), e);
+                    fail_queued(queued, &e);
                     return;
                 }
+                continue;
             }
         };
         let storage = inner.storage.clone();
@@ -450,6 +532,28 @@ impl ActivityLog {
         storage: Arc<dyn Storage>,
         config: AlConfig,
     ) -> Result<(Self, Recovery), AlError> {
+        Self::open_inner(storage, config, None).await
+    }
+
+    /// Like [`ActivityLog::open`], for a volume whose data file syncs
+    /// through `data`: an extent then leaves the log only once its writes
+    /// are durable (see the module doc). The recovered extents count as
+    /// not durable until the first sync of this process (a killed
+    /// predecessor's writes may still be in the page cache).
+    pub async fn open_tracking(
+        storage: Arc<dyn Storage>,
+        config: AlConfig,
+        data: Arc<DataSync>,
+    ) -> Result<(Self, Recovery), AlError> {
+        Self::open_inner(storage, config, Some(data)).await
+    }
+
+    async fn open_inner(
+        storage: Arc<dyn Storage>,
+        config: AlConfig,
+        data: Option<Arc<DataSync>>,
+    ) -> Result<(Self, Recovery), AlError> {
+        let written = data.as_ref().map_or(0, |d| d.tag());
         let s = storage.clone();
         let base = config.base;
         let read = match tokio::task::spawn_blocking(move || format::read(&*s, base)).await {
@@ -499,6 +603,7 @@ impl ActivityLog {
                             phase: Phase::Logged,
                             last_used: 0,
                             pinned: true,
+                            written,
                         },
                     );
                 }
@@ -508,6 +613,7 @@ impl ActivityLog {
         let log = Self {
             inner: Arc::new(Inner {
                 storage,
+                data,
                 config,
                 runtime: tokio::runtime::Handle::current(),
                 state: Mutex::new(st),
@@ -628,7 +734,32 @@ impl ActivityLog {
     /// the extents recorded as dirty on the resync source). Extents with a
     /// write in flight stay. Returns how many extents were dropped.
     pub async fn forget_idle(&self) -> Result<usize, AlError> {
+        self.forget_where(|_| true).await
+    }
+
+    /// Like [`ActivityLog::forget_idle`], for the extents that overlap
+    /// `ranges` only (byte ranges of the volume): the caller reconciled
+    /// exactly those.
+    pub async fn forget_extents(&self, ranges: &[Range<u64>]) -> Result<usize, AlError> {
+        let config = self.inner.config;
+        let chosen: std::collections::BTreeSet<u64> = ranges
+            .iter()
+            .filter_map(|r| config.extents(r.start, r.end.saturating_sub(r.start)))
+            .flatten()
+            .collect();
+        self.forget_where(|e| chosen.contains(&e)).await
+    }
+
+    async fn forget_where(&self, chosen: impl Fn(u64) -> bool) -> Result<usize, AlError> {
         let inner = &self.inner;
+        // Whatever the caller knows of the peer, this copy's own writes must
+        // be durable before their extents leave (a power cut would take
+        // back what is only in the page cache). Extents written after this
+        // sync stay.
+        inner
+            .sync_data()
+            .await
+            .map_err(|e| inner.failed(Arc::new(e)))?;
         // Take the flusher's place, so that no round writes meanwhile.
         let (slot, dropped) = loop {
             {
@@ -638,8 +769,9 @@ impl ActivityLog {
                 }
                 if !st.flushing {
                     let before = st.extents.len();
-                    st.extents
-                        .retain(|_, x| x.refs > 0 || x.phase == Phase::Adding);
+                    st.extents.retain(|&e, x| {
+                        !chosen(e) || x.refs > 0 || x.phase == Phase::Adding || !inner.durable(x)
+                    });
                     let dropped = before - st.extents.len();
                     let mut extents: Vec<u64> = st.extents.keys().copied().collect();
                     extents.sort_unstable();

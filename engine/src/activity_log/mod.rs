@@ -4,7 +4,8 @@
 //! invariant 5) instead of "anything may differ".
 //!
 //! `format` owns the two-slot on-disk layout, `log` the live set (group
-//! commit of additions, lazy LRU eviction, recovery pins). Split so that the
+//! commit of additions, lazy LRU eviction of extents whose writes are
+//! durable, recovery pins). Split so that the
 //! format can be checked without the concurrency and the other way round.
 
 mod format;
@@ -22,5 +23,7 @@ pub const FILE_NAME: &str = "activity-log";
 
 #[cfg(all(test, feature = "failpoints"))]
 mod crash_tests;
+#[cfg(all(test, feature = "failpoints"))]
+mod durable_tests;
 #[cfg(test)]
 mod tests;

@@ -151,6 +151,7 @@ impl FileArbiter {
             // callers go on; only this caller waits for its answer.
             tracing::warn!(change = kind, version = %next.version, stall_ms = d.as_millis() as u64, "arbiter commit stalled (injected): the change is in the record, its answer comes late");
             std::thread::sleep(d);
+            tracing::warn!(change = kind, version = %next.version, "stalled arbiter commit answered (injected)");
         }
         Ok(next)
     }

@@ -627,6 +627,8 @@ fn io_op(op: &Op) -> (IoOp, u64) {
         | Op::ActiveExtents
         | Op::MarkDirty { .. }
         | Op::ForgetActivity
+        | Op::RecoveredExtents
+        | Op::ForgetExtents { .. }
         | Op::FenceSessions { .. } => (IoOp::Open, 0),
         Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
         Op::Write { data, .. } => (IoOp::Write, data.len() as u64),

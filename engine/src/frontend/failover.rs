@@ -19,10 +19,16 @@
 //! one step per tick so that a loss is never kept waiting behind it:
 //! 1. the replica answers again: the task re-reads the record, tells the
 //!    in-sync replica again that its peer is out (`PeerState`, idempotent;
-//!    it starts a full copy if its bitmap was lost), and — the first time
-//!    after this frontend started — marks the returning replica's
-//!    activity-log extents dirty on the in-sync one (what a crashed
-//!    predecessor may have left there);
+//!    it starts a full copy if its bitmap was lost), and marks dirty on the
+//!    in-sync one whatever the returning replica may have lost: the
+//!    activity-log extents it recovered at a restart (`RecoveredExtents`:
+//!    writes both acknowledged but not yet flushed when its site lost
+//!    power — the activity log keeps an extent until its writes are
+//!    durable — which the in-sync one's bitmap does not have, being
+//!    written while both were in sync), and, the first time after this
+//!    frontend found it out at its start, all its extents (what a crashed
+//!    predecessor left on it alone); then it forgets exactly those
+//!    (`ForgetExtents`);
 //! 2. the in-sync replica's resync copies what the replica missed while
 //!    writes still go to the in-sync replica alone (at full speed), until
 //!    less than `CATCH_UP_BELOW` is left (or `CATCH_UP_WAIT` passed);
@@ -37,9 +43,28 @@
 //!    in-sync replica's resync (`ResyncStatus`) until nothing is dirty;
 //! 5. it makes the replica in sync locally (writes to it are then required
 //!    and its loss is a fail-over), swaps it back in at the arbiter
-//!    (`ReturnToInSync`, compare-and-swap) — reverting to catch-up if the
-//!    arbiter cannot be reached — and tells the in-sync replica, which stops
-//!    tracking.
+//!    (`ReturnToInSync`, compare-and-swap) and tells the in-sync replica,
+//!    which stops tracking.
+//!
+//! An arbiter update that fails without an answer (a timeout, an
+//! unreachable API server) may still have landed, so its outcome is
+//! *unknown*, and nothing that depends on it is decided before the record
+//! is read again. For the return that means: the replica stays in sync
+//! locally (a write it fails is a fail-over, which takes it out through a
+//! compare-and-swap on a fresh read — never a catch-up failure that would
+//! acknowledge on the in-sync replica alone while the record may list both),
+//! and every tick re-reads the record and swaps again until it knows. A
+//! fail-over of the *other* replica first settles that return (the record
+//! must list the survivor in sync before anything is acknowledged on it
+//! alone). The fail-over's own swap re-reads after an unknown outcome
+//! (`swap_out` reads, decides `AlreadyOut` if it landed), and so does the
+//! startup reconciliation (retried whole from a fresh read).
+//!
+//! A replica whose connection breaks may have restarted — its site may
+//! have lost power, and with it what it had not flushed — and answers after
+//! its restart as if nothing happened. So a broken connection of an in-sync
+//! replica is a loss (it is taken out, and its return marks what it
+//! recovered), and one of a returning replica starts its return again.
 //!
 //! Every record this frontend learns is published to the replicas as a
 //! view (`PeerState`, numbered by [`Views`]) before anything relies on it:
@@ -267,6 +292,9 @@ struct Rejoin {
     /// Its activity-log extents must be marked on the source before it
     /// catches up (it was out, or unreachable, when this frontend started).
     reconcile: bool,
+    /// Its return to the in-sync set was sent to the arbiter without an
+    /// answer: in sync locally, the record must be read again.
+    unconfirmed: bool,
     /// Not before this is it told the current view again (after it did not
     /// take it).
     tell_at: Instant,
@@ -282,6 +310,7 @@ impl Rejoin {
             retry_at: Instant::now(),
             backoff: Duration::from_millis(200),
             reconcile: false,
+            unconfirmed: false,
             tell_at: Instant::now(),
             tell_backoff: Duration::from_millis(200),
             started: Instant::now(),
@@ -339,9 +368,20 @@ impl<A: Arbiter> FailoverTask<A> {
     ) {
         let mut tick = tokio::time::interval(REJOIN_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut conns = [
+            self.f.replicas[0].watch_state(),
+            self.f.replicas[1].watch_state(),
+        ];
+        for c in conns.iter_mut() {
+            c.borrow_and_update();
+        }
+        let mut watching = [true, true];
         loop {
             tokio::select! {
                 biased;
+                (i, state) = connection_changed(&mut conns, &mut watching) => {
+                    self.connection_changed(i, state).await;
+                }
                 s = rx.recv() => {
                     let Some(s) = s else { return };
                     let current = self.f.membership.borrow().clone();
@@ -372,6 +412,34 @@ impl<A: Arbiter> FailoverTask<A> {
                     }
                 }
             }
+        }
+    }
+
+    /// Replica `i`'s connection broke (and maybe came back: a watch shows
+    /// only the last state). A replica whose process restarted may have
+    /// lost what it had not flushed — its site lost power — and answers
+    /// as if nothing happened: so an in-sync one is taken out (its return
+    /// then marks what it recovered, see the module doc), and a returning
+    /// one starts its return again.
+    async fn connection_changed(&mut self, i: usize, state: ReplicaState) {
+        let m = self.f.membership.borrow().clone();
+        if m.fenced.is_some() || state == ReplicaState::Fenced {
+            return;
+        }
+        if m.in_sync[i] {
+            if m.in_sync[1 - i] {
+                tracing::warn!(replica = %self.id(i), state = state.name(), "connection to an in-sync replica lost: it may have restarted and lost writes it had not flushed");
+                self.remove(Suspect {
+                    index: i,
+                    since: Instant::now(),
+                })
+                .await;
+            }
+        } else if m.catch_up[i] || self.rejoin[i].phase != Phase::Idle {
+            self.give_up(
+                i,
+                "its connection was lost (it may have restarted): its return starts again",
+            );
         }
     }
 
@@ -507,10 +575,16 @@ impl<A: Arbiter> FailoverTask<A> {
     }
 
     async fn active_extents(&self, i: usize) -> Result<Vec<ByteRange>, Step> {
-        match self.ask(i, Op::ActiveExtents).await? {
+        self.extents(i, Op::ActiveExtents).await
+    }
+
+    /// Asks replica `i` for extents (`ActiveExtents`, `RecoveredExtents`).
+    async fn extents(&self, i: usize, op: Op) -> Result<Vec<ByteRange>, Step> {
+        let name = op.name();
+        match self.ask(i, op).await? {
             Reply::Extents(r) => Ok(r),
             other => Err(Step::Retry(format!(
-                "replica {} answered active_extents with {other:?}",
+                "replica {} answered {name} with {other:?}",
                 self.id(i)
             ))),
         }
@@ -691,6 +765,23 @@ impl<A: Arbiter> FailoverTask<A> {
         let survivor = self.id(survivor_ix).clone();
         tracing::warn!(replica = %lost, "replica did not answer: holding I/O and removing it from the in-sync set through the arbiter");
         let mut log = RateLimit::new(Duration::from_secs(1));
+        // The survivor's own return may not be confirmed: the record must
+        // list it in sync before anything is acknowledged on it alone.
+        while self.rejoin[survivor_ix].unconfirmed {
+            match self.swap_in(survivor_ix, s.index).await {
+                Ok(record) => self.returned(survivor_ix, &record),
+                Err(Step::Fence(why)) => {
+                    self.fence(format!("lost the fail-over: {why}"));
+                    return;
+                }
+                Err(Step::Retry(why)) => {
+                    if let Some(n) = log.allow() {
+                        tracing::warn!(reason = %why, suppressed = n, "cannot confirm the survivor's return at the arbiter: I/O held, not guessing");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         let record = loop {
             match self.swap_out(s.index, survivor_ix).await {
                 Ok(r) => break r,
@@ -744,6 +835,7 @@ impl<A: Arbiter> FailoverTask<A> {
         self.f.replicas[s.index].pin_incarnation(false);
         let r = &mut self.rejoin[s.index];
         r.phase = Phase::Idle;
+        r.unconfirmed = false;
         r.backoff = Duration::from_millis(200);
         r.retry_at = Instant::now();
         let pause = s.since.elapsed();
@@ -790,6 +882,9 @@ impl<A: Arbiter> FailoverTask<A> {
         let (l, s) = (i, 1 - i);
         let m = self.f.membership.borrow().clone();
         if m.in_sync[l] {
+            if self.rejoin[l].unconfirmed {
+                self.confirm_return(l, s).await;
+            }
             self.rejoin[l].phase = Phase::Idle;
             return;
         }
@@ -924,18 +1019,33 @@ impl<A: Arbiter> FailoverTask<A> {
         // The returning replica learns that it is out: a tracking header it
         // kept from a time it was a source ends here.
         self.tell(l, &view, 0).await?;
+        // What it may have lost to a crash or power cut: the extents it
+        // recovered at its restart (see the module doc); and, if this
+        // frontend found it out or unreachable at its start, every extent
+        // of its log (what a crashed predecessor left on it alone). Marked
+        // on the source, then forgotten there — exactly those, so that a
+        // restart in between cannot have it forget something unmarked (its
+        // log may hold extents recovered after a crash, pinned until
+        // reconciled: a full log of them refuses every other write).
+        let mut ranges = self.extents(l, Op::RecoveredExtents).await?;
         if self.rejoin[l].reconcile {
-            let ranges = self.active_extents(l).await?;
-            self.mark_dirty(s, &ranges).await?;
-            self.rejoin[l].reconcile = false;
-            tracing::info!(replica = %self.id(l), source = %self.id(s), extents = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's activity-log extents marked for the resync");
+            ranges.extend(self.active_extents(l).await?);
         }
-        // Its activity log may hold extents recovered after a crash, pinned
-        // until reconciled (a full log of them refuses every other write).
-        // They are: what this frontend held when the replica left was
-        // re-sent to the in-sync one and marked there, and what a previous
-        // frontend left was marked just above.
-        self.ask(l, Op::ForgetActivity).await?;
+        let ranges = union(ranges.into_iter());
+        if !ranges.is_empty() {
+            self.mark_dirty(s, &ranges).await?;
+            for chunk in ranges.chunks(MAX_RANGES) {
+                self.ask(
+                    l,
+                    Op::ForgetExtents {
+                        ranges: chunk.to_vec(),
+                    },
+                )
+                .await?;
+            }
+            tracing::info!(replica = %self.id(l), source = %self.id(s), ranges = ranges.len(), bytes = ranges.iter().map(|r| r.len).sum::<u64>(), "returning replica's possibly lost extents marked for the resync");
+        }
+        self.rejoin[l].reconcile = false;
         tracing::info!(replica = %self.id(l), source = %self.id(s), "replica answers again: the resync copies what it missed, then it catches up");
         Ok(())
     }
@@ -957,14 +1067,18 @@ impl<A: Arbiter> FailoverTask<A> {
         }
         // In sync from now: a recreated copy is no longer acceptable.
         self.f.replicas[l].pin_incarnation(true);
+        self.rejoin[l].unconfirmed = true;
+        self.confirm_return(l, s).await;
+    }
+
+    /// Swaps `l` (in sync locally) back in at the arbiter, reading the
+    /// record first: done if it lands or already landed; an unknown
+    /// outcome leaves `l` in sync locally and unconfirmed, tried again on
+    /// the next tick (see the module doc).
+    async fn confirm_return(&mut self, l: usize, s: usize) {
         match self.swap_in(l, s).await {
             Ok(record) => {
-                let took = self.rejoin[l].started.elapsed();
-                tracing::info!(replica = %self.id(l), version = %record.version, catch_up_ms = took.as_millis() as u64, "replica back in the in-sync set");
-                self.f.metrics.record_rejoin(self.f.volume.as_str());
-                let r = &mut self.rejoin[l];
-                r.phase = Phase::Idle;
-                r.backoff = Duration::from_millis(200);
+                self.returned(l, &record);
                 // Both learn the record (the in-sync one stops tracking); one
                 // that does not answer now is told on a later tick.
                 match self.view_of(&record) {
@@ -978,23 +1092,41 @@ impl<A: Arbiter> FailoverTask<A> {
             }
             Err(Step::Fence(why)) => self.fence(why),
             Err(Step::Retry(why)) => {
-                self.f.replicas[l].pin_incarnation(false);
-                // Not returned: back to catching up (writes to it stay
-                // required, so nothing is lost meanwhile).
-                self.f.membership.send_if_modified(|m| {
-                    if m.in_sync[l] {
-                        m.in_sync[l] = false;
-                        m.catch_up[l] = true;
-                        true
-                    } else {
-                        false
-                    }
-                });
-                self.rejoin[l].phase = Phase::Polling;
                 if let Some(n) = self.rejoin[l].log.allow() {
-                    tracing::warn!(replica = %self.id(l), reason = %why, suppressed = n, "cannot return the replica at the arbiter yet; it keeps catching up");
+                    tracing::warn!(replica = %self.id(l), reason = %why, suppressed = n, "the arbiter did not answer the replica's return (it may have landed): the replica stays required, its loss a fail-over through the arbiter, until the record is read again");
                 }
             }
+        }
+    }
+
+    /// The arbiter's record has `l` back in the in-sync set.
+    fn returned(&mut self, l: usize, record: &VolumeRecord) {
+        let took = self.rejoin[l].started.elapsed();
+        tracing::info!(replica = %self.id(l), version = %record.version, catch_up_ms = took.as_millis() as u64, "replica back in the in-sync set");
+        self.f.metrics.record_rejoin(self.f.volume.as_str());
+        let r = &mut self.rejoin[l];
+        r.unconfirmed = false;
+        r.phase = Phase::Idle;
+        r.backoff = Duration::from_millis(200);
+    }
+}
+
+/// The next change of a watched replica connection: its index and state.
+/// A connection whose task ended is no longer watched.
+async fn connection_changed(
+    conns: &mut [watch::Receiver<ReplicaState>; 2],
+    watching: &mut [bool; 2],
+) -> (usize, ReplicaState) {
+    loop {
+        let [a, b] = &mut *conns;
+        let (i, r) = tokio::select! {
+            r = a.changed(), if watching[0] => (0, r),
+            r = b.changed(), if watching[1] => (1, r),
+            else => std::future::pending().await,
+        };
+        match r {
+            Ok(()) => return (i, *conns[i].borrow_and_update()),
+            Err(_) => watching[i] = false,
         }
     }
 }

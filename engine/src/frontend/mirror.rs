@@ -568,7 +568,9 @@ impl Inner {
     }
 
     /// Whether `e` means the replica is gone (rather than refusing this
-    /// request) and degraded operation may drop it.
+    /// request) and degraded operation may drop it. A replica whose copy
+    /// failed (an fdatasync error: it may have lost acknowledged writes)
+    /// counts as gone.
     fn is_loss(&self, e: &CallError) -> bool {
         self.degrade.get().is_some()
             && matches!(
@@ -576,6 +578,10 @@ impl Inner {
                 CallError::ConnectionLost { .. }
                     | CallError::TimedOut { .. }
                     | CallError::Stopped { .. }
+                    | CallError::Refused {
+                        source: WireError::VolumeFailed { .. },
+                        ..
+                    }
             )
     }
 

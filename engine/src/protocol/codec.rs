@@ -53,6 +53,9 @@ const K_ACTIVE_EXTENTS: u8 = 0x18;
 const K_MARK_DIRTY: u8 = 0x19;
 const K_FORGET_ACTIVITY: u8 = 0x1a;
 const K_FENCE_SESSIONS: u8 = 0x1b;
+// 0x26 and 0x27: requests of the durability work (0x20-0x25 are replies).
+const K_RECOVERED_EXTENTS: u8 = 0x26;
+const K_FORGET_EXTENTS: u8 = 0x27;
 const K_OPENED: u8 = 0x20;
 const K_DATA: u8 = 0x21;
 const K_DONE: u8 = 0x22;
@@ -179,6 +182,8 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::MarkDirty { .. } => K_MARK_DIRTY,
         Op::ForgetActivity => K_FORGET_ACTIVITY,
         Op::FenceSessions { .. } => K_FENCE_SESSIONS,
+        Op::RecoveredExtents => K_RECOVERED_EXTENTS,
+        Op::ForgetExtents { .. } => K_FORGET_EXTENTS,
     };
     b.put_u8(kind);
     b.put_u64_le(r.id.0);
@@ -261,8 +266,8 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
             b.put_u64_le(below.0);
             None
         }
-        Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity => None,
-        Op::MarkDirty { ranges } => {
+        Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity | Op::RecoveredExtents => None,
+        Op::MarkDirty { ranges } | Op::ForgetExtents { ranges } => {
             put_ranges(b, ranges);
             None
         }
@@ -428,8 +433,16 @@ fn put_wire_error(e: &WireError, b: &mut BytesMut) {
             put_view(b, known);
             put_str16(b, reason);
         }
+        WireError::VolumeFailed { reason } => {
+            b.put_u8(ERR_VOLUME_FAILED);
+            put_str16(b, reason);
+        }
     }
 }
+
+/// The error code of [`WireError::VolumeFailed`] (in the range 0x20–0x27
+/// the durability work owns, so that codes added in parallel do not clash).
+const ERR_VOLUME_FAILED: u8 = 0x20;
 
 fn put_str8(b: &mut BytesMut, s: &str) {
     // Ids are at most 63 bytes (checked by their constructors).
@@ -562,7 +575,7 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
         K_WELCOME => Message::Welcome,
         K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES | K_PEER_STATE
         | K_RESYNC_STATUS | K_ACTIVE_EXTENTS | K_MARK_DIRTY | K_FORGET_ACTIVITY
-        | K_FENCE_SESSIONS => {
+        | K_FENCE_SESSIONS | K_RECOVERED_EXTENTS | K_FORGET_EXTENTS => {
             let id = RequestId(r.u64()?);
             let epoch = Epoch(r.u64()?);
             let op = match kind {
@@ -632,6 +645,10 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                 K_ACTIVE_EXTENTS => Op::ActiveExtents,
                 K_FORGET_ACTIVITY => Op::ForgetActivity,
                 K_MARK_DIRTY => Op::MarkDirty {
+                    ranges: r.ranges()?,
+                },
+                K_RECOVERED_EXTENTS => Op::RecoveredExtents,
+                K_FORGET_EXTENTS => Op::ForgetExtents {
                     ranges: r.ranges()?,
                 },
                 _ => {
@@ -864,6 +881,9 @@ impl Rd {
             },
             13 => WireError::NotSource {
                 known: self.view()?,
+                reason: self.str16()?,
+            },
+            ERR_VOLUME_FAILED => WireError::VolumeFailed {
                 reason: self.str16()?,
             },
             other => return Err(self.invalid("error", format!("unknown error code {other}"))),

@@ -114,6 +114,8 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::ActiveExtents),
         Just(Op::ForgetActivity),
         ranges().prop_map(|ranges| Op::MarkDirty { ranges }),
+        Just(Op::RecoveredExtents),
+        ranges().prop_map(|ranges| Op::ForgetExtents { ranges }),
     ]
 }
 
@@ -144,6 +146,7 @@ fn wire_error() -> impl Strategy<Value = WireError> {
         (any::<u64>(), any::<u64>()).prop_map(|(len, max)| WireError::TooLarge { len, max }),
         "\\PC{0,200}".prop_map(|message| WireError::Io { message }),
         Just(WireError::NotTracking),
+        "\\PC{0,200}".prop_map(|reason| WireError::VolumeFailed { reason }),
         (session_kind(), any::<u64>(), any::<u64>()).prop_map(|(kind, s, f)| {
             WireError::StaleSession {
                 kind,

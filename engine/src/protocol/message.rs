@@ -170,6 +170,20 @@ pub enum Op {
     /// both replicas (after a final flush on both, or after marking them
     /// dirty on the resync source).
     ForgetActivity,
+    /// The byte ranges of the activity-log extents this replica recovered
+    /// when it opened the volume while it counted its peer in sync, not
+    /// reconciled since (the whole volume if its log was unreadable): what
+    /// a crash or power cut of its site may have taken from this copy.
+    /// Answered with [`Reply::Extents`]. A returning replica's are marked
+    /// dirty on the in-sync one before it catches up (`0x26`).
+    RecoveredExtents,
+    /// These ranges were reconciled (marked dirty on the peer): their
+    /// extents leave the recovered set and the activity log (once this
+    /// copy's writes to them are durable and none is in flight). Unlike
+    /// `ForgetActivity`, only what the caller marked (`0x27`).
+    ForgetExtents {
+        ranges: Vec<ByteRange>,
+    },
 }
 
 /// Which session a connection is: a client's kind and the generation it
@@ -257,6 +271,8 @@ impl Op {
             Op::ActiveExtents => "active_extents",
             Op::MarkDirty { .. } => "mark_dirty",
             Op::ForgetActivity => "forget_activity",
+            Op::RecoveredExtents => "recovered_extents",
+            Op::ForgetExtents { .. } => "forget_extents",
             Op::FenceSessions { .. } => "fence_sessions",
         }
     }
@@ -283,7 +299,7 @@ pub enum Reply {
     Data(Bytes),
     /// Answer to `ResyncStatus`.
     Resync(ResyncReport),
-    /// Answer to `ActiveExtents`.
+    /// Answer to `ActiveExtents` and `RecoveredExtents`.
     Extents(Vec<ByteRange>),
     /// Answer to every other request.
     Done,
@@ -319,6 +335,12 @@ pub enum WireError {
     Io { message: String },
     #[error("the replica tracks no out-of-sync peer, so it cannot mark regions dirty")]
     NotTracking,
+    /// The volume's copy on this replica can no longer be trusted (an
+    /// fdatasync of its data failed, so writes it acknowledged may be gone):
+    /// every request is refused until the replica restarts. The frontend
+    /// treats it as the loss of the replica.
+    #[error("replica volume failed: {reason}")]
+    VolumeFailed { reason: String },
     #[error(
         "stale {kind} session {seen}: the replica has fenced {kind} sessions below {floor} (a newer session of this client exists, or its client gave it up)"
     )]

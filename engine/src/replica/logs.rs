@@ -27,6 +27,15 @@
 //!   ([`VolumeLogs::mark_dirty`]) before it lets the peer rejoin, then
 //!   tells both to forget them ([`VolumeLogs::forget_activity`]).
 //!
+//! What a crash or power cut may have taken from this copy — the extents
+//! recovered at startup while the peer counted as in sync (the whole volume
+//! if the log was unreadable): the activity log keeps an extent until its
+//! writes are durable, so they cover every write that was only in the page
+//! cache — is reported to a frontend bringing this replica back
+//! ([`VolumeLogs::recovered_ranges`], `Op::RecoveredExtents`), which marks
+//! them dirty on the in-sync peer and then forgets exactly those
+//! ([`VolumeLogs::forget_extents`]).
+//!
 //! Why recovered activity-log extents are marked even while tracking,
 //! although every tracked write marks its regions before it writes: a copy
 //! may read a write from this replica's page cache that a power loss then
@@ -64,6 +73,7 @@ use crate::bitmap::{
     self, Bitmap, BitmapError, BitmapState, DEFAULT_GRANULARITY, Geometry, GeometryError,
     Granularity, MarkGuard,
 };
+use crate::data_sync::DataSync;
 use crate::protocol::{ByteRange, Epoch, ReplicaId, WireError};
 use crate::storage::Storage;
 
@@ -116,6 +126,8 @@ pub struct WriteGuards {
 /// The activity log and dirty bitmap of one open volume.
 pub struct VolumeLogs {
     al: ActivityLog,
+    /// The volume's size in bytes.
+    size: u64,
     bitmap: Bitmap,
     /// Mirrors "the bitmap tracks a peer" for the hot path (no lock).
     tracking: AtomicBool,
@@ -138,18 +150,22 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl VolumeLogs {
     /// Opens both logs and runs startup recovery, for a replica that knows
-    /// no record (see [`VolumeLogs::open_as`]). `volume` names it in logs.
+    /// no record (see [`VolumeLogs::open_as`]). `volume` names it in logs;
+    /// `data` tracks the syncs of its data file (the activity log keeps an
+    /// extent until its writes are durable).
     pub async fn open(
         volume: &str,
         size: u64,
         meta_storage: Arc<dyn Storage>,
         bitmap_storage: Arc<dyn Storage>,
+        data: Arc<DataSync>,
     ) -> Result<Arc<Self>, LogsError> {
         Self::open_as(
             volume,
             size,
             meta_storage,
             bitmap_storage,
+            data,
             SyncRole::Unknown,
         )
         .await
@@ -162,9 +178,11 @@ impl VolumeLogs {
         size: u64,
         meta_storage: Arc<dyn Storage>,
         bitmap_storage: Arc<dyn Storage>,
+        data: Arc<DataSync>,
         role: SyncRole,
     ) -> Result<Arc<Self>, LogsError> {
-        let (al, recovery) = ActivityLog::open(meta_storage, al_config(size)?).await?;
+        let (al, recovery) =
+            ActivityLog::open_tracking(meta_storage, al_config(size)?, data).await?;
         let bitmap = Bitmap::open(bitmap_storage, geometry(size)?).await?;
         let logs = Arc::new(Self {
             tracking: AtomicBool::new(false),
@@ -174,6 +192,7 @@ impl VolumeLogs {
             unreconciled: std::sync::Mutex::new(Vec::new()),
             peer_change: tokio::sync::Mutex::new(()),
             al,
+            size,
             bitmap,
         });
         logs.recover(volume, recovery, role).await?;
@@ -207,16 +226,18 @@ impl VolumeLogs {
                         *lock(&self.unreconciled) =
                             ext.iter().map(|e| cfg.byte_range(*e)).collect();
                     }
-                    Recovery::Lost { slot0, slot1 } if role == SyncRole::BothInSync => {
+                    Recovery::Lost { slot0, slot1 } => {
                         tracing::warn!(
                             volume, %slot0, %slot1,
-                            "activity log unreadable while in sync: the replicas may differ anywhere written last; a full resync is advised"
+                            "activity log unreadable: this copy may have lost writes anywhere; the whole volume counts as possibly lost"
                         );
-                        *lock(&self.full_copy) = Some(FullCopy(
-                            "the activity log was unreadable at startup".to_owned(),
-                        ));
+                        if role == SyncRole::BothInSync {
+                            *lock(&self.full_copy) = Some(FullCopy(
+                                "the activity log was unreadable at startup".to_owned(),
+                            ));
+                        }
+                        *lock(&self.unreconciled) = std::iter::once(0..self.size).collect();
                     }
-                    Recovery::Lost { .. } => {}
                 }
             }
             (BitmapState::Tracking { peer, since }, Recovery::Extents(ext)) => {
@@ -259,16 +280,18 @@ impl VolumeLogs {
             (BitmapState::Clean, Recovery::Lost { slot0, slot1 }) => {
                 tracing::warn!(
                     volume, %slot0, %slot1,
-                    "activity log unreadable while in sync: the replicas may differ anywhere written last; a full resync is advised"
+                    "activity log unreadable while in sync: the replicas may differ anywhere written last; the whole volume counts as possibly lost"
                 );
                 *lock(&self.full_copy) = Some(FullCopy(
                     "the activity log was unreadable at startup".to_owned(),
                 ));
+                *lock(&self.unreconciled) = std::iter::once(0..self.size).collect();
             }
             (BitmapState::Untrusted(reason), recovery) => {
-                if let Recovery::Extents(ext) = &recovery {
-                    *lock(&self.unreconciled) = ext.iter().map(|e| cfg.byte_range(*e)).collect();
-                }
+                *lock(&self.unreconciled) = match &recovery {
+                    Recovery::Extents(ext) => ext.iter().map(|e| cfg.byte_range(*e)).collect(),
+                    Recovery::Lost { .. } => std::iter::once(0..self.size).collect(),
+                };
                 tracing::warn!(
                     volume, %reason,
                     "dirty bitmap cannot be trusted: the next resync copies the whole volume"
@@ -433,6 +456,9 @@ impl VolumeLogs {
                 tracing::warn!(volume, peer = %peer, reason = %why, "full resync: every region marked dirty");
                 self.bitmap.reset_all_dirty(peer.clone(), epoch).await?;
                 *lock(&self.full_copy) = Some(FullCopy(why));
+                // Everything is dirty: nothing recovered is left to mark.
+                lock(&self.unreconciled).clear();
+                self.al.release_recovered();
             }
         }
         self.tracking.store(true, Ordering::SeqCst);
@@ -475,6 +501,54 @@ impl VolumeLogs {
                 len: r.end - r.start,
             })
             .collect()
+    }
+
+    /// The byte ranges recovered at startup while the peer counted as in
+    /// sync and not reconciled since: what a crash or power cut may have
+    /// taken from this copy (the whole volume if the activity log was
+    /// unreadable).
+    pub fn recovered_ranges(&self) -> Vec<ByteRange> {
+        lock(&self.unreconciled)
+            .iter()
+            .filter(|r| r.end > r.start)
+            .map(|r| ByteRange {
+                offset: r.start,
+                len: r.end - r.start,
+            })
+            .collect()
+    }
+
+    /// `ranges` were reconciled (marked dirty on the peer): they leave the
+    /// recovered set, and their extents the activity log once durable and
+    /// idle (see [`ActivityLog::forget_extents`]).
+    pub async fn forget_extents(
+        &self,
+        volume: &str,
+        ranges: &[ByteRange],
+    ) -> Result<(), WireError> {
+        let byte_ranges: Vec<std::ops::Range<u64>> = ranges
+            .iter()
+            .map(|r| r.offset..r.offset.saturating_add(r.len))
+            .collect();
+        match self.al.forget_extents(&byte_ranges).await {
+            Ok(dropped) => {
+                let mut left = lock(&self.unreconciled);
+                *left = subtract(&left, &byte_ranges);
+                tracing::info!(
+                    volume,
+                    dropped,
+                    ranges = ranges.len(),
+                    still_recovered = left.len(),
+                    "reconciled activity-log extents forgotten"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                tracing::error!(volume, error = %message, "cannot forget activity-log extents");
+                Err(WireError::Io { message })
+            }
+        }
     }
 
     /// Durably marks `ranges` dirty for the tracked peer (a new frontend's
@@ -570,6 +644,26 @@ impl VolumeLogs {
     }
 }
 
+/// `from` without the bytes of `minus` (both lists of byte ranges).
+fn subtract(
+    from: &[std::ops::Range<u64>],
+    minus: &[std::ops::Range<u64>],
+) -> Vec<std::ops::Range<u64>> {
+    let mut out = from.to_vec();
+    for m in minus.iter().filter(|m| m.end > m.start) {
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                let left = (r.start < m.start).then(|| r.start..r.end.min(m.start));
+                let right = (r.end > m.end).then(|| r.start.max(m.end)..r.end);
+                left.into_iter().chain(right)
+            })
+            .filter(|r| r.end > r.start)
+            .collect();
+    }
+    out
+}
+
 /// Creates the bitmap file of a new volume (blocking).
 pub fn create_bitmap(storage: &dyn Storage, size: u64) -> Result<(), super::PoolError> {
     let g = geometry(size).map_err(|e| super::PoolError::BadSize {
@@ -610,6 +704,7 @@ mod tests {
             v.meta.size,
             Arc::new(v.meta_storage),
             Arc::new(v.bitmap_storage),
+            DataSync::new(id.as_str(), Arc::new(v.data)),
         )
         .await
         .expect("open logs")
@@ -744,6 +839,7 @@ mod tests {
             v.meta.size,
             Arc::new(v.meta_storage),
             Arc::new(v.bitmap_storage),
+            DataSync::new(id.as_str(), Arc::new(v.data)),
             role,
         )
         .await
@@ -836,5 +932,79 @@ mod tests {
         // Back in sync only once nothing is dirty.
         logs.peer_rejoined("v1").await.expect("rejoined");
         assert!(logs.is_tracking());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn what_a_crash_may_have_taken_is_reported_until_exactly_it_is_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, SIZE).expect("create");
+        let logs = open(&pool, &id).await;
+        assert!(logs.recovered_ranges().is_empty(), "nothing before a crash");
+        let l = logs.clone();
+        tokio::task::spawn_blocking(move || {
+            drop(l.before_write(0, 4096, false).expect("logged"));
+            drop(l.before_write(8 << 20, 4096, false).expect("logged"));
+        })
+        .await
+        .expect("join");
+        assert!(
+            logs.recovered_ranges().is_empty(),
+            "live extents are not lost"
+        );
+        drop(logs);
+        // The crash (or power cut): both extents may hold lost writes.
+        let logs = open(&pool, &id).await;
+        let four = 4 << 20;
+        assert_eq!(
+            logs.recovered_ranges(),
+            vec![
+                ByteRange {
+                    offset: 0,
+                    len: four
+                },
+                ByteRange {
+                    offset: 8 << 20,
+                    len: four
+                }
+            ]
+        );
+        // The frontend marked the first one: only it is forgotten.
+        logs.forget_extents(
+            "v1",
+            &[ByteRange {
+                offset: 0,
+                len: four,
+            }],
+        )
+        .await
+        .expect("forget");
+        assert_eq!(
+            logs.recovered_ranges(),
+            vec![ByteRange {
+                offset: 8 << 20,
+                len: four
+            }]
+        );
+        assert_eq!(
+            logs.active_ranges(),
+            vec![ByteRange {
+                offset: 8 << 20,
+                len: four
+            }],
+            "the other stays pinned in the log"
+        );
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // lists of ranges, not ranges
+    fn subtracting_ranges_keeps_what_is_outside() {
+        assert_eq!(subtract(&[0..10, 20..30], &[5..25]), vec![0..5, 25..30]);
+        assert_eq!(
+            subtract(&[0..10], &[0..10]),
+            Vec::<std::ops::Range<u64>>::new()
+        );
+        assert_eq!(subtract(&[0..10], &[3..4, 12..13]), vec![0..3, 4..10]);
     }
 }

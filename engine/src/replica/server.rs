@@ -450,12 +450,14 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
         opened.bitmap_storage,
     );
     let meta_storage = files.meta;
+    let sync = crate::data_sync::DataSync::new(id.as_str(), files.data.clone());
     let role = SyncRole::of(opened.meta.view.as_ref());
     let logs = VolumeLogs::open_as(
         id.as_str(),
         opened.meta.size,
         meta_storage.clone(),
         files.bitmap,
+        sync.clone(),
         role,
     )
     .await
@@ -466,6 +468,7 @@ async fn open_volume(shared: &Arc<Shared>, id: &VolumeId) -> Result<Arc<Volume>,
     })?;
     let volume = Volume::start(
         files.data,
+        sync,
         meta_storage,
         opened.meta,
         logs,

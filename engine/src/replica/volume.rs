@@ -18,7 +18,12 @@
 //!   and for the check of resync sessions (`super::direction`);
 //! - every connection is a session ([`super::sessions`]): a request runs
 //!   only while its session is not fenced, so nothing a client gave up on
-//!   lands later.
+//!   lands later;
+//! - every fdatasync of the data file goes through [`DataSync`]: the
+//!   activity log learns which writes are durable, and a failed sync stops
+//!   the volume for good — every later request (`Open` included) is refused
+//!   with `VolumeFailed`, so that no flush is acknowledged for pages the
+//!   kernel dropped, and the frontend takes the replica out.
 //!
 //! Fencing is exact: a data request counts itself in flight *before* it
 //! checks the epoch (and its session), and raising the epoch sets the new
@@ -38,6 +43,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::data_sync::{DataSync, SyncFailed};
 use crate::metrics::{IoOp, OpHandles};
 use crate::protocol::{
     Epoch, MAX_IO_BYTES, Op, ReplicaId, Reply, ResyncReport, Session, SessionGen, SessionKind,
@@ -122,6 +128,8 @@ pub struct Volume {
     id: VolumeId,
     size: u64,
     data: Arc<dyn Storage>,
+    /// The data file's syncs (shared with the activity log).
+    sync: Arc<DataSync>,
     gate: Arc<EpochGate>,
     meta_tx: mpsc::Sender<MetaCommand>,
     metrics: OpHandles,
@@ -434,6 +442,12 @@ impl MetaOwner {
     }
 }
 
+fn failed(f: &SyncFailed) -> WireError {
+    WireError::VolumeFailed {
+        reason: f.to_string(),
+    }
+}
+
 fn io_error(e: &StorageError) -> WireError {
     tracing::error!(error = %crate::error_chain(e), "storage error");
     WireError::Io {
@@ -443,8 +457,10 @@ fn io_error(e: &StorageError) -> WireError {
 
 impl Volume {
     /// Wraps opened files; spawns the metadata owner on the current runtime.
+    /// `sync` tracks the syncs of `data` (the one `logs` was opened with).
     pub fn start(
         data: Arc<dyn Storage>,
+        sync: Arc<DataSync>,
         meta_storage: Arc<dyn Storage>,
         current: Metadata,
         logs: Arc<VolumeLogs>,
@@ -473,6 +489,7 @@ impl Volume {
             id,
             size,
             data,
+            sync,
             gate,
             meta_tx,
             metrics,
@@ -561,7 +578,20 @@ impl Volume {
     /// epoch gate (the resync is this replica's own work, not a request).
     /// Blocking.
     pub fn read_local(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        if let Some(f) = self.sync.failure() {
+            return Err(StorageError {
+                op: "read for the resync",
+                target: f.target.clone(),
+                offset,
+                source: std::io::Error::other(f.to_string()),
+            });
+        }
         self.data.read_at(buf, offset)
+    }
+
+    /// Why this copy stopped serving, if it did (a failed fdatasync).
+    pub fn failure(&self) -> Option<&SyncFailed> {
+        self.sync.failure()
     }
 
     pub fn id(&self) -> &VolumeId {
@@ -601,6 +631,7 @@ impl Volume {
         session: Session,
         claim: Option<SyncClaim>,
     ) -> Result<(Reply, Arc<SessionGate>), WireError> {
+        self.sync.check().map_err(|f| failed(&f))?;
         if let Some(expected) = expected_size
             && expected != self.size
         {
@@ -723,6 +754,7 @@ impl Volume {
         change: PeerChange,
     ) -> Result<Reply, WireError> {
         via.check()?;
+        self.sync.check().map_err(|f| failed(&f))?;
         let (reply, rx) = oneshot::channel();
         self.meta_tx
             .send(MetaCommand::PeerState {
@@ -806,6 +838,8 @@ impl Volume {
             | Op::ActiveExtents
             | Op::MarkDirty { .. }
             | Op::ForgetActivity
+            | Op::RecoveredExtents
+            | Op::ForgetExtents { .. }
             | Op::FenceSessions { .. } => (IoOp::Open, 0),
             Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
             Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
@@ -874,6 +908,9 @@ impl Volume {
         // Early refusal; the exact check is `admit`.
         self.gate.check(epoch)?;
         session.check()?;
+        // After a failed sync nothing this copy says can be trusted: no
+        // read (it may return what the kernel dropped), no write, no flush.
+        self.sync.check().map_err(|f| failed(&f))?;
         let writes = matches!(
             op,
             Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }
@@ -884,6 +921,7 @@ impl Volume {
             Some(self.admit(epoch, session)?)
         };
         let data = &self.data;
+        let sync = || self.sync.sync().map_err(|f| failed(&f));
         let r = match op {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
             // Handled by the connection (`peer_state`, `fence_sessions`),
@@ -910,11 +948,13 @@ impl Volume {
                     .logs
                     .before_write(offset, bytes.len() as u64, mirrored)?;
                 let _admitted = self.admit(epoch, session)?;
-                data.write_at(&bytes, offset)
-                    .and_then(|()| if fua { data.sync() } else { Ok(()) })
-                    .map(|()| Reply::Done)
+                data.write_at(&bytes, offset).map_err(|e| io_error(&e))?;
+                if fua {
+                    sync()?;
+                }
+                return Ok(Reply::Done);
             }
-            Op::Flush => data.sync().map(|()| Reply::Done),
+            Op::Flush => return sync().map(|()| Reply::Done),
             Op::Trim {
                 offset,
                 len,
@@ -936,13 +976,11 @@ impl Volume {
                 self.in_pieces(epoch, session, offset, u64::from(len), mirrored, |o, l| {
                     data.zero(o, l)
                 })?;
-                let synced = if fua {
+                if fua {
                     let _admitted = self.admit(epoch, session)?;
-                    data.sync()
-                } else {
-                    Ok(())
-                };
-                synced.map(|()| Reply::Done)
+                    sync()?;
+                }
+                return Ok(Reply::Done);
             }
             Op::ResyncStatus => {
                 let bitmap = self.logs.bitmap();
@@ -971,6 +1009,16 @@ impl Volume {
                 return self
                     .runtime
                     .block_on(self.logs.forget_activity(self.id.as_str()))
+                    .map(|()| Reply::Done);
+            }
+            Op::RecoveredExtents => return Ok(Reply::Extents(self.logs.recovered_ranges())),
+            Op::ForgetExtents { ranges } => {
+                for r in &ranges {
+                    self.check_range(r.offset, r.len, false)?;
+                }
+                return self
+                    .runtime
+                    .block_on(self.logs.forget_extents(self.id.as_str(), &ranges))
                     .map(|()| Reply::Done);
             }
         };
@@ -1023,17 +1071,21 @@ mod tests {
         let opened = pool.open_volume(&id).expect("open");
         let metrics = crate::metrics::Metrics::new("test");
         let meta_storage: Arc<dyn Storage> = Arc::new(opened.meta_storage);
+        let data: Arc<dyn Storage> = Arc::new(opened.data);
+        let sync = DataSync::new("v1", data.clone());
         let logs = VolumeLogs::open_as(
             "v1",
             opened.meta.size,
             meta_storage.clone(),
             Arc::new(opened.bitmap_storage),
+            sync.clone(),
             SyncRole::of(opened.meta.view.as_ref()),
         )
         .await
         .expect("logs");
         Volume::start(
-            Arc::new(opened.data),
+            data,
+            sync,
             meta_storage,
             opened.meta,
             logs,
@@ -1252,5 +1304,106 @@ mod tests {
             write(&volume, &gate, 1).await,
             Err(WireError::NotSource { .. })
         ));
+    }
+
+    /// A volume of `pool` whose data file fails as `plan` says, through a
+    /// volatile cache (a failed sync drops the cached pages, as Linux does).
+    #[cfg(feature = "failpoints")]
+    async fn faulty_volume(
+        dir: &std::path::Path,
+        plan: Arc<crate::storage::FaultPlan>,
+    ) -> Arc<Volume> {
+        let pool = super::super::Pool::open(dir).expect("pool");
+        let id = VolumeId::new("v1").expect("valid");
+        pool.create_volume(&id, 1 << 20).expect("create");
+        let opened = pool.open_volume(&id).expect("open");
+        let meta_storage: Arc<dyn Storage> = Arc::new(opened.meta_storage);
+        let data: Arc<dyn Storage> = Arc::new(crate::storage::FaultyStorage::volatile(
+            opened.data,
+            "data",
+            plan,
+            crate::storage::DEFAULT_CACHE_LIMIT,
+        ));
+        let sync = DataSync::new("v1", data.clone());
+        let logs = VolumeLogs::open(
+            "v1",
+            opened.meta.size,
+            meta_storage.clone(),
+            Arc::new(opened.bitmap_storage),
+            sync.clone(),
+        )
+        .await
+        .expect("logs");
+        let metrics = crate::metrics::Metrics::new("test");
+        Volume::start(
+            data,
+            sync,
+            meta_storage,
+            opened.meta,
+            logs,
+            metrics.handles("v1", ""),
+        )
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[tokio::test(flavor = "multi_thread")]
+    async fn after_a_failed_fdatasync_the_volume_refuses_everything_for_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plan = crate::storage::FaultPlan::new();
+        let v = faulty_volume(dir.path(), plan.clone()).await;
+        let (_, gate) = v
+            .open(Epoch(1), None, frontend(1), None)
+            .await
+            .expect("open");
+        let run = |op: Op| {
+            let (v, gate) = (v.clone(), gate.clone());
+            async move {
+                tokio::task::spawn_blocking(move || v.execute_blocking(Epoch(1), &gate, op))
+                    .await
+                    .expect("join")
+            }
+        };
+        let write = || Op::Write {
+            offset: 0,
+            fua: false,
+            mirrored: false,
+            data: bytes::Bytes::from_static(&[9; 4096]),
+        };
+        assert_eq!(run(write()).await, Ok(Reply::Done));
+        assert_eq!(run(Op::Flush).await, Ok(Reply::Done));
+        assert_eq!(run(write()).await, Ok(Reply::Done));
+        plan.inject("data::sync", 0, Some(1), crate::storage::FaultAction::Fail);
+        let refused = |r: Result<Reply, WireError>| matches!(r, Err(WireError::VolumeFailed { ref reason }) if reason.contains("fdatasync failed"));
+        assert!(refused(run(Op::Flush).await), "the failed flush");
+        // The storage would now sync fine (the pages are gone): a later
+        // flush must not be acknowledged as if they were durable.
+        assert!(refused(run(Op::Flush).await), "a later flush");
+        assert!(refused(run(write()).await), "a later write");
+        assert!(
+            refused(
+                run(Op::Read {
+                    offset: 0,
+                    len: 4096
+                })
+                .await
+            ),
+            "a read"
+        );
+        assert!(
+            refused(
+                v.open(Epoch(2), None, frontend(2), None)
+                    .await
+                    .map(|(r, _)| r)
+            ),
+            "an open"
+        );
+        assert_eq!(
+            plan.hits("data::sync"),
+            2,
+            "one good sync, one failed, no more"
+        );
+        assert!(v.failure().is_some());
+        let mut buf = [0u8; 16];
+        assert!(v.read_local(&mut buf, 0).is_err(), "no resync from it");
     }
 }

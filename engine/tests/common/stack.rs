@@ -47,6 +47,9 @@ pub struct StackOptions {
     /// frontends with `--arbiter` (lease, epoch, degraded operation)
     /// instead of `--epoch`.
     pub arbiter: bool,
+    /// Extra arguments of every replica start (e.g. `--storage-faults
+    /// volatile`: a kill is then a power cut of the replica's site).
+    pub replica_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -61,6 +64,7 @@ impl Default for StackOptions {
             metrics: false,
             arbiter: false,
             netns: false,
+            replica_args: vec![],
         }
     }
 }
@@ -167,6 +171,13 @@ impl Stack {
     /// (Re)starts replica `i` (0 = "a", 1 = "b") on its pool, on the same
     /// address as before if it had one.
     pub fn start_replica(&mut self, i: usize) {
+        let extra = self.opts.replica_args.clone();
+        self.start_replica_with(i, &extra);
+    }
+
+    /// Like [`Stack::start_replica`], with `extra` arguments instead of the
+    /// stack's `replica_args`.
+    pub fn start_replica_with(&mut self, i: usize, extra: &[String]) {
         let r = &self.replicas[i];
         let site = self.sites.get(i).map(|s| (s.ns.clone(), s.ns_ip.clone()));
         let listen = if !r.addr.is_empty() {
@@ -192,6 +203,7 @@ impl Stack {
         if !peer.addr.is_empty() {
             args.extend(["--peer".into(), format!("{}={}", peer.name, peer.addr)]);
         }
+        args.extend(extra.iter().cloned());
         let name = format!("replica-{}", r.name);
         let proc = start_proc_in(
             &name,

@@ -81,7 +81,6 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
         move_home_cooldown: Duration::from_secs(300),
     };
     let lease = Duration::from_millis(p.lease_ms);
-    let margin = Duration::from_millis(p.margin_ms);
     let a = FrontendId("room-a-n1/fe".into());
     let b = FrontendId("room-b-n1/fe".into());
     let mut rec = VolumeRecord::new(Version("0".into()), BTreeSet::from([r(A), r(B)]))
@@ -89,12 +88,13 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
             Change::AcquireLease {
                 holder: a.clone(),
                 duration: lease,
-                margin,
                 now_ms: wall(0, p.skew_a),
+                replaces: None,
             },
             Version("1".into()),
         )
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let a_lease = rec.lease.as_ref().expect("just acquired").id();
     let mut a_valid_until = p.lease_ms;
     let mut a_fenced = false;
     let mut a_next_renew = p.lease_ms / 3;
@@ -119,7 +119,7 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
             if !a_fenced && t >= a_next_renew {
                 match rec.apply(
                     Change::RenewLease {
-                        holder: a.clone(),
+                        lease: a_lease.clone(),
                         now_ms: wall(t, p.skew_a),
                     },
                     rec.version.clone(),
@@ -192,7 +192,8 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
                     all_done = false;
                     continue;
                 }
-                match record::fence(&rec, &r(A), wall(t, p.skew_op), margin) {
+                // The lease it watched expire is the one read now.
+                match record::fence(&rec, &r(A), wall(t, p.skew_op), rec.lease.clone()) {
                     Ok(next) => {
                         if next.epoch != rec.epoch {
                             bumps += 1;
@@ -215,8 +216,8 @@ fn simulate(p: &Params, end: u64) -> Result<Outcome, TestCaseError> {
                 Change::AcquireLease {
                     holder: b.clone(),
                     duration: lease,
-                    margin,
                     now_ms: wall(t, 0),
+                    replaces: None,
                 },
                 rec.version.clone(),
             )

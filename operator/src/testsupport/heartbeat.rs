@@ -13,6 +13,7 @@ use serde_json::json;
 use twinvol_crds::NodeName;
 use twinvol_csi_driver::arbiter::KubeArbiter;
 use twinvol_engine::arbiter::FrontendId;
+use twinvol_engine::clock::WallClock;
 use twinvol_engine::frontend::lease::{self, LeaseConfig, LeaseState};
 
 use crate::annotations;
@@ -121,6 +122,7 @@ async fn hold_frontend(client: Client, opts: Options, volume: String, node: Stri
         holder: FrontendId(format!("{node}/test-frontend-{}", std::process::id())),
         duration: opts.lease_duration,
         margin: opts.lease_margin,
+        wall_clock: WallClock::system(),
     };
     match lease::acquire(arbiter.as_ref(), &config, Duration::from_secs(300)).await {
         Ok((record, guard)) => {
