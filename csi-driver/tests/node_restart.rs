@@ -125,6 +125,8 @@ fn start_fio(file: &Path, runtime_s: u32, out: &Path) -> std::process::Child {
             "--verify=crc32c",
             "--verify_backlog=512",
             "--verify_fatal=1",
+            // No verify state file in the working directory (the crate).
+            "--verify_state_save=0",
             "--time_based",
             &format!("--runtime={runtime_s}"),
             &format!("--output={}", out.display()),

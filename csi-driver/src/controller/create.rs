@@ -12,8 +12,10 @@
 //! **Delete** refuses a volume still published to a node, removes the
 //! finalizers of Sites where no replica was ever placed (nobody else
 //! would), and deletes the object; the node plugins hosting its replicas
-//! stop their servers, remove the data and drop their finalizer. An
-//! unknown volume is already deleted: OK.
+//! stop their servers, remove the data and drop their finalizer. It waits
+//! up to 15 s for the object to go (a Create of the same name meanwhile is
+//! Aborted, to be retried), then returns either way. An unknown volume is
+//! already deleted: OK.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +35,9 @@ use crate::proto::csi::{
 use crate::volume;
 
 use super::ControllerService;
+
+/// How long DeleteVolume waits for the node plugins to remove the data.
+const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The Sites named by a topology requirement, preferred first, each once.
 fn topology_sites(requirement: Option<&TopologyRequirement>) -> Vec<String> {
@@ -122,9 +127,9 @@ fn check_existing(
         None => return Err(conflict("it was not created by this driver".into())),
     }
     if existing.meta().deletion_timestamp.is_some() {
-        return Err(CsiError::Precondition {
-            volume: name,
-            detail: "it is being deleted; create it again once it is gone".into(),
+        // Transient: the node plugins are removing its replicas' data.
+        return Err(CsiError::OperationInProgress {
+            volume: format!("{name} (its deletion is still running)"),
         });
     }
     let size = volume::size_bytes(existing)?;
@@ -335,7 +340,22 @@ impl ControllerService {
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(CsiError::kube(format!("deleting MirroredVolume {name}"), e)),
         }
-        tracing::info!(volume = %name, "deleted (replica data removed by the node plugins)");
+        // The node plugins remove the replicas' data within moments of the
+        // deletion; waiting (bounded) for the object to go means that a
+        // volume created again under the same name right after is a new one.
+        let deadline = std::time::Instant::now() + DELETE_WAIT;
+        while std::time::Instant::now() < deadline {
+            match volume::get(&self.volumes, &name).await {
+                Ok(None) => {
+                    tracing::info!(volume = %name, "deleted; the node plugins removed the replicas' data");
+                    return Ok(());
+                }
+                Ok(Some(_)) | Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                }
+            }
+        }
+        tracing::info!(volume = %name, "deleted; the node plugins are still removing the replicas' data (a node may be down)");
         Ok(())
     }
 }

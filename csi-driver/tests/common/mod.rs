@@ -364,6 +364,28 @@ impl Bed {
                 }
             }
         }
+        // And any process of ours the pid files missed (one started in the
+        // moment its plugin was killed): its command line names the bed.
+        let needle = root.as_os_str().as_encoded_bytes();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for entry in procs.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|p| p.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if pid != std::process::id() as i32
+                    && cmdline
+                        .split(|b| *b == 0)
+                        .any(|a| a.windows(needle.len()).any(|w| w == needle))
+                {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
         for m in mounted.iter().filter(|p| p.ends_with("fuse")) {
             let _ = Command::new("umount").arg("-l").arg(m).output();
         }
