@@ -31,7 +31,7 @@ run_stage() {
   t1=$(date +%s.%N)
   stages+=("$name")
   times+=("$(printf '%.1f' "$(echo "$t1 - $t0" | bc)")")
-  peak+=("$(( $(cat "$TWINVOL_CACHE/.stage-rss" 2>/dev/null || echo 0) / 1024 ))")
+  peak+=("$(( $(tail -n1 "$TWINVOL_CACHE/.stage-rss" 2>/dev/null | grep -E "^[0-9]+$" || echo 0) / 1024 ))")
   if [ "$rc" -ne 0 ]; then
     summary
     echo "FAILED at stage: $name (exit $rc)"

@@ -29,22 +29,6 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_in_powers_of_1024() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("2k"), Ok(2048));
-        assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
-}
-
 /// Parses a duration as people write it on a command line: `N` (seconds),
 /// `Nms`, `Ns` or `Nm`. Shared by every binary's flags.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -59,5 +43,21 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "s" => Ok(std::time::Duration::from_secs(n)),
         "m" => Ok(std::time::Duration::from_secs(n * 60)),
         _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1024() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 }
