@@ -76,6 +76,11 @@ pub struct HeartbeatConfig {
     pub pool: PathBuf,
     /// The node-local report of the last successful renewal.
     pub report: PathBuf,
+    /// Tests only: this node's wall clock runs this far ahead (behind if
+    /// negative) in the `renewTime` it writes, which nobody may decide
+    /// anything from.
+    #[serde(default)]
+    pub wall_clock_offset_ms: i64,
 }
 
 mod millis {
@@ -176,7 +181,13 @@ pub fn pool_space(path: &Path) -> CsiResult<(u64, u64)> {
 
 fn lease_object(config: &HeartbeatConfig, existing: Option<&Lease>) -> CsiResult<Lease> {
     let (free, total) = pool_space(&config.pool)?;
-    let now = MicroTime(Timestamp::now());
+    let wall = twinvol_engine::clock::WallClock::offset(config.wall_clock_offset_ms).now_ms();
+    let now = MicroTime(
+        i64::try_from(wall)
+            .ok()
+            .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+            .unwrap_or_else(Timestamp::now),
+    );
     let mut lease = existing.cloned().unwrap_or_else(|| Lease {
         metadata: ObjectMeta {
             name: Some(node_lease_name(&config.node)),
@@ -353,6 +364,7 @@ mod tests {
             stale_after: Duration::from_millis(4500),
             pool: dir.to_owned(),
             report: report_path(dir),
+            wall_clock_offset_ms: 0,
         }
     }
 

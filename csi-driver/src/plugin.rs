@@ -184,6 +184,7 @@ pub async fn run_node(opts: NodeOptions) -> CsiResult<()> {
         stale_after: opts.heartbeat_stale_after,
         pool: pool_root,
         report: heartbeat::report_path(&config.state_dir),
+        wall_clock_offset_ms: 0,
     };
     let heartbeat_files = heartbeat::process_files(&config.state_dir);
     heartbeat::ensure(&config.launch, &heartbeat_files, &heartbeat).await?;

@@ -258,7 +258,9 @@ impl Bed {
             .arg(node.kubelet_dir())
             .arg("--secret-file")
             .arg(&self.secret)
-            .args(["--heartbeat-period", "2s", "--heartbeat-stale-after", "10s"])
+            // Short, as in production: the frontends' liveness is this
+            // heartbeat (renewed by a process that outlives the plugin).
+            .args(["--heartbeat-period", "1s", "--heartbeat-stale-after", "4s"])
             .args(["--health-listen", &format!("{}:0", node.net.ns_ip)])
             .args(extra);
         let plugin = spawn(command, &log, node.socket());
