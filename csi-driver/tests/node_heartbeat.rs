@@ -103,6 +103,7 @@ fn lease_config(node: &str, offset_ms: i64) -> LeaseConfig {
         duration: DURATION,
         margin: MARGIN,
         wall_clock: WallClock::offset(offset_ms),
+        reclaim_own: false,
     }
 }
 

@@ -143,6 +143,10 @@ pub async fn run(spec: FrontendSpec, client: Client) -> Result<(), DataPlaneErro
                 duration: Duration::from_millis(spec.lease_duration_ms),
                 margin: Duration::from_millis(spec.lease_margin_ms),
                 wall_clock: WallClock::system(),
+                // `run_frontend` holds the volume's instance lock on this
+                // node: a lease under this node's name is a dead
+                // predecessor's (a node back from a power cut).
+                reclaim_own: spec.heartbeat.is_some(),
             },
             replica_timeout: Duration::from_millis(spec.replica_timeout_ms),
             acquire_timeout: Duration::from_secs(600),

@@ -68,6 +68,15 @@ pub struct LeaseConfig {
     pub margin: Duration,
     /// The wall clock recorded at the arbiter (offset only in tests).
     pub wall_clock: WallClock,
+    /// A lease held under this same holder name is a predecessor the
+    /// caller *knows* dead, to be taken at once (still bumping the epoch,
+    /// which fences anything of it still in flight) instead of waiting for
+    /// it to expire. Only for a caller that can know: the CSI frontend,
+    /// named after its node and holding the volume's instance lock on that
+    /// node (which the kernel releases only when its holder died) — its
+    /// node's heartbeat goes on while the predecessor is dead, so waiting
+    /// for that would be waiting forever.
+    pub reclaim_own: bool,
 }
 
 /// Why the lease could not be acquired.
@@ -376,6 +385,10 @@ pub async fn acquire<A: Arbiter>(
         }
         let replaces = match &record.lease {
             None => None,
+            Some(lease) if config.reclaim_own && lease.holder == config.holder => {
+                tracing::warn!(lease = %lease.id(), "the lease is held under this frontend's own name by a predecessor known dead: taking it over at once (the epoch bump fences what it left in flight)");
+                Some(lease.clone())
+            }
             Some(lease) => {
                 let liveness = match arbiter.liveness(lease).await {
                     Ok(l) => l,

@@ -31,6 +31,7 @@ fn cfg(holder: &str, duration_ms: u64, margin_ms: u64) -> LeaseConfig {
         duration: Duration::from_millis(duration_ms),
         margin: Duration::from_millis(margin_ms),
         wall_clock: WallClock::system(),
+        reclaim_own: false,
     }
 }
 
