@@ -12,7 +12,11 @@
 //! over). It is a detached data-plane process of its own, `twinvol-csi
 //! --mode heartbeat --spec FILE`, started and re-adopted by the node
 //! service like the frontends ([`ensure`], [`supervise`]); its own
-//! session, its own log, the data plane's cgroup.
+//! session, its own log, the data plane's cgroup. It stops by itself once
+//! it has seen, for [`ORPHAN_GRACE`], neither a node service (whose pid the
+//! service writes to `service.pid` beside the renewer's spec) nor any
+//! frontend running on the node — the plugin was uninstalled — so that
+//! nothing renews a heartbeat for a node that serves nothing.
 //!
 //! # The node-local report
 //!
@@ -95,6 +99,62 @@ mod millis {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_millis)
     }
+}
+
+/// How long the renewer goes on with neither a node service nor a frontend
+/// on the node before it stops (longer than any restart of the service).
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(60);
+
+/// What the renewer checks to tell that it is no longer needed.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    /// The node service's pid file (`service.pid` beside the spec).
+    pub service_pid: PathBuf,
+    /// The node's state directory (its frontends).
+    pub state_dir: PathBuf,
+}
+
+impl Orphan {
+    /// Beside the renewer's spec `<state-dir>/heartbeat/heartbeat.json`.
+    pub fn for_spec(spec: &Path) -> Option<Self> {
+        let dir = spec.parent()?;
+        Some(Self {
+            service_pid: dir.join("service.pid"),
+            state_dir: dir.parent()?.to_owned(),
+        })
+    }
+
+    /// Neither the node service nor any frontend of the node runs.
+    pub fn orphaned(&self) -> bool {
+        let service = std::fs::read_to_string(&self.service_pid)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .is_some_and(alive);
+        let frontends = crate::node::state::VolumeDir::all(&self.state_dir)
+            .iter()
+            .any(|v| v.frontend().running().is_some());
+        !service && !frontends
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with(['Z', 'X'])
+    })
+}
+
+/// Records the node service's pid for the renewer ([`Orphan`]).
+pub fn record_service(state_dir: &Path) -> CsiResult<()> {
+    let dir = state_dir.join("heartbeat");
+    std::fs::create_dir_all(&dir).map_err(|e| CsiError::io("creating directory", &dir, e))?;
+    process::write_atomic(
+        &dir.join("service.pid"),
+        std::process::id().to_string().as_bytes(),
+    )
 }
 
 /// Where the node's heartbeat process keeps its files.
@@ -256,8 +316,9 @@ pub async fn renew(
 }
 
 /// Renews every period, reporting each success in the node-local file,
-/// until the task is dropped.
-pub async fn run(client: Client, config: HeartbeatConfig) {
+/// until the task is dropped — or, with `orphan`, until it was orphaned
+/// for [`ORPHAN_GRACE`].
+pub async fn run(client: Client, config: HeartbeatConfig, orphan: Option<Orphan>) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut tick = tokio::time::interval(config.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -266,8 +327,22 @@ pub async fn run(client: Client, config: HeartbeatConfig) {
     let deadline = config.period.min(config.stale_after / 3);
     let mut last: Option<Lease> = None;
     let mut log = twinvol_engine::frontend::lease::RateLimit::new(Duration::from_secs(5));
+    let mut orphaned_since: Option<std::time::Instant> = None;
     loop {
         tick.tick().await;
+        if let Some(o) = &orphan {
+            if o.orphaned() {
+                let since = *orphaned_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= ORPHAN_GRACE {
+                    tracing::warn!(
+                        "no node service and no frontend on this node for {ORPHAN_GRACE:?}: the heartbeat stops"
+                    );
+                    return;
+                }
+            } else {
+                orphaned_since = None;
+            }
+        }
         let sent = BootInstant::now();
         match tokio::time::timeout(deadline, renew(&api, &config, last.take())).await {
             Ok(Ok(written)) => {
@@ -420,6 +495,22 @@ mod tests {
                 .since_last()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn the_renewer_is_orphaned_without_a_node_service_or_a_frontend() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spec = dir.path().join("heartbeat").join("heartbeat.json");
+        let orphan = Orphan::for_spec(&spec).expect("beside its spec");
+        assert_eq!(orphan.state_dir, dir.path());
+        assert!(orphan.orphaned(), "no service pid recorded");
+        record_service(dir.path()).expect("recorded");
+        assert!(!orphan.orphaned(), "this process is the service");
+        let mut gone = std::process::Command::new("true").spawn().expect("true");
+        let pid = gone.id();
+        gone.wait().expect("reaped");
+        std::fs::write(&orphan.service_pid, pid.to_string()).expect("pid");
+        assert!(orphan.orphaned(), "the service's pid is dead");
     }
 
     #[test]

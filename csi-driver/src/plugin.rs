@@ -187,6 +187,7 @@ pub async fn run_node(opts: NodeOptions) -> CsiResult<()> {
         wall_clock_offset_ms: 0,
     };
     let heartbeat_files = heartbeat::process_files(&config.state_dir);
+    heartbeat::record_service(&config.state_dir)?;
     heartbeat::ensure(&config.launch, &heartbeat_files, &heartbeat).await?;
     tokio::spawn(heartbeat::supervise(
         config.launch.clone(),
@@ -251,8 +252,9 @@ pub async fn run_heartbeat(spec: &Path) -> CsiResult<()> {
     let config: HeartbeatConfig = read_spec(spec)?;
     let client = kube_client(None).await?;
     tracing::info!(node = %config.node, period = ?config.period, duration = ?config.stale_after, "renewing the node heartbeat");
+    let orphan = heartbeat::Orphan::for_spec(spec);
     tokio::select! {
-        () = heartbeat::run(client, config) => Ok(()),
+        () = heartbeat::run(client, config, orphan) => Ok(()),
         () = twinvol_engine::process::shutdown_signal() => Ok(()),
     }
 }
