@@ -625,7 +625,7 @@ impl Node {
 
 /// `dir` bind-mounted onto itself and made shared (once), so that mounts
 /// below it propagate between the host, containerd and the kubelet.
-fn shared_bind(dir: &Path) -> Result<(), HarnessError> {
+pub(crate) fn shared_bind(dir: &Path) -> Result<(), HarnessError> {
     use nix::mount::{MsFlags, mount};
     mkdir(dir)?;
     let as_error = |action: &'static str| {
