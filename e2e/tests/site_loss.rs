@@ -22,7 +22,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::observe::{Observer, Sample};
-use common::workload::{Collector, statefulset, verify};
+use common::workload::{Collector, all_acked, statefulset, verify};
 use common::{Bed, node};
 use twinvol_e2e::cluster::Site;
 
@@ -80,6 +80,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
             "256Mi",
             &zone_a,
             collector.addr.expect("collector address"),
+            &bed.cluster.nodes_dir(),
         ))
         .expect("StatefulSet applied");
     let bound = observer
@@ -130,7 +131,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // What was acknowledged before the file is read (the writer goes on).
-    let acked: Vec<String> = collector.lines().into_iter().map(|(_, l)| l).collect();
+    let acked = all_acked(&collector, &bed.cluster.nodes_dir());
     let file = records_file(&bed);
     let v = verify(&file, &acked);
     assert!(
@@ -254,7 +255,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // What was acknowledged before the file is read (the writer goes on).
-    let acked: Vec<String> = collector.lines().into_iter().map(|(_, l)| l).collect();
+    let acked = all_acked(&collector, &bed.cluster.nodes_dir());
     let file = records_file(&bed);
     let v = verify(&file, &acked);
     eprintln!(
@@ -330,7 +331,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // What was acknowledged before the file is read (the writer goes on).
-    let acked: Vec<String> = collector.lines().into_iter().map(|(_, l)| l).collect();
+    let acked = all_acked(&collector, &bed.cluster.nodes_dir());
     let file = records_file(&bed);
     let v = verify(&file, &acked);
     eprintln!(

@@ -5,12 +5,18 @@
 //! power-off). What the collector received is what was acknowledged; the
 //! check reads the file back and finds every one of them, intact.
 //!
+//! Each acknowledged record is also appended to `acked` in the node's
+//! `shared/` directory on the host (a hostPath of the bed's `nodes/`): the
+//! node's disk outlives its power and its network, so records acknowledged
+//! on a site cut off from the collector are known too.
+//!
 //! A record is one line: `<incarnation> <seq> <payload> <sha-256 of the rest, 16 hex digits>`;
 //! each start of the container is a new incarnation (a random id), counting
 //! from 0. Lines that do not verify may only be unacknowledged tails.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -22,11 +28,13 @@ set -u
 inc=$(cat /proc/sys/kernel/random/uuid | cut -c1-8)
 n=0
 touch /data/records
+mkdir -p "/acks/$NODE_NAME/shared"
 echo "started $inc on $NODE_NAME" >&2
 while true; do
   rec="$inc $n $NODE_NAME-$(date +%s)-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
   sum=$(printf '%s' "$rec" | sha256sum | cut -c1-16)
   printf '%s %s\n' "$rec" "$sum" | dd of=/data/records oflag=append conv=notrunc,fsync status=none || exit 1
+  echo "$rec $sum" >> "/acks/$NODE_NAME/shared/acked"
   echo "$rec $sum"
   n=$((n + 1))
   usleep 20000
@@ -117,6 +125,7 @@ pub fn statefulset(
     size: &str,
     home_zone: &str,
     collector: SocketAddr,
+    nodes_dir: &Path,
 ) -> String {
     let script = serde_json::to_string(SCRIPT).expect("a string");
     format!(
@@ -154,6 +163,10 @@ spec:
             failureThreshold: 1
           volumeMounts:
             - {{name: data, mountPath: /data}}
+            - {{name: acks, mountPath: /acks}}
+      volumes:
+        - name: acks
+          hostPath: {{path: "{nodes}", type: Directory}}
   volumeClaimTemplates:
     - metadata: {{name: data}}
       spec:
@@ -161,6 +174,7 @@ spec:
         storageClassName: {storage_class}
         resources: {{requests: {{storage: {size}}}}}
 "#,
+        nodes = nodes_dir.display(),
         ip = collector.ip(),
         port = collector.port(),
     )
@@ -214,4 +228,23 @@ pub fn verify(file: &str, acked: &[String]) -> Verdict {
         }
     }
     verdict
+}
+
+/// The records the pods acknowledged in the nodes' `shared/acked` logs.
+pub fn acked_on_nodes(nodes_dir: &Path) -> Vec<String> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(nodes_dir).into_iter().flatten().flatten() {
+        let log = entry.path().join("shared/acked");
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            all.extend(text.lines().map(str::to_owned));
+        }
+    }
+    all
+}
+
+/// Every acknowledged record: the collector's and the nodes' logs.
+pub fn all_acked(collector: &Collector, nodes_dir: &Path) -> Vec<String> {
+    let mut all: BTreeSet<String> = collector.lines().into_iter().map(|(_, l)| l).collect();
+    all.extend(acked_on_nodes(nodes_dir));
+    all.into_iter().collect()
 }
