@@ -229,7 +229,9 @@ clusterDomain: cluster.local
 nodeStatusUpdateFrequency: 4s
 nodeLeaseDurationSeconds: {lease}
 serializeImagePulls: false
-evictionHard: {{memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}}
+# Absolute floors: the disk is the shared machine's (a 1% floor of a big, nearly
+# full disk put every node under DiskPressure and evicted the chart's pods).
+evictionHard: {{memory.available: "100Mi", nodefs.available: "512Mi", imagefs.available: "512Mi", nodefs.inodesFree: "1%"}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 "#,

@@ -178,7 +178,13 @@ impl Bed {
         ]);
         let mut bed = bed;
         bed.installed_at = Instant::now();
-        bed.wait_pods_ready(5, Duration::from_secs(240)).await;
+        let replicas = |component: &str, default: u64| {
+            values[component]["replicas"].as_u64().unwrap_or(default) as usize
+        };
+        // The operator's and the controller's replicas, a node plugin per site.
+        let expected = replicas("operator", 2) + replicas("controller", 2) + 2;
+        bed.wait_pods_ready(expected, Duration::from_secs(240))
+            .await;
         bed.wait_registered(Duration::from_secs(60)).await;
         Some(bed)
     }
