@@ -231,7 +231,7 @@ nodeLeaseDurationSeconds: {lease}
 serializeImagePulls: false
 # Absolute floors: the disk is the shared machine's (a 1% floor of a big, nearly
 # full disk put every node under DiskPressure and evicted the chart's pods).
-evictionHard: {{memory.available: "100Mi", nodefs.available: "512Mi", imagefs.available: "512Mi", nodefs.inodesFree: "1%"}}
+evictionHard: {{memory.available: "100Mi", nodefs.available: "100Mi", imagefs.available: "100Mi", nodefs.inodesFree: "1%"}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 "#,

@@ -111,6 +111,10 @@ pub fn bed_values(cluster: &Cluster) -> serde_json::Value {
         "image": {"tag": TAG, "pullPolicy": "Never"},
         "sites": sites,
         "kubeletDir": per_node,
+        // The node plugins' state (<stateDir>/<node name> on the host) in
+        // the cluster's directory: beds running at once have the same node
+        // names, and the sweep removes it with the rest.
+        "node": {"stateDir": cluster.root().join("csi-state").display().to_string()},
         "operator": {"logFormat": "text"},
         // external-resizer exits at start: it asks the controller plugin for
         // node capabilities, which `twinvol-csi --mode controller` does not
