@@ -400,6 +400,43 @@ pub async fn delete_attachment(ctx: &Context, name: &str) -> Result<bool> {
     }
 }
 
+/// Removes `volume` (a unique volume name, `kubernetes.io/csi/<driver>^<handle>`)
+/// from a fenced node's `status.volumesInUse`. The kubelet of a node that
+/// lost power last reported the volume mounted there; until that entry
+/// goes, the attach/detach controller does not detach it (it waits for the
+/// unmount, or 6 minutes) and finds the VolumeAttachment deleted only at
+/// its next periodic sync (every minute), so the pod recreated on the other
+/// site waits that long for its attachment. The node's storage is fenced
+/// (its epoch is bumped), so the volume is no longer in use there; a
+/// kubelet that returns reports what it really has mounted again. Returns
+/// whether the entry was there.
+pub async fn forget_volume_in_use(ctx: &Context, node: &str, volume: &str) -> Result<bool> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let Some(current) = api
+        .get_opt(node)
+        .await
+        .map_err(Error::kube("reading", format!("Node {node}")))?
+    else {
+        return Ok(false);
+    };
+    let listed = current
+        .status
+        .as_ref()
+        .and_then(|s| s.volumes_in_use.as_ref())
+        .is_some_and(|v| v.iter().any(|u| u == volume));
+    if !listed {
+        return Ok(false);
+    }
+    let patch = json!({"status": {"$deleteFromPrimitiveList/volumesInUse": [volume]}});
+    api.patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map_err(Error::kube(
+            "patching the status of",
+            format!("Node {node}"),
+        ))?;
+    Ok(true)
+}
+
 fn taint(which: OurTaint, site: &str) -> Taint {
     match which {
         OurTaint::Fenced => Taint {
