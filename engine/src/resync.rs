@@ -606,9 +606,10 @@ impl Supervisor {
             tracing::info!(volume = %self.volume.id(), %peer, peer_size = handle.size(), size, "peer is smaller than this copy: growing it before the resync");
             match handle.call(Op::Resize { size }).await {
                 Ok(_) => handle.set_size(size),
-                Err(CallError::Refused { source, .. })
-                    if matches!(source, WireError::ResizeRefused { .. }) =>
-                {
+                Err(CallError::Refused {
+                    source: WireError::ResizeRefused { .. },
+                    ..
+                }) => {
                     return Err(ResyncError::SizeMismatch {
                         peer: peer.clone(),
                         peer_size: handle.size(),

@@ -52,6 +52,8 @@ pub enum ResizeError {
     TimedOut { replica: ReplicaId },
     #[error("the frontend is fenced: {reason}")]
     Fenced { reason: String },
+    #[error("replica {replica} left the in-sync set before it grew (it grows before it rejoins)")]
+    LeftInSync { replica: ReplicaId },
 }
 
 impl ResizeError {
@@ -112,6 +114,23 @@ pub(super) async fn grow_both(
 }
 
 impl Mirror {
+    /// Grows replica `i`; with degraded operation, stops waiting once the
+    /// replica does not get writes (out of the in-sync set, or taken out
+    /// while growing: its loss must not hold the resize).
+    async fn grow_one(&self, i: usize, size: u64) -> Result<(), ResizeError> {
+        let inner = &self.inner;
+        let replica = &inner.replicas[i];
+        let mut membership = inner.membership.subscribe();
+        let degraded = inner.degrade.get().is_some();
+        tokio::select! {
+            biased;
+            r = grow(replica, size) => r,
+            _ = membership.wait_for(|m| !m.gets_writes(i)), if degraded => {
+                Err(ResizeError::LeftInSync { replica: replica.id().clone() })
+            }
+        }
+    }
+
     /// Grows the volume to `size` bytes (see the module doc); returns the
     /// size it has afterwards. The same size again is a no-op. Resizes run
     /// one at a time; I/O goes on meanwhile.
@@ -143,14 +162,12 @@ impl Mirror {
             return Ok(current);
         }
         tracing::info!(volume = %inner.volume, from = current, to = size, "growing the volume");
-        let (ra, rb) = tokio::join!(
-            grow(&inner.replicas[0], size),
-            grow(&inner.replicas[1], size)
-        );
+        let (ra, rb) = tokio::join!(self.grow_one(0, size), self.grow_one(1, size));
+        let now = inner.membership.borrow().clone();
         for (i, r) in [ra, rb].into_iter().enumerate() {
             let Err(e) = r else { continue };
             // Without an arbiter both replicas count as in sync.
-            let required = m.gets_writes(i) || inner.degrade.get().is_none();
+            let required = now.gets_writes(i) || inner.degrade.get().is_none();
             if required {
                 tracing::error!(volume = %inner.volume, error = %crate::error_chain(&e), "resize failed on a replica in sync: the volume keeps its size");
                 return Err(e);
