@@ -5,12 +5,15 @@
 //!   kernel has one), the filesystem.
 //! - [`publish`]: NodePublish/Unpublish — bind mounts for pods.
 //! - [`stats`]: NodeGetVolumeStats (usage, health).
+//! - [`expand`]: NodeExpandVolume (the frontend grows the volume, then the
+//!   loop device and the filesystem).
 //! - [`replicas`]: the replica servers of the replicas placed on this node.
 //! - [`site`]: which Site the node is in; [`state`]: what is kept on disk.
 //!
 //! The trait impl at the bottom only converts results through the one
 //! `From<CsiError>`; every call on a volume holds that volume's lock.
 
+pub mod expand;
 pub mod publish;
 pub mod replicas;
 pub mod site;
@@ -152,11 +155,7 @@ impl Node for NodeService {
         &self,
         request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        let _ = request;
-        Err(CsiError::Unsupported {
-            what: "NodeExpandVolume (volumes cannot grow yet)",
-        }
-        .into())
+        Ok(Response::new(self.expand_impl(request.into_inner()).await?))
     }
 
     async fn node_get_capabilities(
@@ -169,6 +168,7 @@ impl Node for NodeService {
                 rpc::Type::GetVolumeStats,
                 rpc::Type::VolumeCondition,
                 rpc::Type::SingleNodeMultiWriter,
+                rpc::Type::ExpandVolume,
             ]
             .into_iter()
             .map(rpc_capability)
