@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::frontend::connection::{CallError, ReplicaHandle, ReplicaState};
-use crate::protocol::{Op, ReplicaId, Reply, WireError};
+use crate::protocol::{Op, ReplicaId, WireError};
 
 use super::Mirror;
 
@@ -79,7 +79,7 @@ impl ResizeError {
 /// Asks `replica` to grow to `size`, bounded by [`RESIZE_TIMEOUT`].
 async fn grow(replica: &ReplicaHandle, size: u64) -> Result<(), ResizeError> {
     match tokio::time::timeout(RESIZE_TIMEOUT, replica.call(Op::Resize { size })).await {
-        Ok(Ok(Reply::Done)) | Ok(Ok(_)) => {
+        Ok(Ok(_)) => {
             replica.set_size(size);
             Ok(())
         }
