@@ -166,10 +166,19 @@ pub async fn promote_volume(
         let fresh = gather::frontend_fingerprint(&status);
         let key = format!("fe/{volume}");
         let tracker = ctx.tracker();
+        let node = status.frontend.as_ref().map(|f| f.node.to_string());
+        let heartbeat = node.as_ref().and_then(|n| tracker.get(&format!("hb/{n}")));
+        let heartbeat_duration = node
+            .as_ref()
+            .and_then(|n| ctx.memory().heartbeat_duration.get(n).copied());
         let expired = tracker.get(&key).is_some_and(|b| {
-            ctx.now().since(b.last_change)
-                >= gather::lease_duration(&status, ctx.config.timings.lease_duration)
-                    + ctx.config.timings.margin
+            ctx.now()
+                .since(gather::frontend_liveness(b, heartbeat).last_change)
+                >= gather::frontend_lease_duration(
+                    &status,
+                    ctx.config.timings.lease_duration,
+                    heartbeat_duration,
+                ) + ctx.config.timings.margin
         });
         if fresh.as_deref() != tracker.value(&key) || !expired {
             return Err(Error::LeaseChanged {

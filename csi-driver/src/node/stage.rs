@@ -209,6 +209,10 @@ impl NodeService {
                 metrics_listen: None,
                 control_socket: Some(vdir.control_socket()),
                 size: Some(size),
+                heartbeat: Some(crate::dataplane::FrontendHeartbeat {
+                    report: crate::heartbeat::report_path(&self.config.state_dir),
+                    namespace: self.config.namespace.clone(),
+                }),
             };
             if let Some(dir) = vdir.control_socket().parent() {
                 std::fs::create_dir_all(dir)
