@@ -84,6 +84,13 @@ impl Identity for IdentityService {
             capabilities: vec![
                 service_capability(service::Type::ControllerService),
                 service_capability(service::Type::VolumeAccessibilityConstraints),
+                PluginCapability {
+                    r#type: Some(plugin_capability::Type::VolumeExpansion(
+                        plugin_capability::VolumeExpansion {
+                            r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                        },
+                    )),
+                },
             ],
         }))
     }

@@ -55,7 +55,8 @@ pub struct ControllerOptions {
     pub health_listen: Option<SocketAddr>,
 }
 
-/// Serves the Identity and Controller services until SIGTERM.
+/// Serves the Identity and Controller services (and NodeGetCapabilities,
+/// for external-resizer) until SIGTERM.
 pub async fn run_controller(opts: ControllerOptions) -> CsiResult<()> {
     let client = kube_client(opts.kubeconfig.as_deref()).await?;
     let ready = Readiness::new();
@@ -66,7 +67,9 @@ pub async fn run_controller(opts: ControllerOptions) -> CsiResult<()> {
         .add_service(ControllerServer::new(ControllerService::new(
             client.clone(),
             &opts.namespace,
-        )));
+        )))
+        // external-resizer asks this socket for the node's capabilities.
+        .add_service(NodeServer::new(crate::node::CapabilitiesOnly));
     let serving = tokio::spawn(server::serve(
         router,
         listener,

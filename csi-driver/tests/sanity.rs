@@ -18,15 +18,14 @@ use kube::api::Api;
 
 /// Specs csi-sanity skips, each for a reason that is not a failure:
 /// capabilities the driver does not advertise (snapshots, group snapshots,
-/// clones, expansion, modify/volume attribute classes, ControllerGetVolume,
+/// clones, modify/volume attribute classes, ControllerGetVolume,
 /// an attach limit per node), RPCs newer than the CSI spec v1.12 the
 /// driver is built on (the volume/storage health calls of v1.13), and the
 /// pagination spec csi-sanity itself disables (`XIt`).
-const EXPECTED_SKIPS: [&str; 12] = [
+const EXPECTED_SKIPS: [&str; 11] = [
     "napshot",
     "GroupController",
     "source volume",
-    "xpand",
     "ModifyVolume",
     "volume attribute class",
     "ControllerGetVolume",

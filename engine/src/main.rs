@@ -44,6 +44,18 @@ enum Command {
     },
     /// Mirror a volume on two replicas and export it (NBD, FUSE file).
     Frontend(Box<FrontendArgs>),
+    /// Grow a running frontend's volume online, through its control socket
+    /// (every in-sync replica grows durably before it answers; shrinking
+    /// is refused).
+    Resize {
+        /// The frontend's `--control-socket`.
+        #[arg(long)]
+        control: PathBuf,
+        /// The new size (K/M/G/T suffixes, powers of 1024); at least the
+        /// current size, a multiple of 4096.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
     /// Manage a volume's file-backed arbiter record.
     Arbiter {
         #[command(subcommand)]
@@ -198,6 +210,13 @@ struct FrontendArgs {
     /// catch-up progress) whenever the frontend's view changes.
     #[arg(long, env = "TWINVOL_STATUS_FILE")]
     status_file: Option<PathBuf>,
+    /// Serve the control socket here (`twinvol-engine resize`).
+    #[arg(long, env = "TWINVOL_CONTROL_SOCKET")]
+    control_socket: Option<PathBuf>,
+    /// The size the volume should have (a resize asked for it): replicas
+    /// smaller than this at startup are grown to it first.
+    #[arg(long, value_parser = parse_size)]
+    grow_to: Option<u64>,
     /// Speak another protocol version (tests of version refusal only).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
@@ -351,6 +370,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Resize { control, size } => {
+            let now = twinvol_engine::frontend::control::request_resize(&control, size).await?;
+            println!("volume size: {now} bytes");
+            Ok(())
+        }
         Command::Replica(a) => {
             #[cfg(feature = "failpoints")]
             if let Some(spec) = &a.storage_faults {
@@ -401,6 +425,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 metrics_listen: a.metrics_listen,
                 ready_file: a.ready_file,
                 status_file: a.status_file,
+                control_socket: a.control_socket,
+                grow_to: a.grow_to,
                 arbiter: a.arbiter.map(|path| ArbiterOptions {
                     path,
                     lease: LeaseConfig {

@@ -597,12 +597,32 @@ impl Supervisor {
                 });
             }
         };
-        if handle.size() != self.volume.size() {
-            return Err(ResyncError::SizeMismatch {
-                peer: peer.clone(),
-                peer_size: handle.size(),
-                size: self.volume.size(),
-            });
+        // A peer that missed a resize (it was out of the in-sync set, or
+        // crashed before committing it) is grown before anything is copied
+        // to it: the regions past its old end may be dirty here. A larger
+        // peer (a resize that did not complete here) is copied to as it is.
+        let size = self.volume.size();
+        if handle.size() < size {
+            tracing::info!(volume = %self.volume.id(), %peer, peer_size = handle.size(), size, "peer is smaller than this copy: growing it before the resync");
+            match handle.call(Op::Resize { size }).await {
+                Ok(_) => handle.set_size(size),
+                Err(CallError::Refused {
+                    source: WireError::ResizeRefused { .. },
+                    ..
+                }) => {
+                    return Err(ResyncError::SizeMismatch {
+                        peer: peer.clone(),
+                        peer_size: handle.size(),
+                        size,
+                    });
+                }
+                Err(source) => {
+                    return Err(ResyncError::Peer {
+                        peer: peer.clone(),
+                        source,
+                    });
+                }
+            }
         }
         // A recreated peer (another copy of the volume under the same
         // name) holds none of what its predecessor held: copy everything.

@@ -4,13 +4,14 @@
 //! attacher and resizer sidecars, anywhere in the cluster). The work of
 //! each call lives in [`create`] (Create/Delete) and [`publish`]
 //! (Publish/Unpublish/Validate); this file holds the service, the small
-//! calls (List, GetCapacity, Expand, capabilities) and the trait impl,
+//! calls (List, GetCapacity, capabilities); [`expand`] holds Expand and the trait impl,
 //! which only converts results through the one `From<CsiError>`.
 //! Every call on a volume holds that volume's lock: a concurrent call on
 //! it is `Aborted`.
 
 pub mod capacity;
 pub mod create;
+pub mod expand;
 pub mod publish;
 
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -276,6 +277,7 @@ impl Controller for ControllerService {
                 rpc::Type::GetCapacity,
                 rpc::Type::VolumeCondition,
                 rpc::Type::SingleNodeMultiWriter,
+                rpc::Type::ExpandVolume,
             ]
             .into_iter()
             .map(rpc_capability)
@@ -315,11 +317,7 @@ impl Controller for ControllerService {
         &self,
         request: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        let _ = request;
-        // Growing needs the engine to grow a replica and a running
-        // mirror (its size is fixed when it connects): not built yet, so
-        // the capability is not advertised.
-        unimplemented("ControllerExpandVolume")
+        Ok(Response::new(self.expand_impl(request.into_inner()).await?))
     }
 
     async fn controller_get_volume(

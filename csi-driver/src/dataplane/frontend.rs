@@ -69,6 +69,14 @@ pub struct FrontendSpec {
     pub status_file: PathBuf,
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The frontend's control socket (NodeExpandVolume asks it to grow
+    /// the volume).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// The MirroredVolume's size: replicas smaller than this at startup
+    /// (an expansion that did not reach them) are grown to it.
+    #[serde(default)]
+    pub size: Option<u64>,
     /// The node's heartbeat, which proves this frontend alive (no
     /// per-volume renewal). `None` (a spec written by an older node
     /// plugin): the lease is renewed in the MirroredVolume status.
@@ -136,6 +144,8 @@ pub async fn run(spec: FrontendSpec, client: Client) -> Result<(), DataPlaneErro
         metrics_listen: spec.metrics_listen,
         ready_file: Some(spec.ready_file.clone()),
         status_file: Some(spec.status_file.clone()),
+        control_socket: spec.control_socket.clone(),
+        grow_to: spec.size,
         arbiter: Some(ArbiterOptions {
             path: PathBuf::new(),
             lease: LeaseConfig {

@@ -5,12 +5,15 @@
 //!   kernel has one), the filesystem.
 //! - [`publish`]: NodePublish/Unpublish — bind mounts for pods.
 //! - [`stats`]: NodeGetVolumeStats (usage, health).
+//! - [`expand`]: NodeExpandVolume (the frontend grows the volume, then the
+//!   loop device and the filesystem).
 //! - [`replicas`]: the replica servers of the replicas placed on this node.
 //! - [`site`]: which Site the node is in; [`state`]: what is kept on disk.
 //!
 //! The trait impl at the bottom only converts results through the one
 //! `From<CsiError>`; every call on a volume holds that volume's lock.
 
+pub mod expand;
 pub mod publish;
 pub mod replicas;
 pub mod site;
@@ -99,6 +102,93 @@ fn rpc_capability(kind: rpc::Type) -> NodeServiceCapability {
     }
 }
 
+/// What the node plugin can do (also answered on the controller's socket,
+/// where external-resizer asks whether node expansion is needed).
+pub fn capabilities() -> NodeGetCapabilitiesResponse {
+    NodeGetCapabilitiesResponse {
+        capabilities: [
+            rpc::Type::StageUnstageVolume,
+            rpc::Type::GetVolumeStats,
+            rpc::Type::VolumeCondition,
+            rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(rpc_capability)
+        .collect(),
+    }
+}
+
+/// The Node service on the controller's socket: only
+/// NodeGetCapabilities, which external-resizer calls on the socket it is
+/// given (to learn that NodeExpandVolume follows the controller's
+/// expansion); every other call belongs to a node.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CapabilitiesOnly;
+
+fn on_a_node<T>(what: &'static str) -> Result<Response<T>, Status> {
+    Err(CsiError::Unsupported { what }.into())
+}
+
+#[tonic::async_trait]
+impl Node for CapabilitiesOnly {
+    async fn node_stage_volume(
+        &self,
+        _request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        on_a_node("NodeStageVolume on the controller")
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        on_a_node("NodeUnstageVolume on the controller")
+    }
+
+    async fn node_publish_volume(
+        &self,
+        _request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        on_a_node("NodePublishVolume on the controller")
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        _request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        on_a_node("NodeUnpublishVolume on the controller")
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        _request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        on_a_node("NodeGetVolumeStats on the controller")
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        on_a_node("NodeExpandVolume on the controller")
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(capabilities()))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        on_a_node("NodeGetInfo on the controller")
+    }
+}
+
 fn required(value: &str, field: &'static str) -> Result<(), CsiError> {
     if value.is_empty() {
         Err(CsiError::MissingField { field })
@@ -152,28 +242,14 @@ impl Node for NodeService {
         &self,
         request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        let _ = request;
-        Err(CsiError::Unsupported {
-            what: "NodeExpandVolume (volumes cannot grow yet)",
-        }
-        .into())
+        Ok(Response::new(self.expand_impl(request.into_inner()).await?))
     }
 
     async fn node_get_capabilities(
         &self,
         _request: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(NodeGetCapabilitiesResponse {
-            capabilities: [
-                rpc::Type::StageUnstageVolume,
-                rpc::Type::GetVolumeStats,
-                rpc::Type::VolumeCondition,
-                rpc::Type::SingleNodeMultiWriter,
-            ]
-            .into_iter()
-            .map(rpc_capability)
-            .collect(),
-        }))
+        Ok(Response::new(capabilities()))
     }
 
     async fn node_get_info(

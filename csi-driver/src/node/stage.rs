@@ -118,7 +118,8 @@ impl NodeService {
         }
         let deadline = Instant::now() + self.config.stage_timeout;
         vdir.create()?;
-        let device = self.start_frontend(&vdir, &name, deadline).await?;
+        let size = volume::size_bytes(&mv)?;
+        let device = self.start_frontend(&vdir, &name, size, deadline).await?;
         if let Exposure::Mount { fs_type } = &exposure {
             let fs = FsType::parse(fs_type).unwrap_or(FsType::Ext4);
             if mounts::mounted_at(&staging)?.is_none() {
@@ -183,6 +184,7 @@ impl NodeService {
         &self,
         vdir: &VolumeDir,
         name: &str,
+        size: u64,
         deadline: Instant,
     ) -> CsiResult<std::path::PathBuf> {
         let files = vdir.frontend();
@@ -205,11 +207,17 @@ impl NodeService {
                 ready_file: files.ready(),
                 status_file: vdir.status_file(),
                 metrics_listen: None,
+                control_socket: Some(vdir.control_socket()),
+                size: Some(size),
                 heartbeat: Some(crate::dataplane::FrontendHeartbeat {
                     report: crate::heartbeat::report_path(&self.config.state_dir),
                     namespace: self.config.namespace.clone(),
                 }),
             };
+            if let Some(dir) = vdir.control_socket().parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| CsiError::io("creating directory", dir, e))?;
+            }
             files.write_spec(&spec)?;
             process::spawn(&self.config.launch, &files)?;
         }

@@ -91,6 +91,20 @@ impl VolumeDir {
         self.fuse_dir().join(&self.volume)
     }
 
+    /// The frontend's control socket (NodeExpandVolume): beside its spec,
+    /// or — when that path is too long for a unix socket (108 bytes) — in
+    /// `/run/twinvol-csi` under a name derived from it.
+    pub fn control_socket(&self) -> PathBuf {
+        let path = self.dir.join("control.sock");
+        if path.as_os_str().len() < 100 {
+            return path;
+        }
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(path.as_os_str().as_encoded_bytes());
+        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        PathBuf::from("/run/twinvol-csi").join(format!("{name}.sock"))
+    }
+
     pub fn status_file(&self) -> PathBuf {
         self.dir.join("frontend.status.json")
     }

@@ -21,7 +21,11 @@ use super::{NodeService, required};
 impl NodeService {
     /// The staging record of a volume staged here whose staging path or a
     /// publish target is `path`, or `NotFound`.
-    async fn staged_at(&self, volume_id: &str, path: &str) -> CsiResult<(VolumeDir, StageRecord)> {
+    pub(super) async fn staged_at(
+        &self,
+        volume_id: &str,
+        path: &str,
+    ) -> CsiResult<(VolumeDir, StageRecord)> {
         let mv = volume::require(&self.volumes, volume_id).await?;
         let vdir = self.volume_dir(volume_id);
         let not_here = || CsiError::VolumeNotFound {

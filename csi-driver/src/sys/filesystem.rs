@@ -85,6 +85,39 @@ pub async fn ensure(device: &Path, fs: FsType, volume: &str) -> CsiResult<bool> 
     }
 }
 
+/// Grows the filesystem on `device`, mounted at `mountpoint`, online to
+/// fill the device: `resize2fs` (ext4) or `xfs_growfs` (xfs, which takes
+/// the mount point).
+pub async fn grow(device: &Path, mountpoint: &Path, fs: FsType, volume: &str) -> CsiResult<()> {
+    match fs {
+        FsType::Ext4 => match command::run("resize2fs", &[path_str(device)?]).await {
+            // The kernel refuses an online ext4 resize (EXT4_IOC_RESIZE_FS)
+            // without CAP_SYS_RESOURCE; resize2fs only says "Permission
+            // denied". (With nothing to grow it succeeds without asking.)
+            Err(CsiError::Command { .. }) if !has_sys_resource() => Err(CsiError::Precondition {
+                volume: volume.to_owned(),
+                detail: "growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which this node plugin does not have (give its container the capability, or use xfs); the volume itself has grown".to_owned(),
+            }),
+            r => r,
+        },
+        FsType::Xfs => command::run("xfs_growfs", &[path_str(mountpoint)?]).await,
+    }
+    .map(drop)
+}
+
+/// Whether this process has CAP_SYS_RESOURCE in its effective set.
+fn has_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
 /// Makes the filesystem. No discard pass: a new volume reads as zeroes
 /// already, and a discard of every block would cross both sites for
 /// nothing.

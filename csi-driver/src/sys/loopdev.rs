@@ -79,6 +79,14 @@ pub async fn find(file: &Path) -> CsiResult<Vec<PathBuf>> {
         .collect())
 }
 
+/// Makes the loop device read its backing file's size again (`losetup -c`,
+/// LOOP_SET_CAPACITY): after the volume grew.
+pub async fn refresh_capacity(device: &Path) -> CsiResult<()> {
+    command::run("losetup", &["-c", path_str(device)?])
+        .await
+        .map(drop)
+}
+
 /// The loop device over `file`: the one already attached, or a new one.
 pub async fn attach(file: &Path) -> CsiResult<PathBuf> {
     if let Some(device) = find(file).await?.into_iter().next() {

@@ -43,6 +43,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
@@ -238,7 +239,9 @@ struct Inner {
     /// The data file's syncs: extents leave only once durable (none: the
     /// caller does not track durability; every idle extent may leave).
     data: Option<Arc<DataSync>>,
+    /// The layout; its volume size is `volume_size`'s (the volume grows).
     config: AlConfig,
+    volume_size: AtomicU64,
     runtime: tokio::runtime::Handle,
     state: Mutex<State>,
 }
@@ -271,6 +274,14 @@ struct Queued {
 }
 
 impl Inner {
+    /// The layout at the volume's current size.
+    fn config(&self) -> AlConfig {
+        AlConfig {
+            volume_size: self.volume_size.load(Ordering::SeqCst),
+            ..self.config
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update of the state completes before anything that could
         // panic, so a poisoned lock still guards consistent data.
@@ -387,7 +398,7 @@ impl Inner {
         extents.sort_unstable();
         Take::Write(Slot {
             generation: st.generation + 1,
-            volume_size: self.config.volume_size,
+            volume_size: self.volume_size.load(Ordering::SeqCst),
             extent_size: self.config.extent_size,
             extents,
         })
@@ -614,6 +625,7 @@ impl ActivityLog {
             inner: Arc::new(Inner {
                 storage,
                 data,
+                volume_size: AtomicU64::new(config.volume_size),
                 config,
                 runtime: tokio::runtime::Handle::current(),
                 state: Mutex::new(st),
@@ -623,14 +635,24 @@ impl ActivityLog {
     }
 
     pub fn config(&self) -> AlConfig {
-        self.inner.config
+        self.inner.config()
+    }
+
+    /// The volume grew to `volume_size` bytes (never smaller): writes up to
+    /// the new end may enter the log. Nothing on disk changes (each slot
+    /// records the size it was written at, and recovery clips to the
+    /// size the volume opens with).
+    pub fn grow(&self, volume_size: u64) {
+        self.inner
+            .volume_size
+            .fetch_max(volume_size, Ordering::SeqCst);
     }
 
     /// Returns once every extent of the range is durably in the log. Keep
     /// the guard until the data write is done (durably, if it must be).
     pub async fn begin_write(&self, offset: u64, len: u64) -> Result<WriteGuard, AlError> {
         let inner = &self.inner;
-        let config = inner.config;
+        let config = inner.config();
         let extents = config.extents(offset, len).ok_or(AlError::OutOfRange {
             offset,
             len,
@@ -741,7 +763,7 @@ impl ActivityLog {
     /// `ranges` only (byte ranges of the volume): the caller reconciled
     /// exactly those.
     pub async fn forget_extents(&self, ranges: &[Range<u64>]) -> Result<usize, AlError> {
-        let config = self.inner.config;
+        let config = self.inner.config();
         let chosen: std::collections::BTreeSet<u64> = ranges
             .iter()
             .filter_map(|r| config.extents(r.start, r.end.saturating_sub(r.start)))
@@ -779,7 +801,7 @@ impl ActivityLog {
                     break (
                         Slot {
                             generation: st.generation + 1,
-                            volume_size: inner.config.volume_size,
+                            volume_size: inner.volume_size.load(Ordering::SeqCst),
                             extent_size: inner.config.extent_size,
                             extents,
                         },

@@ -428,9 +428,14 @@ pub fn load(storage: &dyn Storage, geometry: Geometry) -> Result<Loaded, LoadErr
         let [slot0, slot1] = errs;
         return untrusted(UntrustedReason::HeaderUnreadable { slot0, slot1 });
     };
-    if header.volume_size != geometry.volume_size()
-        || header.granularity != geometry.granularity().bytes()
-    {
+    // Only the region size must match: the volume grows online
+    // (`Bitmap::grow` extends the file, then records the new size in the
+    // header, and no region past the old end is written before the new
+    // size is committed in the volume's metadata), so a crash between the
+    // two leaves a header of the old or the new size, both valid for the
+    // regions below the old end. The next header written records the
+    // volume's size.
+    if header.granularity != geometry.granularity().bytes() {
         return untrusted(UntrustedReason::GeometryChanged {
             found_size: header.volume_size,
             found_granularity: header.granularity,

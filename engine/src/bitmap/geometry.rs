@@ -82,6 +82,16 @@ pub struct Geometry {
     granularity: Granularity,
 }
 
+impl fmt::Display for Geometry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} bytes in regions of {}",
+            self.volume_size, self.granularity
+        )
+    }
+}
+
 impl Geometry {
     pub fn new(volume_size: u64, granularity: Granularity) -> Result<Self, GeometryError> {
         if volume_size == 0 || !volume_size.is_multiple_of(4096) {

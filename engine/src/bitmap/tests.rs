@@ -428,15 +428,87 @@ async fn damage_is_reported_as_untrusted_with_the_reason() {
     ));
     drop(b);
 
-    // Another volume size.
+    // Another region size.
     let p2 = dir.path().join("bitmap2");
     new_file(&p2, g);
-    let bigger = Geometry::new(g.volume_size() + G4K, g.granularity()).expect("geometry");
-    let b = open(&p2, bigger).await;
+    let coarser = Geometry::new(
+        g.volume_size(),
+        Granularity::new(2 * g.granularity().bytes()).expect("granularity"),
+    )
+    .expect("geometry");
+    let b = open(&p2, coarser).await;
     assert!(matches!(
         b.state(),
         BitmapState::Untrusted(UntrustedReason::GeometryChanged { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_grown_bitmap_keeps_its_bits_and_loads_at_either_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("bitmap");
+    let g = geometry();
+    new_file(&p, g);
+    let b = open(&p, g).await;
+    b.start_tracking(peer(), Epoch(3)).await.expect("track");
+    let last = g.region_count() - 1;
+    drop(b.mark(0, G4K).await.expect("mark"));
+    drop(b.mark(last * G4K, G4K).await.expect("mark last"));
+    // Two more blocks and a half.
+    let bigger = Geometry::new(
+        g.volume_size() + (2 * REGIONS_PER_BLOCK + REGIONS_PER_BLOCK / 2) * G4K,
+        g.granularity(),
+    )
+    .expect("geometry");
+    b.grow(bigger).await.expect("grow");
+    assert_eq!(b.geometry(), bigger);
+    assert_eq!(set(&b), BTreeSet::from([0, last]), "the bits stay");
+    let new_last = bigger.region_count() - 1;
+    drop(
+        b.mark(new_last * G4K, G4K)
+            .await
+            .expect("mark past the old end"),
+    );
+    assert!(
+        b.grow(g).await.is_err(),
+        "a bitmap never shrinks: {:?}",
+        b.grow(g).await
+    );
+    b.grow(bigger).await.expect("the same size again");
+    drop(b);
+    assert!(
+        std::fs::metadata(&p).expect("stat").len() >= format::file_len(bigger),
+        "the file was extended"
+    );
+
+    // The volume's metadata committed the new size: tracking goes on.
+    let b = open(&p, bigger).await;
+    assert!(matches!(b.state(), BitmapState::Tracking { .. }));
+    assert_eq!(set(&b), BTreeSet::from([0, last, new_last]));
+    drop(b);
+
+    // A crash before the metadata committed it (no write past the old end
+    // then): the bitmap loads at the old size with its bits.
+    let q = dir.path().join("bitmap-old");
+    new_file(&q, g);
+    let b = open(&q, g).await;
+    b.start_tracking(peer(), Epoch(3)).await.expect("track");
+    drop(b.mark(G4K, G4K).await.expect("mark"));
+    b.grow(bigger).await.expect("grow");
+    drop(b);
+    let b = open(&q, g).await;
+    assert!(matches!(b.state(), BitmapState::Tracking { .. }));
+    assert_eq!(set(&b), BTreeSet::from([1]));
+    drop(b);
+
+    // A clean bitmap grows too, and stays clean.
+    let c = dir.path().join("bitmap-clean");
+    new_file(&c, g);
+    let b = open(&c, g).await;
+    b.grow(bigger).await.expect("grow clean");
+    drop(b);
+    let b = open(&c, bigger).await;
+    assert_eq!(b.state(), BitmapState::Clean);
 }
 
 #[tokio::test]

@@ -92,6 +92,13 @@ pub enum BitmapError {
     },
     #[error("bitmap {target}: another tracking change is in progress")]
     Busy { target: String },
+    #[error("bitmap {target} cannot go from {from} to {to}: {why}")]
+    BadResize {
+        target: String,
+        from: Geometry,
+        to: Geometry,
+        why: &'static str,
+    },
     #[error("{region} is already being copied")]
     AlreadyCopying { region: RegionIndex },
 }
@@ -121,10 +128,16 @@ enum Mode {
 struct HeaderChange {
     session: u64,
     tracking: Option<Tracking>,
+    /// A resize ([`Bitmap::grow`]): the header records the new size, the
+    /// mode and the bits stay as they are.
+    keep_bits: bool,
 }
 
 #[derive(Debug)]
 struct State {
+    /// The volume's size and region size (the size grows with the volume,
+    /// [`Bitmap::grow`]).
+    geometry: Geometry,
     mode: Mode,
     words: Vec<u64>,
     stable: Vec<u64>,
@@ -149,7 +162,6 @@ struct State {
 
 struct Inner {
     storage: Arc<dyn Storage>,
-    geometry: Geometry,
     state: Mutex<State>,
     rounds: watch::Sender<u64>,
 }
@@ -230,6 +242,7 @@ enum Job {
     Header {
         seq: u64,
         header: Header,
+        keep_bits: bool,
     },
     Blocks {
         seq: u64,
@@ -284,12 +297,16 @@ impl Inner {
             st.next_flush += 1;
             let header = Header {
                 generation: st.header_generation + 1,
-                volume_size: self.geometry.volume_size(),
-                granularity: self.geometry.granularity().bytes(),
+                volume_size: st.geometry.volume_size(),
+                granularity: st.geometry.granularity().bytes(),
                 session: change.session,
                 tracking: change.tracking,
             };
-            return Some(Job::Header { seq, header });
+            return Some(Job::Header {
+                seq,
+                header,
+                keep_bits: change.keep_bits,
+            });
         }
         let session = match st.session() {
             Some(s) => s,
@@ -339,7 +356,11 @@ async fn flush_loop(inner: Arc<Inner>) {
             }
         };
         let failed = match job {
-            Job::Header { seq, header } => {
+            Job::Header {
+                seq,
+                header,
+                keep_bits,
+            } => {
                 let storage = inner.storage.clone();
                 let buf = encode_header(&header);
                 let slot = header.generation % 2;
@@ -352,18 +373,24 @@ async fn flush_loop(inner: Arc<Inner>) {
                 st.done = seq;
                 st.max_session = st.max_session.max(header.session);
                 let failed = match r {
+                    Ok(()) if keep_bits => {
+                        st.header_generation = header.generation;
+                        false
+                    }
                     Ok(()) => {
                         st.header_generation = header.generation;
                         match header.tracking {
                             Some(tracking) => {
-                                st.reset_bits(inner.geometry, tracking.fill);
+                                let g = st.geometry;
+                                st.reset_bits(g, tracking.fill);
                                 st.mode = Mode::Tracking {
                                     tracking,
                                     session: header.session,
                                 };
                             }
                             None => {
-                                st.reset_bits(inner.geometry, Fill::Clean);
+                                let g = st.geometry;
+                                st.reset_bits(g, Fill::Clean);
                                 st.mode = Mode::Clean;
                             }
                         }
@@ -450,6 +477,7 @@ impl Bitmap {
         };
         let nblocks = format::block_count(geometry) as usize;
         let mut st = State {
+            geometry,
             mode: Mode::Clean,
             words: Vec::new(),
             stable: Vec::new(),
@@ -488,7 +516,6 @@ impl Bitmap {
         Ok(Self {
             inner: Arc::new(Inner {
                 storage,
-                geometry,
                 state: Mutex::new(st),
                 rounds,
             }),
@@ -496,7 +523,7 @@ impl Bitmap {
     }
 
     pub fn geometry(&self) -> Geometry {
-        self.inner.geometry
+        self.inner.lock().geometry
     }
 
     pub fn state(&self) -> BitmapState {
@@ -534,7 +561,7 @@ impl Bitmap {
 
     /// The regions of `len` bytes at `offset`.
     fn regions(&self, offset: u64, len: u64) -> Result<Range<u64>, BitmapError> {
-        let g = &self.inner.geometry;
+        let g = self.geometry();
         g.regions(offset, len).ok_or(BitmapError::OutOfRange {
             offset,
             len,
@@ -626,8 +653,8 @@ impl Bitmap {
 
     /// Bytes of the volume in dirty regions (the last region may be short).
     pub fn dirty_bytes(&self) -> u64 {
-        let g = self.inner.geometry;
         let st = self.inner.lock();
+        let g = st.geometry;
         let mut bytes = st.dirty_count * g.granularity().bytes();
         let last = g.region_count() - 1;
         if bit(&st.words, last) {
@@ -640,7 +667,7 @@ impl Bitmap {
     /// The first dirty region at or after `from`.
     pub fn next_dirty(&self, from: RegionIndex) -> Option<RegionIndex> {
         let st = self.inner.lock();
-        let count = self.inner.geometry.region_count();
+        let count = st.geometry.region_count();
         let mut r = from.0;
         while r < count {
             let w = st.words[(r / 64) as usize] >> (r % 64);
@@ -672,7 +699,7 @@ impl Bitmap {
         let inner = &self.inner;
         let mut st = inner.lock();
         let session = inner.require_tracking(&st)?;
-        if region.0 >= inner.geometry.region_count() || !bit(&st.words, region.0) {
+        if region.0 >= st.geometry.region_count() || !bit(&st.words, region.0) {
             return Ok(None);
         }
         if st.copies.contains_key(&region.0) {
@@ -749,7 +776,11 @@ impl Bitmap {
                 _ => st.max_session + 1,
             };
             st.max_session = st.max_session.max(session);
-            st.pending_header = Some(HeaderChange { session, tracking });
+            st.pending_header = Some(HeaderChange {
+                session,
+                tracking,
+                keep_bits: false,
+            });
             inner.kick(&mut st);
             st.next_flush
         };
@@ -800,6 +831,74 @@ impl Bitmap {
             fill: Fill::AllDirty,
         };
         self.change_header(Some(tracking), true).await
+    }
+
+    /// Grows the bitmap with its volume, to `geometry` (same region size,
+    /// a larger volume), durably: the file is extended first (a crash
+    /// leaves a longer file, which a load ignores), then the header records
+    /// the new size (the load accepts a header of either size: no region
+    /// beyond the old end was written before the volume's new size was
+    /// committed). The new regions are clean — they hold zeros on both
+    /// replicas, each grown by preallocation — and the bits and mode of
+    /// the regions before stay. An untrusted bitmap only grows in memory
+    /// (its header stays as it was: still untrusted at the next load). The
+    /// same size again: nothing to do.
+    pub async fn grow(&self, geometry: Geometry) -> Result<(), BitmapError> {
+        let inner = &self.inner;
+        let current = self.geometry();
+        let refuse = |why| BitmapError::BadResize {
+            target: inner.target(),
+            from: current,
+            to: geometry,
+            why,
+        };
+        if geometry.granularity() != current.granularity() {
+            return Err(refuse("the region size cannot change"));
+        }
+        if geometry.volume_size() < current.volume_size() {
+            return Err(refuse("a bitmap never shrinks"));
+        }
+        if geometry.volume_size() == current.volume_size() {
+            return Ok(());
+        }
+        let need = format::file_len(geometry);
+        let storage = inner.storage.clone();
+        blocking(move || {
+            if storage.size()? < need {
+                storage.set_len(need)?;
+                storage.sync()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| inner.storage_error(Arc::new(e)))?;
+        let target = {
+            let mut st = inner.lock();
+            if st.pending_header.is_some() {
+                return Err(BitmapError::Busy {
+                    target: inner.target(),
+                });
+            }
+            let nblocks = format::block_count(geometry) as usize;
+            st.words.resize(nblocks * WORDS_PER_BLOCK, 0);
+            st.stable.resize(nblocks * WORDS_PER_BLOCK, 0);
+            st.blocks.resize(nblocks, BlockState::default());
+            st.geometry = geometry;
+            let (session, tracking) = match &st.mode {
+                Mode::Untrusted(_) => return Ok(()),
+                Mode::Tracking { tracking, session } => (*session, Some(tracking.clone())),
+                Mode::Clean => (st.max_session + 1, None),
+            };
+            st.max_session = st.max_session.max(session);
+            st.pending_header = Some(HeaderChange {
+                session,
+                tracking,
+                keep_bits: true,
+            });
+            inner.kick(&mut st);
+            st.next_flush
+        };
+        self.wait_round(target).await
     }
 
     /// Stops tracking: the peer is back in the in-sync set (new writes

@@ -299,7 +299,11 @@ struct Command {
 /// A live connection to one replica, as the mirror holds it.
 pub struct ReplicaHandle {
     spec: ReplicaSpec,
-    size: u64,
+    /// The volume's size this replica must have: as opened, raised by a
+    /// resize ([`ReplicaHandle::set_size`]); a reconnection to a copy that
+    /// is smaller (a resize it missed, a crash before it committed one)
+    /// grows it first.
+    size: Arc<AtomicU64>,
     tx: mpsc::Sender<Command>,
     state: watch::Receiver<ReplicaState>,
     generations: Arc<SessionCounter>,
@@ -319,8 +323,10 @@ struct Established {
 }
 
 /// Connects, authenticates and opens the volume. `expected_size` is the
-/// size seen at the first open, so that a reconnect to a replaced volume of
-/// another size is refused.
+/// size the volume must have (as seen at the first open, or grown to
+/// since): a smaller copy is grown to it (`Resize`) before the session is
+/// used — it missed a resize, or crashed before committing one; a larger
+/// one is used as it is (a resize that did not complete everywhere).
 async fn establish(
     spec: &ReplicaSpec,
     params: &SessionParams,
@@ -394,7 +400,7 @@ async fn establish_inner(
         epoch: params.epoch,
         op: Op::Open {
             volume: params.volume.clone(),
-            expected_size,
+            expected_size: None,
             session: Session {
                 kind: params.kind,
                 generation,
@@ -423,6 +429,13 @@ async fn establish_inner(
         }
         Some(_) | None => return Err(protocol(FrameError::UnexpectedEof)),
     };
+    let size = match expected_size {
+        Some(expected) if size < expected => {
+            grow_on_open(spec, params, &mut reader, &mut writer, size, expected).await?;
+            expected
+        }
+        _ => size,
+    };
     Ok(Established {
         reader,
         writer,
@@ -430,6 +443,48 @@ async fn establish_inner(
         incarnation,
         generation,
     })
+}
+
+/// Grows a copy found smaller than the volume at open, on the session
+/// just opened (nothing else in flight on it yet).
+async fn grow_on_open(
+    spec: &ReplicaSpec,
+    params: &SessionParams,
+    reader: &mut FrameReader<OwnedReadHalf>,
+    writer: &mut FrameWriter<OwnedWriteHalf>,
+    found: u64,
+    size: u64,
+) -> Result<(), ConnectError> {
+    let protocol = |source| ConnectError::Protocol {
+        replica: spec.id.clone(),
+        addr: spec.addr.clone(),
+        source,
+    };
+    tracing::info!(replica = %spec.id, found, size, "replica's copy is smaller than the volume: growing it before use");
+    let resize = Message::Request(Request {
+        id: RequestId(1),
+        epoch: params.epoch,
+        op: Op::Resize { size },
+    });
+    writer
+        .send(&resize)
+        .await
+        .map_err(|e| protocol(FrameError::Io(e)))?;
+    match reader.read_message().await.map_err(protocol)? {
+        Some(Message::Response(Response {
+            result: Ok(Reply::Done),
+            ..
+        })) => Ok(()),
+        Some(Message::Response(Response { result: Err(e), .. })) => {
+            Err(ConnectError::OpenRefused {
+                replica: spec.id.clone(),
+                addr: spec.addr.clone(),
+                volume: params.volume.clone(),
+                source: e,
+            })
+        }
+        Some(_) | None => Err(protocol(FrameError::UnexpectedEof)),
+    }
 }
 
 impl ReplicaHandle {
@@ -486,12 +541,13 @@ impl ReplicaHandle {
         let generations = params.generations.clone();
         let incarnation = Arc::new(AtomicU64::new(incarnation));
         let pinned = Arc::new(AtomicBool::new(session.is_some()));
+        let size = Arc::new(AtomicU64::new(size));
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
             generations: generations.clone(),
             incarnation: incarnation.clone(),
             pinned: pinned.clone(),
-            size,
+            size: size.clone(),
             spec: spec.clone(),
             params,
             rx,
@@ -556,9 +612,16 @@ impl ReplicaHandle {
         &self.spec.addr
     }
 
-    /// Size of the volume as this replica reported it at open.
+    /// Size of the volume as this replica reported it at open, or as a
+    /// resize grew it since.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
+    }
+
+    /// The replica has grown to `size` (a resize): reconnections expect
+    /// (and grow a copy to) at least that.
+    pub fn set_size(&self, size: u64) {
+        self.size.fetch_max(size, Ordering::SeqCst);
     }
 
     pub fn state(&self) -> ReplicaState {
@@ -608,7 +671,7 @@ struct Owner {
     generations: Arc<SessionCounter>,
     incarnation: Arc<AtomicU64>,
     pinned: Arc<AtomicBool>,
-    size: u64,
+    size: Arc<AtomicU64>,
     spec: ReplicaSpec,
     params: SessionParams,
     rx: mpsc::Receiver<Command>,
@@ -629,7 +692,8 @@ fn io_op(op: &Op) -> (IoOp, u64) {
         | Op::ForgetActivity
         | Op::RecoveredExtents
         | Op::ForgetExtents { .. }
-        | Op::FenceSessions { .. } => (IoOp::Open, 0),
+        | Op::FenceSessions { .. }
+        | Op::Resize { .. } => (IoOp::Open, 0),
         Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
         Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
         Op::Flush => (IoOp::Flush, 0),
@@ -689,7 +753,8 @@ impl Owner {
             if self.rx.is_closed() {
                 return None;
             }
-            match establish(&self.spec, &self.params, Some(self.size)).await {
+            let size = self.size.load(Ordering::SeqCst);
+            match establish(&self.spec, &self.params, Some(size)).await {
                 Ok(s) if s.generation < self.generations.abandoned_below() => {
                     // Given up while it was being opened: never used.
                     abort(&s.writer);

@@ -67,6 +67,34 @@ impl FuseExport {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }
+
+    /// What tells the kernel that the volume grew (see [`SizeNotifier`]).
+    pub fn size_notifier(&self) -> Option<SizeNotifier> {
+        self.session.as_ref().map(|s| SizeNotifier {
+            notifier: s.notifier(),
+            file: self.file.clone(),
+        })
+    }
+}
+
+/// Tells the kernel the export's file changed size.
+#[derive(Debug, Clone)]
+pub struct SizeNotifier {
+    notifier: fuser::Notifier,
+    file: PathBuf,
+}
+
+impl SizeNotifier {
+    /// The volume grew: the kernel drops the file's cached attributes and
+    /// reads them again at once (a `stat` of the file), so that its size —
+    /// what `losetup -c` (LOOP_SET_CAPACITY) gives a loop device over it —
+    /// is the new one; returns that size. Blocking (the stat is answered by
+    /// the FUSE threads).
+    pub fn size_changed(&self) -> std::io::Result<u64> {
+        // A negative offset: the attributes only, no page-cache range.
+        self.notifier.inval_inode(fs::FILE, -1, 0)?;
+        std::fs::metadata(&self.file).map(|m| m.len())
+    }
 }
 
 impl Drop for FuseExport {

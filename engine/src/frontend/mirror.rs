@@ -111,6 +111,8 @@ pub enum MirrorError {
         b: ReplicaId,
         b_size: u64,
     },
+    #[error(transparent)]
+    Resize(#[from] resize::ResizeError),
 }
 
 /// A volume mirrored on two replicas. Cheap to share: the state lives in
@@ -121,7 +123,10 @@ pub struct Mirror {
 
 struct Inner {
     volume: VolumeId,
-    size: u64,
+    /// The volume's size; grows online (`mirror/resize.rs`).
+    size: AtomicU64,
+    /// Held by a resize, one at a time.
+    resizing: tokio::sync::Mutex<()>,
     replicas: [Arc<ReplicaHandle>; 2],
     local: usize,
     metrics: OpHandles,
@@ -242,6 +247,19 @@ impl Mirror {
         metrics: Arc<Metrics>,
         one_may_be_down: bool,
     ) -> Result<Self, MirrorError> {
+        Self::connect_growing(config, metrics, one_may_be_down, None).await
+    }
+
+    /// Like [`Mirror::connect_with`]; with `grow_to`, the size the volume
+    /// was asked to have (a resize that may not have completed), replicas
+    /// of different sizes, or smaller than that, are grown to it first
+    /// (`mirror/resize.rs`) instead of refused.
+    pub async fn connect_growing(
+        config: MirrorConfig,
+        metrics: Arc<Metrics>,
+        one_may_be_down: bool,
+        grow_to: Option<u64>,
+    ) -> Result<Self, MirrorError> {
         let [a, b]: [ReplicaSpec; 2] = config
             .replicas
             .clone()
@@ -305,6 +323,11 @@ impl Mirror {
             }
             (ra, rb) => (ra?, rb?),
         };
+        if let Some(target) = grow_to.filter(|&t| t >= ra.size().max(rb.size()))
+            && (ra.size() != rb.size() || ra.size() < target)
+        {
+            resize::grow_both(&ra, &rb, target).await?;
+        }
         if ra.size() != rb.size() {
             return Err(MirrorError::SizeMismatch {
                 a: a.id,
@@ -331,7 +354,8 @@ impl Mirror {
         tracing::info!(volume = %config.volume, size = ra.size(), epoch = config.epoch.0, local = %config.local, "mirror connected to both replicas");
         Ok(Self {
             inner: Arc::new(Inner {
-                size: ra.size(),
+                size: AtomicU64::new(ra.size()),
+                resizing: tokio::sync::Mutex::new(()),
                 metrics: metrics.handles(vol, ""),
                 volume: config.volume,
                 replicas: [Arc::new(ra), Arc::new(rb)],
@@ -963,13 +987,13 @@ fn split(offset: u64, len: u64, max: u32) -> impl Iterator<Item = (u64, u32)> {
 
 impl BlockBackend for Mirror {
     fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(Ordering::SeqCst)
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
         let started = Instant::now();
         let inner = &self.inner;
-        check_range(offset, u64::from(len), inner.size)?;
+        check_range(offset, u64::from(len), self.size())?;
         let r = if len <= MAX_IO_BYTES {
             inner.read_chunk(offset, len).await
         } else {
@@ -991,7 +1015,7 @@ impl BlockBackend for Mirror {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
         let started = Instant::now();
         let len = data.len() as u64;
-        check_range(offset, len, self.inner.size)?;
+        check_range(offset, len, self.size())?;
         let r = if len <= u64::from(MAX_IO_BYTES) {
             self.detached(Op::Write {
                 offset,
@@ -1030,7 +1054,7 @@ impl BlockBackend for Mirror {
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), BackendError> {
         let started = Instant::now();
-        check_range(offset, u64::from(len), self.inner.size)?;
+        check_range(offset, u64::from(len), self.size())?;
         let r = self
             .discard(offset, len, |offset, len| Op::Trim {
                 offset,
@@ -1044,7 +1068,7 @@ impl BlockBackend for Mirror {
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), BackendError> {
         let started = Instant::now();
-        check_range(offset, u64::from(len), self.inner.size)?;
+        check_range(offset, u64::from(len), self.size())?;
         // In pieces, FUA becomes one flush after all of them.
         let pieces = u64::from(len).div_ceil(u64::from(DISCARD_CHUNK));
         let piece_fua = fua && pieces == 1;
@@ -1063,6 +1087,9 @@ impl BlockBackend for Mirror {
         r
     }
 }
+
+mod resize;
+pub use resize::ResizeError;
 
 #[cfg(test)]
 #[path = "mirror_tests.rs"]

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod connection;
+pub mod control;
 pub mod failover;
 pub mod fuse;
 pub mod lease;

@@ -61,6 +61,11 @@ pub struct FrontendProcess {
     /// Lease, epoch and in-sync set from this arbiter; `None`: the
     /// mirror's configured epoch and no degraded operation.
     pub arbiter: Option<ArbiterOptions>,
+    /// Serve the control socket (`frontend::control`: resize) here.
+    pub control_socket: Option<PathBuf>,
+    /// The size the volume was asked to have: replicas smaller than this
+    /// at startup (a resize that did not reach them) are grown to it.
+    pub grow_to: Option<u64>,
 }
 
 /// How the frontend uses its arbiter.
@@ -107,6 +112,8 @@ pub enum FrontendError {
     Arbiter(#[from] ArbiterError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Control(#[from] super::control::ControlError),
 }
 
 /// Runs a frontend until `shutdown` completes or an export fails, with the
@@ -168,7 +175,8 @@ pub async fn run_with<A: Arbiter>(
         )));
         lease = Some((arbiter, guard));
     }
-    let mut mirror = Mirror::connect_with(config, metrics.clone(), lease.is_some()).await?;
+    let mut mirror =
+        Mirror::connect_growing(config, metrics.clone(), lease.is_some(), opts.grow_to).await?;
     if let (Some(a), Some((arbiter, guard))) = (&opts.arbiter, &lease) {
         mirror
             .enable_failover(
@@ -222,6 +230,18 @@ pub async fn run_with<A: Arbiter>(
         let export = mount_fuse(mirror.clone(), dir, opts.fuse_file_name.clone()).await?;
         ready.push(("fuse_file", export.file_path().display().to_string()));
         fuse_export = Some(export);
+    }
+    if let Some(path) = opts.control_socket.clone() {
+        let notifier = fuse_export.as_ref().and_then(FuseExport::size_notifier);
+        let m = mirror.clone();
+        let p = path.clone();
+        tasks.spawn(async move {
+            super::control::serve(p, m, notifier)
+                .await
+                .map_err(Into::into)
+        });
+        wait_for_socket(&path).await?;
+        ready.push(("control", path.display().to_string()));
     }
     if let Some(path) = &opts.ready_file {
         write_ready_file(path, &ready)?;

@@ -56,6 +56,8 @@ const K_FENCE_SESSIONS: u8 = 0x1b;
 // 0x26 and 0x27: requests of the durability work (0x20-0x25 are replies).
 const K_RECOVERED_EXTENTS: u8 = 0x26;
 const K_FORGET_EXTENTS: u8 = 0x27;
+// 0x30-0x33: volume expansion.
+const K_RESIZE: u8 = 0x30;
 const K_OPENED: u8 = 0x20;
 const K_DATA: u8 = 0x21;
 const K_DONE: u8 = 0x22;
@@ -184,6 +186,7 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::FenceSessions { .. } => K_FENCE_SESSIONS,
         Op::RecoveredExtents => K_RECOVERED_EXTENTS,
         Op::ForgetExtents { .. } => K_FORGET_EXTENTS,
+        Op::Resize { .. } => K_RESIZE,
     };
     b.put_u8(kind);
     b.put_u64_le(r.id.0);
@@ -269,6 +272,10 @@ fn put_request(r: &Request, b: &mut BytesMut) -> Option<Bytes> {
         Op::ResyncStatus | Op::ActiveExtents | Op::ForgetActivity | Op::RecoveredExtents => None,
         Op::MarkDirty { ranges } | Op::ForgetExtents { ranges } => {
             put_ranges(b, ranges);
+            None
+        }
+        Op::Resize { size } => {
+            b.put_u64_le(*size);
             None
         }
     }
@@ -437,12 +444,24 @@ fn put_wire_error(e: &WireError, b: &mut BytesMut) {
             b.put_u8(ERR_VOLUME_FAILED);
             put_str16(b, reason);
         }
+        WireError::ResizeRefused {
+            current,
+            requested,
+            reason,
+        } => {
+            b.put_u8(ERR_RESIZE_REFUSED);
+            b.put_u64_le(*current);
+            b.put_u64_le(*requested);
+            put_str16(b, reason);
+        }
     }
 }
 
 /// The error code of [`WireError::VolumeFailed`] (in the range 0x20–0x27
 /// the durability work owns, so that codes added in parallel do not clash).
 const ERR_VOLUME_FAILED: u8 = 0x20;
+/// The error code of [`WireError::ResizeRefused`] (0x30–0x33: expansion's).
+const ERR_RESIZE_REFUSED: u8 = 0x30;
 
 fn put_str8(b: &mut BytesMut, s: &str) {
     // Ids are at most 63 bytes (checked by their constructors).
@@ -575,7 +594,7 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
         K_WELCOME => Message::Welcome,
         K_OPEN | K_READ | K_WRITE | K_FLUSH | K_TRIM | K_WRITE_ZEROES | K_PEER_STATE
         | K_RESYNC_STATUS | K_ACTIVE_EXTENTS | K_MARK_DIRTY | K_FORGET_ACTIVITY
-        | K_FENCE_SESSIONS | K_RECOVERED_EXTENTS | K_FORGET_EXTENTS => {
+        | K_FENCE_SESSIONS | K_RECOVERED_EXTENTS | K_FORGET_EXTENTS | K_RESIZE => {
             let id = RequestId(r.u64()?);
             let epoch = Epoch(r.u64()?);
             let op = match kind {
@@ -651,6 +670,7 @@ pub fn decode_body(body: Bytes) -> Result<Message, DecodeError> {
                 K_FORGET_EXTENTS => Op::ForgetExtents {
                     ranges: r.ranges()?,
                 },
+                K_RESIZE => Op::Resize { size: r.u64()? },
                 _ => {
                     let (offset, len) = (r.u64()?, r.u32()?);
                     let (fua, mirrored) = r.flags()?;
@@ -884,6 +904,11 @@ impl Rd {
                 reason: self.str16()?,
             },
             ERR_VOLUME_FAILED => WireError::VolumeFailed {
+                reason: self.str16()?,
+            },
+            ERR_RESIZE_REFUSED => WireError::ResizeRefused {
+                current: self.u64()?,
+                requested: self.u64()?,
                 reason: self.str16()?,
             },
             other => return Err(self.invalid("error", format!("unknown error code {other}"))),

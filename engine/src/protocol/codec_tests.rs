@@ -116,6 +116,7 @@ fn op() -> impl Strategy<Value = Op> {
         ranges().prop_map(|ranges| Op::MarkDirty { ranges }),
         Just(Op::RecoveredExtents),
         ranges().prop_map(|ranges| Op::ForgetExtents { ranges }),
+        any::<u64>().prop_map(|size| Op::Resize { size }),
     ]
 }
 
@@ -147,6 +148,13 @@ fn wire_error() -> impl Strategy<Value = WireError> {
         "\\PC{0,200}".prop_map(|message| WireError::Io { message }),
         Just(WireError::NotTracking),
         "\\PC{0,200}".prop_map(|reason| WireError::VolumeFailed { reason }),
+        (any::<u64>(), any::<u64>(), "\\PC{0,200}").prop_map(|(current, requested, reason)| {
+            WireError::ResizeRefused {
+                current,
+                requested,
+                reason,
+            }
+        }),
         (session_kind(), any::<u64>(), any::<u64>()).prop_map(|(kind, s, f)| {
             WireError::StaleSession {
                 kind,

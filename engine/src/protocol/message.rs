@@ -184,6 +184,15 @@ pub enum Op {
     ForgetExtents {
         ranges: Vec<ByteRange>,
     },
+    /// Grow the volume to `size` bytes (a positive multiple of 4096, not
+    /// below the current size; the same size is a no-op): the data file is
+    /// preallocated, the dirty bitmap extended, and the new size committed
+    /// in the metadata — answered once all of it is durable (`0x30`). A
+    /// crash on the way leaves the volume at its old size or the new one.
+    /// Refused with [`WireError::ResizeRefused`] for a smaller size.
+    Resize {
+        size: u64,
+    },
 }
 
 /// Which session a connection is: a client's kind and the generation it
@@ -274,6 +283,7 @@ impl Op {
             Op::RecoveredExtents => "recovered_extents",
             Op::ForgetExtents { .. } => "forget_extents",
             Op::FenceSessions { .. } => "fence_sessions",
+            Op::Resize { .. } => "resize",
         }
     }
 }
@@ -362,4 +372,13 @@ pub enum WireError {
         version = .known.arbiter_version
     )]
     NotSource { known: SyncView, reason: String },
+    /// A `Resize` the replica will not do (a smaller size than the
+    /// volume's: shrinking is never done; a size that is not a multiple of
+    /// 4096).
+    #[error("resize of the volume from {current} to {requested} bytes refused: {reason}")]
+    ResizeRefused {
+        current: u64,
+        requested: u64,
+        reason: String,
+    },
 }

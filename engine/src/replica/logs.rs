@@ -64,7 +64,7 @@
 //! so that they never are.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::activity_log::{
     ActivityLog, AlConfig, AlError, DEFAULT_EXTENT_SIZE, DEFAULT_MAX_ACTIVE, Recovery, WriteGuard,
@@ -126,8 +126,8 @@ pub struct WriteGuards {
 /// The activity log and dirty bitmap of one open volume.
 pub struct VolumeLogs {
     al: ActivityLog,
-    /// The volume's size in bytes.
-    size: u64,
+    /// The volume's size in bytes (it grows, [`VolumeLogs::grow`]).
+    size: AtomicU64,
     bitmap: Bitmap,
     /// Mirrors "the bitmap tracks a peer" for the hot path (no lock).
     tracking: AtomicBool,
@@ -192,7 +192,7 @@ impl VolumeLogs {
             unreconciled: std::sync::Mutex::new(Vec::new()),
             peer_change: tokio::sync::Mutex::new(()),
             al,
-            size,
+            size: AtomicU64::new(size),
             bitmap,
         });
         logs.recover(volume, recovery, role).await?;
@@ -236,7 +236,8 @@ impl VolumeLogs {
                                 "the activity log was unreadable at startup".to_owned(),
                             ));
                         }
-                        *lock(&self.unreconciled) = std::iter::once(0..self.size).collect();
+                        *lock(&self.unreconciled) =
+                            std::iter::once(0..self.size.load(Ordering::SeqCst)).collect();
                     }
                 }
             }
@@ -285,12 +286,15 @@ impl VolumeLogs {
                 *lock(&self.full_copy) = Some(FullCopy(
                     "the activity log was unreadable at startup".to_owned(),
                 ));
-                *lock(&self.unreconciled) = std::iter::once(0..self.size).collect();
+                *lock(&self.unreconciled) =
+                    std::iter::once(0..self.size.load(Ordering::SeqCst)).collect();
             }
             (BitmapState::Untrusted(reason), recovery) => {
                 *lock(&self.unreconciled) = match &recovery {
                     Recovery::Extents(ext) => ext.iter().map(|e| cfg.byte_range(*e)).collect(),
-                    Recovery::Lost { .. } => std::iter::once(0..self.size).collect(),
+                    Recovery::Lost { .. } => {
+                        std::iter::once(0..self.size.load(Ordering::SeqCst)).collect()
+                    }
                 };
                 tracing::warn!(
                     volume, %reason,
@@ -300,6 +304,20 @@ impl VolumeLogs {
                     Some(FullCopy(format!("dirty bitmap untrusted: {reason}")));
             }
         }
+        Ok(())
+    }
+
+    /// The volume grows to `size` bytes: the dirty bitmap durably (file,
+    /// then header), the activity log's bounds in memory. Called before
+    /// the new size is committed in the metadata: a crash in between
+    /// leaves logs that load at the old size as well as at the new one.
+    /// Serialised with the changes of the peer's state (no tracking start
+    /// or stop writes the bitmap header meanwhile).
+    pub async fn grow(&self, size: u64) -> Result<(), LogsError> {
+        let _change = self.peer_change.lock().await;
+        self.bitmap.grow(geometry(size)?).await?;
+        self.al.grow(size);
+        self.size.fetch_max(size, Ordering::SeqCst);
         Ok(())
     }
 

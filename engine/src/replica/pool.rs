@@ -195,7 +195,16 @@ impl Pool {
                 m.volume
             )));
         }
-        let len = data.size()?;
+        let mut len = data.size()?;
+        if len > m.size {
+            // A grow that did not commit (`Volume::resize` preallocates
+            // the data file before the metadata records the new size):
+            // nothing past the committed size was ever written.
+            tracing::info!(volume = %volume, committed = m.size, data_file = len, "cutting an unfinished grow of the data file back to the committed size");
+            data.set_len(m.size)?;
+            data.sync()?;
+            len = m.size;
+        }
         if len != m.size {
             return Err(inconsistent(format!(
                 "the data file has {len} bytes but the metadata says {}",

@@ -324,6 +324,11 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
                 (ConnState::Open(v, gate), Op::FenceSessions { kind, below }) => {
                     Some(v.fence_sessions(epoch, gate, kind, below).await)
                 }
+                // In order too: the frontend sends it with no write in
+                // flight on the connection and waits for the answer.
+                (ConnState::Open(v, gate), Op::Resize { size }) => {
+                    Some(v.resize(epoch, gate, size).await)
+                }
                 (ConnState::AwaitingOpen, _) => Some(Err(WireError::NotOpen)),
                 (ConnState::Open(..), op) => {
                     batch.push((id, epoch, op));

@@ -126,7 +126,9 @@ impl Drop for InFlight<'_> {
 /// A volume served by this replica.
 pub struct Volume {
     id: VolumeId,
-    size: u64,
+    /// The committed size in bytes; only the metadata owner raises it
+    /// ([`Volume::resize`]), once the metadata says so durably.
+    size: Arc<AtomicU64>,
     data: Arc<dyn Storage>,
     /// The data file's syncs (shared with the activity log).
     sync: Arc<DataSync>,
@@ -217,6 +219,12 @@ enum MetaCommand {
         incarnation: u64,
         reply: oneshot::Sender<Result<(), WireError>>,
     },
+    /// `Resize`: grow the volume durably (data, logs, then the metadata).
+    Resize {
+        epoch: Epoch,
+        size: u64,
+        reply: oneshot::Sender<Result<Reply, WireError>>,
+    },
 }
 
 /// What the frontend said (`Op::PeerState`): the record as it stands, who
@@ -243,6 +251,11 @@ struct MetaOwner {
     peer_incarnation: Arc<AtomicU64>,
     /// Mirrors `current.view` and `current.peer_fence`.
     known: Arc<Known>,
+    /// The data file and its syncs, and the volume's size as the requests
+    /// see it (raised once the metadata committed a resize).
+    data: Arc<dyn Storage>,
+    sync: Arc<DataSync>,
+    size: Arc<AtomicU64>,
 }
 
 impl MetaOwner {
@@ -265,6 +278,9 @@ impl MetaOwner {
                 }
                 MetaCommand::SetPeerIncarnation { incarnation, reply } => {
                     let _ = reply.send(self.set_peer_incarnation(incarnation).await);
+                }
+                MetaCommand::Resize { epoch, size, reply } => {
+                    let _ = reply.send(self.resize(epoch, size).await);
                 }
             }
         }
@@ -402,6 +418,57 @@ impl MetaOwner {
         Ok(self.current.view.clone())
     }
 
+    /// Grows the volume to `size` bytes, in an order that a crash at any
+    /// point leaves it opening at the old size or the new one, never
+    /// between: the data file is preallocated to the new size and synced
+    /// (a longer data file than the metadata says is an unfinished grow,
+    /// cut back when the volume opens), the dirty bitmap grows (it loads
+    /// at either size), and only then does the metadata commit the new
+    /// size (an A/B slot update). Requests see the new size after that.
+    async fn resize(&mut self, epoch: Epoch, size: u64) -> Result<Reply, WireError> {
+        self.gate.compare(epoch)?;
+        let current = self.current.size;
+        let refuse = |reason: &str| WireError::ResizeRefused {
+            current,
+            requested: size,
+            reason: reason.to_owned(),
+        };
+        if size == current {
+            return Ok(Reply::Done);
+        }
+        if size < current {
+            return Err(refuse(
+                "shrinking a volume is not supported (only growing is)",
+            ));
+        }
+        if !size.is_multiple_of(4096) {
+            return Err(refuse("the size must be a multiple of 4096 bytes"));
+        }
+        let data = self.data.clone();
+        blocking(move || data.preallocate(size))
+            .await
+            .map_err(|e| io_error(&e))?;
+        let sync = self.sync.clone();
+        match tokio::task::spawn_blocking(move || sync.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(f)) => return Err(failed(&f)),
+            Err(e) => {
+                return Err(WireError::Io {
+                    message: format!("blocking task: {e}"),
+                });
+            }
+        }
+        self.logs.grow(size).await.map_err(|e| WireError::Io {
+            message: crate::error_chain(&e),
+        })?;
+        let mut next = self.current.clone();
+        next.size = size;
+        self.write_meta(next).await?;
+        self.size.store(size, Ordering::SeqCst);
+        tracing::info!(volume = %self.id, from = current, to = size, "volume grown");
+        Ok(Reply::Done)
+    }
+
     async fn set_peer_incarnation(&mut self, incarnation: u64) -> Result<(), WireError> {
         let mut next = self.current.clone();
         next.peer_incarnation = incarnation;
@@ -470,7 +537,7 @@ impl Volume {
         gate.epoch.store(current.epoch.0, Ordering::SeqCst);
         let (meta_tx, rx) = mpsc::channel(16);
         let id = current.volume.clone();
-        let size = current.size;
+        let size = Arc::new(AtomicU64::new(current.size));
         let incarnation = current.incarnation;
         let peer_incarnation = Arc::new(AtomicU64::new(current.peer_incarnation));
         let known = Arc::new(Known::default());
@@ -483,6 +550,9 @@ impl Volume {
             gate: gate.clone(),
             logs: logs.clone(),
             known: known.clone(),
+            data: data.clone(),
+            sync: sync.clone(),
+            size: size.clone(),
         };
         tokio::spawn(owner.run(rx));
         Arc::new(Self {
@@ -599,7 +669,26 @@ impl Volume {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
+    }
+
+    /// Handles `Resize`: the metadata owner grows the volume at exactly
+    /// the current epoch (see `MetaOwner::resize` for the order that makes
+    /// it crash-safe); answered once the new size is durable.
+    pub async fn resize(
+        &self,
+        epoch: Epoch,
+        via: &SessionGate,
+        size: u64,
+    ) -> Result<Reply, WireError> {
+        via.check()?;
+        self.sync.check().map_err(|f| failed(&f))?;
+        let (reply, rx) = oneshot::channel();
+        self.meta_tx
+            .send(MetaCommand::Resize { epoch, size, reply })
+            .await
+            .map_err(|_| self.meta_gone())?;
+        rx.await.map_err(|_| self.meta_gone())?
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -633,11 +722,11 @@ impl Volume {
     ) -> Result<(Reply, Arc<SessionGate>), WireError> {
         self.sync.check().map_err(|f| failed(&f))?;
         if let Some(expected) = expected_size
-            && expected != self.size
+            && expected != self.size()
         {
             return Err(WireError::SizeMismatch {
                 expected,
-                actual: self.size,
+                actual: self.size(),
             });
         }
         let current = self.epoch();
@@ -679,7 +768,7 @@ impl Volume {
         let gate = self.sessions.open(epoch, session, claim, checked).await?;
         Ok((
             Reply::Opened {
-                size: self.size,
+                size: self.size(),
                 epoch: now,
                 incarnation: self.incarnation,
             },
@@ -812,11 +901,11 @@ impl Volume {
             });
         }
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(WireError::OutOfRange {
                 offset,
                 len,
-                size: self.size,
+                size: self.size(),
             }),
         }
     }
@@ -840,7 +929,8 @@ impl Volume {
             | Op::ForgetActivity
             | Op::RecoveredExtents
             | Op::ForgetExtents { .. }
-            | Op::FenceSessions { .. } => (IoOp::Open, 0),
+            | Op::FenceSessions { .. }
+            | Op::Resize { .. } => (IoOp::Open, 0),
             Op::Read { len, .. } => (IoOp::Read, u64::from(*len)),
             Op::Write { data, .. } => (IoOp::Write, data.len() as u64),
             Op::Flush => (IoOp::Flush, 0),
@@ -926,7 +1016,7 @@ impl Volume {
             Op::Open { .. } => return Err(WireError::AlreadyOpen),
             // Handled by the connection (`peer_state`, `fence_sessions`),
             // never here.
-            Op::PeerState { .. } | Op::FenceSessions { .. } => {
+            Op::PeerState { .. } | Op::FenceSessions { .. } | Op::Resize { .. } => {
                 return Err(WireError::Io {
                     message: "peer state is not a data request".to_owned(),
                 });

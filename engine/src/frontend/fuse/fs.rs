@@ -21,8 +21,9 @@ use super::budget::Budget;
 use crate::frontend::backend::{BackendError, BlockBackend};
 
 const ROOT: INodeNo = INodeNo::ROOT;
-const FILE: INodeNo = INodeNo(2);
-/// Attributes never change behind the kernel's back: cache them long.
+pub(super) const FILE: INodeNo = INodeNo(2);
+/// Attributes change only when the volume grows, and then the export
+/// tells the kernel (`FuseExport::size_changed`): cache them long.
 const TTL: Duration = Duration::from_secs(3600);
 /// Largest single read or write the kernel sends us.
 const MAX_WRITE: u32 = 1024 * 1024;
@@ -48,7 +49,6 @@ pub(super) struct VolumeFs<B> {
     backend: Arc<B>,
     file_name: OsString,
     rt: tokio::runtime::Handle,
-    size: u64,
     mounted_at: SystemTime,
     uid: u32,
     gid: u32,
@@ -61,7 +61,6 @@ impl<B: BlockBackend> VolumeFs<B> {
         // SAFETY: getuid/getgid take no arguments and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         VolumeFs {
-            size: backend.size(),
             backend,
             file_name,
             rt,
@@ -73,10 +72,15 @@ impl<B: BlockBackend> VolumeFs<B> {
         }
     }
 
+    /// The volume's size now (it grows online).
+    fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, perm, size, nlink) = match ino {
             ROOT => (FileType::Directory, 0o755, 0, 2),
-            FILE => (FileType::RegularFile, 0o600, self.size, 1),
+            FILE => (FileType::RegularFile, 0o600, self.size(), 1),
             _ => return None,
         };
         Some(FileAttr {
@@ -211,7 +215,7 @@ impl<B: BlockBackend> Filesystem for VolumeFs<B> {
             return reply.error(Errno::EISDIR);
         }
         // A regular file: reads at or past the end are short, not errors.
-        let len = self.size.saturating_sub(offset).min(u64::from(size)) as u32;
+        let len = self.size().saturating_sub(offset).min(u64::from(size)) as u32;
         if len == 0 {
             return reply.data(&[]);
         }
@@ -243,7 +247,7 @@ impl<B: BlockBackend> Filesystem for VolumeFs<B> {
         }
         // The file cannot grow: a write past the end is short, one starting
         // at or past it fails like a full device.
-        let len = self.size.saturating_sub(offset).min(data.len() as u64) as usize;
+        let len = self.size().saturating_sub(offset).min(data.len() as u64) as usize;
         if len == 0 {
             return reply.error(Errno::ENOSPC);
         }
@@ -307,7 +311,7 @@ impl<B: BlockBackend> Filesystem for VolumeFs<B> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.size.div_ceil(4096);
+        let blocks = self.size().div_ceil(4096);
         reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096);
     }
 
@@ -331,7 +335,7 @@ impl<B: BlockBackend> Filesystem for VolumeFs<B> {
         if ino != FILE {
             return reply.error(Errno::EISDIR);
         }
-        let Some(end) = offset.checked_add(length).filter(|end| *end <= self.size) else {
+        let Some(end) = offset.checked_add(length).filter(|end| *end <= self.size()) else {
             return reply.error(Errno::ENOSPC);
         };
         let zero = match mode & !FALLOC_FL_KEEP_SIZE {
