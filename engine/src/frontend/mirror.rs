@@ -37,6 +37,16 @@
 //! ended in an error with the copies possibly different (without an
 //! arbiter there is nothing else to record that in): the replicas'
 //! activity logs then stay for the next frontend to reconcile.
+//!
+//! # Overlapping writes keep one order on both replicas
+//!
+//! Two writes in flight at once over the same bytes have no order for
+//! the client, but they must land in the same order on both replicas, or
+//! the two copies differ while both count as in sync. A write that
+//! overlaps one handed to the mirror before it and not ended yet is sent
+//! to no replica until that one ended on every replica
+//! (`frontend::conflicts`, as DRBD's conflict detection); writes that
+//! overlap nothing in flight go at once, in parallel.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -57,6 +67,7 @@ use crate::protocol::{
 };
 
 use super::backend::{BackendError, BlockBackend, check_range};
+use super::conflicts::{Conflicts, Range};
 use super::connection::{
     CallError, ConnectError, ReplicaHandle, ReplicaSpec, ReplicaState, SessionParams,
 };
@@ -138,6 +149,9 @@ struct Inner {
     degrade: OnceLock<Degrade>,
     /// Writes (and trims, write-zeroes) not ended yet, waited for or not.
     writes: WritesInFlight,
+    /// The same by range: one that overlaps an earlier one still in flight
+    /// waits for it to end on every replica (see the module doc).
+    conflicts: Arc<Conflicts>,
     /// Set when a write ended in an error after it may have reached one
     /// replica and not the other, with nothing recording the region (see
     /// the module doc): the activity logs must then not be forgotten.
@@ -342,6 +356,7 @@ impl Mirror {
                 progress: watch::channel([None, None]).0,
                 degrade: OnceLock::new(),
                 writes: WritesInFlight::default(),
+                conflicts: Conflicts::new(),
                 unsettled: AtomicBool::new(false),
             }),
         })
@@ -506,9 +521,18 @@ impl Mirror {
     /// result, if the caller still waits.
     async fn detached(&self, op: Op) -> Result<(), BackendError> {
         let ticket = WriteTicket::new(&self.inner);
+        // Its place among the writes in flight, taken now: the order in
+        // which overlapping ones reach the replicas.
+        let turn = modified_range(&op).map(|r| self.inner.conflicts.admit(r));
         RunToEnd::new(async move {
             let inner = ticket.0.clone();
+            if let Some(turn) = &turn {
+                turn.wait_turn().await;
+            }
             let r = inner.both(op).await;
+            // Ended on every replica that gets writes: the overlapping
+            // writes after it may go.
+            drop(turn);
             if let Err(e) = &r
                 && !matches!(
                     e,
@@ -883,6 +907,17 @@ fn modifies(op: &Op) -> bool {
         op,
         Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }
     )
+}
+
+/// The bytes `op` changes, if it changes any.
+fn modified_range(op: &Op) -> Option<Range> {
+    match op {
+        Op::Write { offset, data, .. } => Some(Range::new(*offset, data.len() as u64)),
+        Op::Trim { offset, len, .. } | Op::WriteZeroes { offset, len, .. } => {
+            Some(Range::new(*offset, u64::from(*len)))
+        }
+        _ => None,
+    }
 }
 
 /// Sets `op`'s `mirrored` flag to `v` (data requests only).
