@@ -88,6 +88,9 @@ pub struct LeaseGuard {
     valid_until_ns: AtomicU64,
     fenced: AtomicBool,
     duration: Duration,
+    /// Woken by every renewal and by the fence: I/O held while the lease
+    /// is out waits on it.
+    changed: tokio::sync::Notify,
 }
 
 impl LeaseGuard {
@@ -100,6 +103,7 @@ impl LeaseGuard {
             valid_until_ns: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
             duration,
+            changed: tokio::sync::Notify::new(),
         });
         g.renewed(start);
         g
@@ -118,11 +122,29 @@ impl LeaseGuard {
     pub fn renewed(&self, start: BootInstant) {
         let until = self.ns(start + self.duration);
         self.valid_until_ns.fetch_max(until, Ordering::SeqCst);
+        self.changed.notify_waiters();
     }
 
     /// Fences for good.
     pub fn fence(&self) {
         self.fenced.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the lease is held or fenced for good (at once if it is
+    /// either): what I/O answered while the lease is out waits for.
+    /// Returns the state then.
+    pub async fn settled(&self) -> LeaseState {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.state() {
+                LeaseState::Expired => {}
+                state => return state,
+            }
+            changed.await;
+        }
     }
 
     pub fn state_at(&self, now: BootInstant) -> LeaseState {
@@ -437,7 +459,7 @@ fn log_state(config: &LeaseConfig, state: LeaseState) {
             tracing::info!(holder = %config.holder, "lease renewed again: acknowledging I/O")
         }
         LeaseState::Expired => {
-            tracing::error!(holder = %config.holder, "lease expired: self-fenced, no I/O is acknowledged until it is renewed")
+            tracing::error!(holder = %config.holder, "lease expired: self-fenced, I/O is held (neither acknowledged nor failed) until it is renewed or the lease is taken over")
         }
         LeaseState::Fenced => tracing::error!(holder = %config.holder, "fenced for good"),
     }

@@ -72,7 +72,7 @@ use super::connection::{
     CallError, ConnectError, ReplicaHandle, ReplicaSpec, ReplicaState, SessionParams,
 };
 use super::failover::{Failover, Membership, Suspect};
-use super::lease::LeaseGuard;
+use super::lease::{LeaseGuard, LeaseState};
 use crate::arbiter::{Arbiter, FrontendId};
 
 /// How often a request held on the last in-sync replica is sent again.
@@ -624,13 +624,36 @@ impl Inner {
             )
     }
 
-    /// The last check before an acknowledgement: the lease.
-    fn may_ack(&self) -> Result<(), BackendError> {
-        match self.degrade.get() {
-            Some(d) if !d.lease.valid() => Err(BackendError::Fenced {
-                reason: "the lease is not valid (not renewed in time, or taken over)".to_owned(),
-            }),
-            _ => Ok(()),
+    /// The last check before an acknowledgement: the lease. While it is
+    /// out (not renewed in time) the answer is held — no acknowledgement,
+    /// no error (design invariants 2 and 4) — until a renewal succeeds
+    /// (which proves nobody else took it: nothing happened to the volume
+    /// meanwhile, so the answer is still true) or the frontend is fenced
+    /// for good (then the error).
+    async fn may_ack(&self) -> Result<(), BackendError> {
+        let Some(d) = self.degrade.get() else {
+            return Ok(());
+        };
+        if d.lease.valid() {
+            return Ok(());
+        }
+        let fenced = || BackendError::Fenced {
+            reason: "the lease was taken over: fenced for good".to_owned(),
+        };
+        let mut membership = self.membership.subscribe();
+        loop {
+            if membership.borrow_and_update().fenced.is_some() {
+                return Err(fenced());
+            }
+            tokio::select! {
+                state = d.lease.settled() => return match state {
+                    LeaseState::Held => Ok(()),
+                    _ => Err(fenced()),
+                },
+                r = membership.changed() => if r.is_err() {
+                    return Err(BackendError::Io("the mirror is shutting down".to_owned()));
+                },
+            }
         }
     }
 
@@ -655,7 +678,7 @@ impl Inner {
             let started = Instant::now();
             match self.call(i, Op::Read { offset, len }).await {
                 Ok(Reply::Data(d)) if d.len() == len as usize => {
-                    self.may_ack()?;
+                    self.may_ack().await?;
                     return Ok(d);
                 }
                 Ok(_) => {
@@ -853,7 +876,7 @@ impl Inner {
             if again {
                 continue;
             }
-            return self.may_ack();
+            return self.may_ack().await;
         }
     }
 
