@@ -489,12 +489,18 @@ async fn renew_once<A: Arbiter>(
 
 /// Gives acquisition `id` up on a clean shutdown so that the next frontend
 /// does not wait for it to expire.
+/// A conflict (the record changed since the read: a swap of the in-sync
+/// set, a renewal of this very lease) is re-read and retried a few times.
 pub async fn release<A: Arbiter>(arbiter: &A, id: &LeaseId) -> Result<(), ArbiterError> {
-    let record = arbiter.read().await?;
-    arbiter
-        .update(&record.version, Change::ReleaseLease { lease: id.clone() })
-        .await
-        .map(|_| ())
+    let mut record = arbiter.read().await?;
+    let change = || Change::ReleaseLease { lease: id.clone() };
+    for _ in 0..3 {
+        match arbiter.update(&record.version, change()).await {
+            Err(ArbiterError::Conflict { current, .. }) => record = *current,
+            other => return other.map(|_| ()),
+        }
+    }
+    arbiter.update(&record.version, change()).await.map(|_| ())
 }
 
 #[cfg(test)]
