@@ -45,6 +45,7 @@ summary() {
   local total=0 i
   for i in "${!stages[@]}"; do
     printf '%-28s %10s %14s\n' "${stages[$i]}" "${times[$i]}" "${peak[$i]}"
+    case ${stages[$i]} in "  lane "*) continue ;; esac
     total=$(echo "$total + ${times[$i]}" | bc)
   done
   printf '%-28s %10s\n' total "$total"
@@ -70,5 +71,10 @@ run_stage "cargo build" cargo build --workspace --all-targets
 # inside a test, so that this cost shows as its own stage).
 run_stage "cargo build --release" cargo build --release --bin twinvol-csi --bin twinvol-operator --bin twinvol-engine
 export TWINVOL_BIN_DIR=${TWINVOL_BIN_DIR:-$CARGO_TARGET_DIR/release}
-run_stage "cargo test" cargo test --workspace --no-fail-fast
+run_stage "cargo test (two lanes)" bash "$here/tools/test-lanes.sh"
+for lane in engine others; do
+  if read -r _ secs <"$TWINVOL_CACHE/test-lanes/$lane.result"; then
+    stages+=("  lane $lane"); times+=("$secs"); peak+=("-")
+  fi
+done
 summary

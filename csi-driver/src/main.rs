@@ -26,6 +26,9 @@ enum Mode {
     /// A volume's replica server (started by the node plugin).
     #[value(hide = true)]
     Replica,
+    /// The node's heartbeat renewer (started by the node plugin).
+    #[value(hide = true)]
+    Heartbeat,
 }
 
 /// twinvol's CSI driver (csi.twinvol.io).
@@ -87,18 +90,23 @@ struct Cli {
         default_value = "topology.kubernetes.io/zone"
     )]
     zone_label: String,
-    /// How often the node's heartbeat Lease is renewed.
-    #[arg(long, env = "TWINVOL_HEARTBEAT_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    /// How often the node's heartbeat Lease is renewed (one API write per
+    /// node per period: the node's only steady-state write).
+    #[arg(long, env = "TWINVOL_HEARTBEAT_PERIOD", default_value = "1500ms", value_parser = parse_duration)]
     heartbeat_period: Duration,
-    /// After this long without a renewal the node plugin counts as dead.
-    #[arg(long, env = "TWINVOL_HEARTBEAT_STALE_AFTER", default_value = "40s", value_parser = parse_duration)]
+    /// The heartbeat's duration: this node's frontends stop acknowledging
+    /// I/O this long after the last successful renewal was sent, and
+    /// observers count the node gone after this (plus their margin)
+    /// without a change. At least three periods.
+    #[arg(long, env = "TWINVOL_HEARTBEAT_STALE_AFTER", default_value = "5s", value_parser = parse_duration)]
     heartbeat_stale_after: Duration,
-    /// A frontend's lease: it stops acknowledging I/O once it could not
-    /// renew for this long.
-    #[arg(long, env = "TWINVOL_LEASE_DURATION", default_value = "10s", value_parser = parse_duration)]
+    /// A frontend's lease: it stops acknowledging I/O once its liveness
+    /// (its node's heartbeat) was not confirmed for this long (the shorter
+    /// of this and the heartbeat's duration counts).
+    #[arg(long, env = "TWINVOL_LEASE_DURATION", default_value = "5s", value_parser = parse_duration)]
     lease_duration: Duration,
     /// A new frontend waits this long beyond another's lease expiry.
-    #[arg(long, env = "TWINVOL_LEASE_MARGIN", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "TWINVOL_LEASE_MARGIN", default_value = "1s", value_parser = parse_duration)]
     lease_margin: Duration,
     /// A replica silent this long leaves the in-sync set.
     #[arg(long, env = "TWINVOL_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
@@ -113,7 +121,7 @@ struct Cli {
 
     // --- data plane ---
     /// The process spec written by the node plugin.
-    #[arg(long, required_if_eq_any([("mode", "frontend"), ("mode", "replica")]))]
+    #[arg(long, required_if_eq_any([("mode", "frontend"), ("mode", "replica"), ("mode", "heartbeat")]))]
     spec: Option<PathBuf>,
 }
 
@@ -204,6 +212,10 @@ fn main() -> anyhow::Result<()> {
         Mode::Replica => {
             let spec = cli.spec.context("--spec is required")?;
             rt.block_on(plugin::run_replica(&spec))
+        }
+        Mode::Heartbeat => {
+            let spec = cli.spec.context("--spec is required")?;
+            rt.block_on(plugin::run_heartbeat(&spec))
         }
     };
     result.map_err(|e| anyhow::anyhow!(twinvol_engine::error_chain(&e)))

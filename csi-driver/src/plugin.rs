@@ -117,14 +117,15 @@ pub struct NodeOptions {
 }
 
 /// Serves the Identity and Node services, the registration socket and
-/// `/healthz`, renews the heartbeat and runs the replicas placed here,
-/// until SIGTERM. Data-plane processes keep running after it exits.
+/// `/healthz`, keeps the node's heartbeat process running and runs the
+/// replicas placed here, until SIGTERM. Data-plane processes (the
+/// heartbeat's included) keep running after it exits.
 pub async fn run_node(opts: NodeOptions) -> CsiResult<()> {
     let client = kube_client(opts.kubeconfig.as_deref()).await?;
     let config = opts.node.clone();
     let ready = Readiness::new();
     let registration_state = RegistrationState::default();
-    let heartbeat_health = HeartbeatHealth::default();
+    let heartbeat_health = HeartbeatHealth::new(heartbeat::report_path(&config.state_dir));
     if let Some(addr) = opts.health_listen {
         let (r, reg, hb, stale) = (
             ready.clone(),
@@ -175,17 +176,23 @@ pub async fn run_node(opts: NodeOptions) -> CsiResult<()> {
     std::fs::create_dir_all(&pool_root)
         .map_err(|e| CsiError::io("creating directory", &pool_root, e))?;
     tokio::spawn(supervisor.run());
-    tokio::spawn(heartbeat::run(
-        client.clone(),
-        HeartbeatConfig {
-            node: config.node.to_string(),
-            site: site_name.to_string(),
-            namespace: config.namespace.clone(),
-            period: opts.heartbeat_period,
-            stale_after: opts.heartbeat_stale_after,
-            pool: pool_root,
-        },
-        heartbeat_health,
+    let heartbeat = HeartbeatConfig {
+        node: config.node.to_string(),
+        site: site_name.to_string(),
+        namespace: config.namespace.clone(),
+        period: opts.heartbeat_period,
+        stale_after: opts.heartbeat_stale_after,
+        pool: pool_root,
+        report: heartbeat::report_path(&config.state_dir),
+        wall_clock_offset_ms: 0,
+    };
+    let heartbeat_files = heartbeat::process_files(&config.state_dir);
+    heartbeat::record_service(&config.state_dir)?;
+    heartbeat::ensure(&config.launch, &heartbeat_files, &heartbeat).await?;
+    tokio::spawn(heartbeat::supervise(
+        config.launch.clone(),
+        heartbeat_files,
+        heartbeat,
     ));
 
     let socket = server::socket_path(&opts.endpoint)?;
@@ -236,6 +243,20 @@ pub async fn run_frontend(spec: &Path) -> CsiResult<()> {
         .map_err(|e| CsiError::Internal {
             detail: twinvol_engine::error_chain(&e),
         })
+}
+
+/// `--mode heartbeat --spec FILE`: renews the node's heartbeat Lease and
+/// reports each renewal on the node, until SIGTERM or killed.
+pub async fn run_heartbeat(spec: &Path) -> CsiResult<()> {
+    let _single = InstanceLock::take(spec)?;
+    let config: HeartbeatConfig = read_spec(spec)?;
+    let client = kube_client(None).await?;
+    tracing::info!(node = %config.node, period = ?config.period, duration = ?config.stale_after, "renewing the node heartbeat");
+    let orphan = heartbeat::Orphan::for_spec(spec);
+    tokio::select! {
+        () = heartbeat::run(client, config, orphan) => Ok(()),
+        () = twinvol_engine::process::shutdown_signal() => Ok(()),
+    }
 }
 
 /// `--mode replica --spec FILE`.

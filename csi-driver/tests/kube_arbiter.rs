@@ -273,6 +273,7 @@ async fn a_frontend_whose_clock_runs_ahead_never_takes_a_renewed_lease<A: Arbite
         duration,
         margin,
         wall_clock: WallClock::offset(offset_ms),
+        reclaim_own: false,
     };
     let arbiter = Arc::new(arbiter.clone());
     let holder = config("fe-holder", 0);

@@ -1,10 +1,13 @@
 //! The data plane outlives the CSI node service.
 //!
 //! 1. kill -9 of the node service while fio writes with verification
-//!    through a staged, mounted volume: fio sees no error (the frontend and
-//!    replica server are processes of their own), and the restarted
-//!    service re-adopts them (same pids) and unpublishes and unstages
-//!    cleanly: no mount, loop device or frontend left.
+//!    through a staged, mounted volume, the service staying dead for more
+//!    than twice the heartbeat's duration (the frontends' liveness): fio
+//!    sees no error (the frontend, replica server and heartbeat renewer are
+//!    processes of their own), the heartbeat Lease keeps being renewed,
+//!    the volume's record is not touched (no fail-over, no renewal write),
+//!    and the restarted service re-adopts them (same pids) and unpublishes
+//!    and unstages cleanly: no mount, loop device or frontend left.
 //! 2. A node restarted from nothing — every process of the node killed,
 //!    its mounts and loop devices gone, only its disks (state and pool
 //!    directories) left, as after a power cut — stages the volume again
@@ -50,6 +53,10 @@ fn frontend_pid(node: &TestNode, id: &str) -> Option<i32> {
             .join(id)
             .join("frontend.pid"),
     )
+}
+
+fn heartbeat_pid(node: &TestNode) -> Option<i32> {
+    pid_in(&node.state_dir().join("heartbeat").join("heartbeat.pid"))
 }
 
 fn replica_pid(node: &TestNode, id: &str) -> Option<i32> {
@@ -170,7 +177,7 @@ async fn the_data_plane_outlives_the_node_service() {
 
     // 1. kill -9 of the node service under fio.
     let fio_out = bed.nodes[0].root.join("fio.out");
-    let mut fio = start_fio(&target.join("fio.dat"), 12, &fio_out);
+    let mut fio = start_fio(&target.join("fio.dat"), 14, &fio_out);
     wait_for("fio to be writing", Duration::from_secs(30), || async {
         match std::fs::metadata(target.join("fio.dat")) {
             Ok(m) if m.len() > 0 => Ok(()),
@@ -180,12 +187,65 @@ async fn the_data_plane_outlives_the_node_service() {
     .await;
     // The fault comes a moment into the run, while writes are in flight.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let renewer = heartbeat_pid(&bed.nodes[0]).expect("a heartbeat renewer pid");
+    let volumes: kube::Api<twinvol_crds::MirroredVolume> = kube::Api::all(bed.client());
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(bed.client(), common::NAMESPACE);
+    let lease_name = format!("twinvol-node-{name_a}");
+    let rv = |o: Option<String>| o.unwrap_or_default();
+    let record_before = volumes.get(&id).await.expect("the volume");
+    let beat_before = rv(leases
+        .get(&lease_name)
+        .await
+        .expect("the heartbeat Lease")
+        .metadata
+        .resource_version);
     node_a.kill9();
+    let killed = std::time::Instant::now();
     assert!(alive(frontend), "the frontend survives the node service");
+    assert!(
+        alive(renewer),
+        "the heartbeat renewer survives the node service"
+    );
     let status = tokio::task::spawn_blocking(move || fio.wait())
         .await
         .expect("join")
         .expect("fio ran");
+    let dead_for = killed.elapsed();
+    // The heartbeat's duration here is 4 s (the bed's flags).
+    assert!(
+        dead_for > Duration::from_secs(8),
+        "the node service was dead only {dead_for:?}: not longer than twice the heartbeat's duration"
+    );
+    let beat_after = rv(leases
+        .get(&lease_name)
+        .await
+        .expect("the heartbeat Lease")
+        .metadata
+        .resource_version);
+    assert_ne!(
+        beat_after, beat_before,
+        "the heartbeat was not renewed while the node service was dead"
+    );
+    let record_after = volumes.get(&id).await.expect("the volume");
+    let frontend_of = |mv: &twinvol_crds::MirroredVolume| {
+        mv.status.as_ref().map(|s| {
+            (
+                s.epoch.get(),
+                format!("{:?}", s.frontend),
+                s.in_sync.clone(),
+            )
+        })
+    };
+    assert_eq!(
+        frontend_of(&record_after),
+        frontend_of(&record_before),
+        "the volume's record changed while only the node service was down (fail-over or per-volume renewal)"
+    );
+    assert_eq!(
+        record_after.metadata.resource_version, record_before.metadata.resource_version,
+        "the volume's status was written in steady state"
+    );
     let report = std::fs::read_to_string(&fio_out).unwrap_or_default();
     assert!(
         status.success(),
@@ -203,6 +263,11 @@ async fn the_data_plane_outlives_the_node_service() {
         frontend_pid(&bed.nodes[0], &id),
         Some(frontend),
         "the frontend is re-adopted"
+    );
+    assert_eq!(
+        heartbeat_pid(&bed.nodes[0]),
+        Some(renewer),
+        "the heartbeat renewer is re-adopted"
     );
     // The replica supervisor finds its server still running.
     wait_for(
@@ -260,6 +325,7 @@ async fn the_data_plane_outlives_the_node_service() {
     for pid in [
         frontend_pid(&bed.nodes[0], &id),
         replica_pid(&bed.nodes[0], &id),
+        heartbeat_pid(&bed.nodes[0]),
     ]
     .into_iter()
     .flatten()

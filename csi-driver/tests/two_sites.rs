@@ -144,7 +144,8 @@ async fn a_volume_written_on_site_a_reads_back_on_site_b() {
         .await;
         let spec = lease.spec.clone().expect("spec");
         assert_eq!(spec.holder_identity.as_deref(), Some(node.name.as_str()));
-        assert_eq!(spec.lease_duration_seconds, Some(10));
+        // The bed's `--heartbeat-stale-after 4s`.
+        assert_eq!(spec.lease_duration_seconds, Some(4));
         assert_eq!(
             lease.metadata.labels.as_ref().expect("labels")["twinvol.io/node"],
             node.name

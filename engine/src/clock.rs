@@ -65,6 +65,12 @@ impl BootInstant {
         }
     }
 
+    /// The instant `d` after boot (as [`Self::since_boot`] gave it): how
+    /// another process on the same machine hands over a point in time.
+    pub fn from_since_boot(d: Duration) -> Self {
+        Self(d)
+    }
+
     /// Time since boot.
     pub fn since_boot(self) -> Duration {
         self.0

@@ -408,6 +408,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         duration: a.lease_duration,
                         margin: a.lease_margin,
                         wall_clock: WallClock::offset(a.wall_clock_offset.unwrap_or(0)),
+                        reclaim_own: false,
                     },
                     replica_timeout: a.replica_timeout,
                     acquire_timeout: Duration::from_secs(600),

@@ -49,6 +49,10 @@ pub struct Stores {
 pub struct Memory {
     /// Pool capacity per node, from the heartbeat Leases' annotation.
     pub capacity: HashMap<String, u64>,
+    /// The heartbeat's duration per node (`leaseDurationSeconds` of its
+    /// heartbeat Lease): how long the node's frontends may acknowledge
+    /// after its last renewal.
+    pub heartbeat_duration: HashMap<String, std::time::Duration>,
     /// When each volume's pods were last evicted to move home.
     pub last_move_home: HashMap<String, Mono>,
     /// The last eviction refusal per volume.

@@ -5,7 +5,12 @@
 //! - a Node belongs to the first Site (by name) whose `nodeSelector`
 //!   matches its labels;
 //! - a node plugin's heartbeat is the Lease `twinvol-node-<node>`
-//!   (contract in COMMON.md), judged by its resourceVersion;
+//!   (contract in docs/csi.md "Heartbeat"), judged by its resourceVersion;
+//! - a frontend's liveness is its lease in the MirroredVolume status
+//!   (holder, epoch, node: written at acquisition and when it comes back
+//!   after an expiry) *and* its node's heartbeat: it is alive while either
+//!   changes ([`frontend_liveness`]), for the longer of the two durations
+//!   ([`frontend_lease_duration`]);
 //! - a PersistentVolume of the driver `csi.twinvol.io` carries the
 //!   MirroredVolume's name as its volume handle; a pod uses the volume
 //!   through a claim bound to that PV; a VolumeAttachment names the PV.
@@ -21,9 +26,9 @@ use kube::core::{Selector, SelectorExt};
 use twinvol_crds::{MirroredVolume, MirroredVolumeStatus, NodeName, SiteName};
 
 use crate::annotations;
-use crate::decide::VolumeName;
 use crate::decide::site::OurTaints;
 use crate::decide::volume::{AttachmentInput, PodInput, PodRef, PromoteRequest};
+use crate::decide::{Beat, VolumeName};
 use twinvol_crds::Site;
 
 /// Whether `site`'s selector matches `labels` (a selector that does not
@@ -108,6 +113,34 @@ pub fn lease_duration(status: &MirroredVolumeStatus, default: Duration) -> Durat
         .and_then(|f| f.lease_duration_seconds)
         .and_then(|s| u64::try_from(s).ok())
         .map_or(default, Duration::from_secs)
+}
+
+/// A frontend's liveness as the operator saw it: the last change of either
+/// its lease in the status (`lease`) or its node's heartbeat (`heartbeat`,
+/// `None` when the node has no heartbeat Lease): a frontend proves itself
+/// alive by its node's heartbeat and writes its lease only when something
+/// changes, so the later of the two counts. Whether it was proven alive is
+/// the lease's (a heartbeat says nothing about one volume's frontend
+/// having started).
+pub fn frontend_liveness(lease: Beat, heartbeat: Option<Beat>) -> Beat {
+    match heartbeat {
+        Some(hb) if hb.last_change > lease.last_change => Beat {
+            last_change: hb.last_change,
+            proven_since: lease.proven_since,
+        },
+        _ => lease,
+    }
+}
+
+/// How long a frontend may acknowledge after its last proof of life: the
+/// longer of its lease's duration (`default` when the status lacks it) and
+/// its node's heartbeat duration.
+pub fn frontend_lease_duration(
+    status: &MirroredVolumeStatus,
+    default: Duration,
+    heartbeat: Option<Duration>,
+) -> Duration {
+    lease_duration(status, default).max(heartbeat.unwrap_or(Duration::ZERO))
 }
 
 /// The sites in the in-sync set. An empty set on a volume no frontend has
@@ -254,6 +287,41 @@ pub fn maintenance(site: &Site) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_frontend_lives_while_its_lease_or_its_nodes_heartbeat_changes() {
+        use crate::decide::Mono;
+        let at = |ms| Beat {
+            last_change: Mono::from_millis(ms),
+            proven_since: None,
+        };
+        // The lease written once at acquisition; the heartbeat later.
+        assert_eq!(
+            frontend_liveness(at(1_000), Some(at(9_000))).last_change,
+            Mono::from_millis(9_000)
+        );
+        // A lease renewed after the heartbeat went quiet (a frontend back
+        // from an expiry) counts too.
+        assert_eq!(
+            frontend_liveness(at(9_000), Some(at(1_000))).last_change,
+            Mono::from_millis(9_000)
+        );
+        assert_eq!(frontend_liveness(at(5), None), at(5));
+        let status = MirroredVolumeStatus::default();
+        assert_eq!(
+            frontend_lease_duration(
+                &status,
+                Duration::from_secs(5),
+                Some(Duration::from_secs(7))
+            ),
+            Duration::from_secs(7),
+            "the longer of the two"
+        );
+        assert_eq!(
+            frontend_lease_duration(&status, Duration::from_secs(5), None),
+            Duration::from_secs(5)
+        );
+    }
     use k8s_openapi::api::core::v1::{
         CSIPersistentVolumeSource, NodeCondition, NodeSpec, NodeStatus, PersistentVolumeClaimSpec,
         PersistentVolumeClaimVolumeSource, PersistentVolumeSpec, PodSpec, Taint, Volume,

@@ -22,7 +22,8 @@ enum LogFormat {
 /// The timings together give the fail-over time: a lost site's volumes
 /// have their epochs bumped (and their pods removed) at most
 /// max(staleness-threshold, lease-duration + margin) + heartbeat-period/2
-/// after the blackout — 13 s with the defaults.
+/// after the blackout — 6.75 s with the defaults (a frontend's liveness is
+/// its node's heartbeat, so the lease duration is the heartbeat's).
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -36,19 +37,20 @@ struct Args {
     identity: Option<String>,
     /// How often the node plugins renew their heartbeat (their setting);
     /// the operator looks twice per period.
-    #[arg(long, env = "TWINVOL_HEARTBEAT_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TWINVOL_HEARTBEAT_PERIOD", default_value = "1500ms", value_parser = humantime::parse_duration)]
     heartbeat_period: Duration,
     /// A heartbeat not seen changing for longer is stale; a site whose
-    /// heartbeats are all stale is lost. Four periods: a loaded node
-    /// missing a renewal or two is no site loss.
-    #[arg(long, env = "TWINVOL_STALENESS_THRESHOLD", default_value = "8s", value_parser = humantime::parse_duration)]
+    /// heartbeats are all stale is lost. The node plugins' heartbeat
+    /// duration (`--heartbeat-stale-after`, three periods and more: a
+    /// loaded node missing a renewal or two is no site loss).
+    #[arg(long, env = "TWINVOL_STALENESS_THRESHOLD", default_value = "5s", value_parser = humantime::parse_duration)]
     staleness_threshold: Duration,
-    /// A frontend's lease duration when its record does not say (the
-    /// frontends' own setting, 10 s by default).
-    #[arg(long, env = "TWINVOL_LEASE_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// A frontend's lease duration when neither its record nor its node's
+    /// heartbeat Lease says (the frontends' own setting, 5 s by default).
+    #[arg(long, env = "TWINVOL_LEASE_DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
     /// Extra wait after a frontend lease expired before its epoch is bumped.
-    #[arg(long, env = "TWINVOL_LEASE_MARGIN", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TWINVOL_LEASE_MARGIN", default_value = "1s", value_parser = humantime::parse_duration)]
     margin: Duration,
     /// How long a returning site's heartbeats must be seen before it is
     /// unfenced, and before a volume moves to it.

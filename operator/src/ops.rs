@@ -166,10 +166,19 @@ pub async fn promote_volume(
         let fresh = gather::frontend_fingerprint(&status);
         let key = format!("fe/{volume}");
         let tracker = ctx.tracker();
+        let node = status.frontend.as_ref().map(|f| f.node.to_string());
+        let heartbeat = node.as_ref().and_then(|n| tracker.get(&format!("hb/{n}")));
+        let heartbeat_duration = node
+            .as_ref()
+            .and_then(|n| ctx.memory().heartbeat_duration.get(n).copied());
         let expired = tracker.get(&key).is_some_and(|b| {
-            ctx.now().since(b.last_change)
-                >= gather::lease_duration(&status, ctx.config.timings.lease_duration)
-                    + ctx.config.timings.margin
+            ctx.now()
+                .since(gather::frontend_liveness(b, heartbeat).last_change)
+                >= gather::frontend_lease_duration(
+                    &status,
+                    ctx.config.timings.lease_duration,
+                    heartbeat_duration,
+                ) + ctx.config.timings.margin
         });
         if fresh.as_deref() != tracker.value(&key) || !expired {
             return Err(Error::LeaseChanged {
@@ -389,6 +398,43 @@ pub async fn delete_attachment(ctx: &Context, name: &str) -> Result<bool> {
             e,
         )),
     }
+}
+
+/// Removes `volume` (a unique volume name, `kubernetes.io/csi/<driver>^<handle>`)
+/// from a fenced node's `status.volumesInUse`. The kubelet of a node that
+/// lost power last reported the volume mounted there; until that entry
+/// goes, the attach/detach controller does not detach it (it waits for the
+/// unmount, or 6 minutes) and finds the VolumeAttachment deleted only at
+/// its next periodic sync (every minute), so the pod recreated on the other
+/// site waits that long for its attachment. The node's storage is fenced
+/// (its epoch is bumped), so the volume is no longer in use there; a
+/// kubelet that returns reports what it really has mounted again. Returns
+/// whether the entry was there.
+pub async fn forget_volume_in_use(ctx: &Context, node: &str, volume: &str) -> Result<bool> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let Some(current) = api
+        .get_opt(node)
+        .await
+        .map_err(Error::kube("reading", format!("Node {node}")))?
+    else {
+        return Ok(false);
+    };
+    let listed = current
+        .status
+        .as_ref()
+        .and_then(|s| s.volumes_in_use.as_ref())
+        .is_some_and(|v| v.iter().any(|u| u == volume));
+    if !listed {
+        return Ok(false);
+    }
+    let patch = json!({"status": {"$deleteFromPrimitiveList/volumesInUse": [volume]}});
+    api.patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map_err(Error::kube(
+            "patching the status of",
+            format!("Node {node}"),
+        ))?;
+    Ok(true)
 }
 
 fn taint(which: OurTaint, site: &str) -> Taint {

@@ -54,6 +54,16 @@ async fn heartbeats(ctx: &Context, nodes: &[String]) -> Result<HashMap<String, B
             Some(lease) => {
                 let rv = lease.metadata.resource_version.clone().unwrap_or_default();
                 beats.insert(node.clone(), tracker.observe(&key, &rv, now));
+                if let Some(seconds) = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.lease_duration_seconds)
+                    .and_then(|s| u64::try_from(s).ok())
+                {
+                    memory
+                        .heartbeat_duration
+                        .insert(node.clone(), std::time::Duration::from_secs(seconds));
+                }
                 if let Some(cap) = lease
                     .annotations()
                     .get(annotations::POOL_CAPACITY)
@@ -68,7 +78,9 @@ async fn heartbeats(ctx: &Context, nodes: &[String]) -> Result<HashMap<String, B
     Ok(beats)
 }
 
-/// The volumes whose frontend is recorded on one of `nodes`, observed.
+/// The volumes whose frontend is recorded on one of `nodes`, observed: each
+/// alive while its lease or its node's heartbeat changes (observed by
+/// [`heartbeats`] just before).
 fn frontends_at(
     ctx: &Context,
     site: &SiteName,
@@ -76,6 +88,7 @@ fn frontends_at(
     volumes: &[Arc<MirroredVolume>],
 ) -> Vec<FrontendAtSite> {
     let now = ctx.now();
+    let heartbeat_durations = ctx.memory().heartbeat_duration.clone();
     let mut tracker = ctx.tracker();
     let mut out = Vec::new();
     for mv in volumes {
@@ -90,7 +103,10 @@ fn frontends_at(
             continue;
         };
         let name = VolumeName::new(mv.name_any());
-        let lease = tracker.observe(&format!("fe/{name}"), &fp, now);
+        let lease = gather::frontend_liveness(
+            tracker.observe(&format!("fe/{name}"), &fp, now),
+            tracker.get(&format!("hb/{}", frontend.node)),
+        );
         let in_sync = gather::in_sync(mv);
         let survivor_in_sync = mv
             .spec
@@ -102,7 +118,11 @@ fn frontends_at(
             volume: name,
             node: frontend.node.clone(),
             lease,
-            lease_duration: gather::lease_duration(&status, ctx.config.timings.lease_duration),
+            lease_duration: gather::frontend_lease_duration(
+                &status,
+                ctx.config.timings.lease_duration,
+                heartbeat_durations.get(frontend.node.as_str()).copied(),
+            ),
             survivor_in_sync,
         });
     }

@@ -270,6 +270,14 @@ async fn apply(
             )
             .await;
         }
+        // Also when the attachment was gone already: a restart between
+        // the two writes must not leave the entry behind.
+        if let Some(att) = input.attachments.iter().find(|a| a.name == *va) {
+            let unique = format!("kubernetes.io/csi/{}^{name}", annotations::CSI_DRIVER);
+            if ops::forget_volume_in_use(ctx, att.node.as_str(), &unique).await? {
+                tracing::warn!(volume = %name, node = %att.node, "removed the volume from the fenced node's volumesInUse (so that the attach/detach controller detaches it now)");
+            }
+        }
     }
 
     for (pod, why) in &d.evict {

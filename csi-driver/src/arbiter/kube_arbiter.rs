@@ -13,14 +13,26 @@
 //! default) covering all its requests: a frontend cut off from the API
 //! server gets [`ArbiterError::Unreachable`] in time to hold I/O and let its
 //! lease run out, instead of hanging in a TCP retransmit.
+//!
+//! With [`KubeArbiter::with_heartbeat`] the holder's liveness is its node's
+//! heartbeat (see the parent module): [`Arbiter::last_heartbeat`] reads the
+//! node-local report (a file, no API call), and [`Arbiter::liveness`] reads
+//! the holder node's heartbeat Lease for an observer.
 
 use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease as KubeLease;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::{Client, Error as KubeError};
 use twinvol_crds::{MirroredVolume, NodeName};
-use twinvol_engine::arbiter::{Arbiter, ArbiterError, Change, Version, VolumeRecord};
+use twinvol_engine::arbiter::{
+    Arbiter, ArbiterError, Change, HeartbeatRenewal, Lease, Liveness, Version, VolumeRecord,
+};
+
+use crate::heartbeat::HeartbeatReport;
+use crate::names::node_lease_name;
 
 use super::mapping::{self, MappingError};
 
@@ -28,9 +40,19 @@ use super::mapping::{self, MappingError};
 #[derive(Clone)]
 pub struct KubeArbiter {
     api: Api<DynamicObject>,
+    client: Client,
     volume: String,
     node: NodeName,
     timeout: Duration,
+    heartbeat: Option<NodeHeartbeat>,
+}
+
+/// Where the node heartbeat is found: this node's report, every node's
+/// Lease.
+#[derive(Clone)]
+struct NodeHeartbeat {
+    report: PathBuf,
+    leases: Api<KubeLease>,
 }
 
 impl std::fmt::Debug for KubeArbiter {
@@ -39,6 +61,13 @@ impl std::fmt::Debug for KubeArbiter {
             .field("volume", &self.volume)
             .field("node", &self.node)
             .field("timeout", &self.timeout)
+            .field(
+                "heartbeat_report",
+                &self
+                    .heartbeat
+                    .as_ref()
+                    .map(|h| h.report.display().to_string()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -55,11 +84,26 @@ impl KubeArbiter {
     pub fn new(client: Client, volume: impl Into<String>, node: NodeName) -> Self {
         let resource = ApiResource::erase::<MirroredVolume>(&());
         Self {
-            api: Api::all_with(client, &resource),
+            api: Api::all_with(client.clone(), &resource),
+            client,
             volume: volume.into(),
             node,
             timeout: Self::DEFAULT_TIMEOUT,
+            heartbeat: None,
         }
+    }
+
+    /// Holders prove liveness by their node's heartbeat: this node's
+    /// renewals are read from `report` (written by the node's heartbeat
+    /// process), other nodes' heartbeat Leases from `namespace`. Lease
+    /// holders are named after their node (as the node plugin's frontends
+    /// are).
+    pub fn with_heartbeat(mut self, report: PathBuf, namespace: &str) -> Self {
+        self.heartbeat = Some(NodeHeartbeat {
+            report,
+            leases: Api::namespaced(self.client.clone(), namespace),
+        });
+        self
     }
 
     /// Bounds every call (all of its requests together) by `timeout`.
@@ -191,5 +235,78 @@ impl Arbiter for KubeArbiter {
         tokio::time::timeout(self.timeout, self.update_now(expected, change))
             .await
             .unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    fn node_heartbeat(&self) -> bool {
+        self.heartbeat.is_some()
+    }
+
+    async fn last_heartbeat(&self) -> Result<HeartbeatRenewal, ArbiterError> {
+        let Some(hb) = &self.heartbeat else {
+            return Err(self.no_heartbeat("no node heartbeat configured".into()));
+        };
+        let report = HeartbeatReport::read(&hb.report)
+            .map_err(|e| self.no_heartbeat(twinvol_engine::error_chain(&e)))?;
+        if report.node != self.node.as_str() {
+            return Err(self.no_heartbeat(format!(
+                "the report {} is node {}'s, not {}'s",
+                hb.report.display(),
+                report.node,
+                self.node
+            )));
+        }
+        Ok(HeartbeatRenewal {
+            sent: report.sent(),
+            duration: report.duration(),
+        })
+    }
+
+    async fn liveness(&self, lease: &Lease) -> Result<Liveness, ArbiterError> {
+        let Some(hb) = &self.heartbeat else {
+            return Ok(Liveness {
+                token: String::new(),
+                duration: lease.duration,
+            });
+        };
+        let name = node_lease_name(&lease.holder.0);
+        let read = tokio::time::timeout(self.timeout, hb.leases.get_opt(&name)).await;
+        match read {
+            Ok(Ok(Some(l))) => {
+                let seconds = l
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.lease_duration_seconds)
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or(0);
+                Ok(Liveness {
+                    token: format!(
+                        "{}|{}",
+                        l.metadata.resource_version.unwrap_or_default(),
+                        l.spec.and_then(|s| s.holder_identity).unwrap_or_default()
+                    ),
+                    duration: lease.duration.max(Duration::from_secs(seconds)),
+                })
+            }
+            // No heartbeat at all (a holder that is not a node, a node
+            // whose plugin never ran): nothing shows it alive but the lease.
+            Ok(Ok(None)) => Ok(Liveness {
+                token: "absent".into(),
+                duration: lease.duration,
+            }),
+            Ok(Err(e)) => Err(ArbiterError::Unreachable {
+                location: format!("Lease {name}"),
+                source: io::Error::other(e),
+            }),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+}
+
+impl KubeArbiter {
+    fn no_heartbeat(&self, reason: String) -> ArbiterError {
+        ArbiterError::Unreachable {
+            location: format!("the heartbeat of node {}", self.node),
+            source: io::Error::other(reason),
+        }
     }
 }

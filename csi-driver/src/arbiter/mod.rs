@@ -53,6 +53,12 @@
 //!   `leaseName`. A **renewal** changes only `renewTime` and
 //!   `leaseDurationSeconds` of the existing entry. A **release** removes
 //!   `status.frontend`.
+//! - **Liveness** ([`KubeArbiter::with_heartbeat`], what the node plugin's
+//!   frontends use): holders do not renew in steady state; their node's
+//!   heartbeat Lease proves them alive (`crate::heartbeat`). A renewal is
+//!   written only when a holder comes back after its lease ran out (see
+//!   the engine's `frontend::lease`), so `status.frontend` changes at
+//!   acquisition, release and such a return, never periodically.
 //! - Everything else in the status (`replicas`, `conditions`,
 //!   `observedGeneration`, fields of a newer schema) is written back as it
 //!   was read, under the same resourceVersion precondition.

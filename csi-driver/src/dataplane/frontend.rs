@@ -8,6 +8,11 @@
 //! once, bumping the epoch, which fences anything the previous incarnation
 //! still had in flight; a frontend on another node waits for the lease to
 //! expire plus the margin (judged by the engine on its own clock).
+//!
+//! Its liveness is the node's heartbeat ([`crate::heartbeat`]): it reads the
+//! node-local report of the last renewal and writes the MirroredVolume
+//! status only when something changes (acquisition, release, the in-sync
+//! set, coming back after its lease ran out).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +69,21 @@ pub struct FrontendSpec {
     pub status_file: PathBuf,
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The node's heartbeat, which proves this frontend alive (no
+    /// per-volume renewal). `None` (a spec written by an older node
+    /// plugin): the lease is renewed in the MirroredVolume status.
+    #[serde(default)]
+    pub heartbeat: Option<FrontendHeartbeat>,
+}
+
+/// Where a frontend finds its node's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendHeartbeat {
+    /// The node-local report of the heartbeat's last successful renewal.
+    pub report: PathBuf,
+    /// The namespace of the heartbeat Leases (another node's, watched
+    /// before taking its volume over).
+    pub namespace: String,
 }
 
 impl FrontendSpec {
@@ -123,12 +143,20 @@ pub async fn run(spec: FrontendSpec, client: Client) -> Result<(), DataPlaneErro
                 duration: Duration::from_millis(spec.lease_duration_ms),
                 margin: Duration::from_millis(spec.lease_margin_ms),
                 wall_clock: WallClock::system(),
+                // `run_frontend` holds the volume's instance lock on this
+                // node: a lease under this node's name is a dead
+                // predecessor's (a node back from a power cut).
+                reclaim_own: spec.heartbeat.is_some(),
             },
             replica_timeout: Duration::from_millis(spec.replica_timeout_ms),
             acquire_timeout: Duration::from_secs(600),
         }),
     };
-    let arbiter = Arc::new(KubeArbiter::new(client.clone(), spec.volume.clone(), node));
+    let mut arbiter = KubeArbiter::new(client.clone(), spec.volume.clone(), node);
+    if let Some(hb) = &spec.heartbeat {
+        arbiter = arbiter.with_heartbeat(hb.report.clone(), &hb.namespace);
+    }
+    let arbiter = Arc::new(arbiter);
     let events = tokio::spawn(report_events(
         client,
         spec.volume.clone(),

@@ -1,5 +1,6 @@
 //! The node's data plane: the frontends of volumes staged on the node and
-//! the replica servers of replicas placed on it, each a process of its own
+//! the replica servers of replicas placed on it (and the node's heartbeat
+//! renewer, [`crate::heartbeat`]), each a process of its own
 //! that outlives the CSI node service (design: a restart or upgrade of the
 //! CSI container never takes a mounted volume's I/O down).
 //!
@@ -11,7 +12,7 @@ pub mod frontend;
 pub mod process;
 pub mod replica;
 
-pub use frontend::{FrontendSpec, ReplicaAddress};
+pub use frontend::{FrontendHeartbeat, FrontendSpec, ReplicaAddress};
 pub use process::{Launch, ProcessFiles};
 pub use replica::ReplicaServerSpec;
 

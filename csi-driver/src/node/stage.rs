@@ -205,6 +205,10 @@ impl NodeService {
                 ready_file: files.ready(),
                 status_file: vdir.status_file(),
                 metrics_listen: None,
+                heartbeat: Some(crate::dataplane::FrontendHeartbeat {
+                    report: crate::heartbeat::report_path(&self.config.state_dir),
+                    namespace: self.config.namespace.clone(),
+                }),
             };
             files.write_spec(&spec)?;
             process::spawn(&self.config.launch, &files)?;

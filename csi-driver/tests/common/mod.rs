@@ -128,6 +128,8 @@ pub struct Bed {
     pub plane: ControlPlane,
     pub dir: TempDir,
     pub secret: PathBuf,
+    /// The node plugins' heartbeat flags (empty: the binary's defaults).
+    pub heartbeat_flags: Vec<String>,
     placement: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -208,6 +210,11 @@ impl Bed {
             plane,
             dir,
             secret,
+            // Short, as in production: the frontends' liveness is this
+            // heartbeat (renewed by a process that outlives the plugin).
+            heartbeat_flags: ["--heartbeat-period", "1s", "--heartbeat-stale-after", "4s"]
+                .map(str::to_owned)
+                .to_vec(),
             placement: None,
         }
     }
@@ -258,7 +265,7 @@ impl Bed {
             .arg(node.kubelet_dir())
             .arg("--secret-file")
             .arg(&self.secret)
-            .args(["--heartbeat-period", "2s", "--heartbeat-stale-after", "10s"])
+            .args(&self.heartbeat_flags)
             .args(["--health-listen", &format!("{}:0", node.net.ns_ip)])
             .args(extra);
         let plugin = spawn(command, &log, node.socket());

@@ -458,10 +458,79 @@ pub fn from_binaries(
     spec.build(cache)
 }
 
+/// The system tools the node plugin runs (by name, from PATH) to stage a
+/// volume: host path and path in the image. A tool missing on the host
+/// (mkfs.xfs without xfsprogs) is left out.
+const NODE_TOOLS: [(&str, &str); 10] = [
+    ("/usr/bin/mount", "/usr/bin/mount"),
+    ("/usr/bin/umount", "/usr/bin/umount"),
+    ("/usr/sbin/losetup", "/usr/sbin/losetup"),
+    ("/usr/sbin/blkid", "/usr/sbin/blkid"),
+    ("/usr/sbin/mke2fs", "/usr/sbin/mke2fs"),
+    ("/usr/sbin/e2fsck", "/usr/sbin/e2fsck"),
+    ("/usr/sbin/resize2fs", "/usr/sbin/resize2fs"),
+    ("/usr/sbin/mkfs.xfs", "/usr/sbin/mkfs.xfs"),
+    ("/usr/sbin/xfs_growfs", "/usr/sbin/xfs_growfs"),
+    ("/usr/bin/fusermount3", "/usr/bin/fusermount3"),
+];
+
 /// The twinvol image `twinvol.local/twinvol:<tag>` from our release
-/// binaries (e.g. `target/release/twinvol-engine`).
+/// binaries (e.g. `target/release/twinvol-engine`), with the system tools
+/// the node plugin runs to stage volumes (mount, losetup, blkid, mkfs,
+/// fsck, resize) and their libraries.
 pub fn twinvol(cache: &Path, tag: &str, binaries: &[&Path]) -> Result<BuiltImage, HarnessError> {
-    from_binaries(cache, "twinvol", tag, binaries, None)
+    let mut spec = ImageSpec::new("twinvol", tag);
+    // Stripped copies (the release profile keeps line tables: 270 MB of
+    // image instead of 80, imported into every node): private temporary
+    // files, so that concurrent tests do not race on one path; kept until
+    // the image is built.
+    let mut stripped = Vec::new();
+    for binary in binaries {
+        let file = binary
+            .file_name()
+            .ok_or_else(|| HarnessError::Cluster(format!("{} is no file", binary.display())))?;
+        let dest = format!("/usr/local/bin/{}", file.to_string_lossy());
+        fs::create_dir_all(cache).map_err(io_error("creating", cache))?;
+        let copy = tempfile::Builder::new()
+            .prefix(".strip-")
+            .tempfile_in(cache)
+            .map_err(io_error("creating a temporary file in", cache))?;
+        let ok = std::process::Command::new("strip")
+            .arg("-o")
+            .arg(copy.path())
+            .arg(binary)
+            .status()
+            .is_ok_and(|s| s.success())
+            && {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(copy.path(), fs::Permissions::from_mode(0o755)).is_ok()
+            };
+        let source = if ok {
+            copy.path().to_owned()
+        } else {
+            binary.to_path_buf()
+        };
+        spec = spec.executable(&source, &dest)?;
+        stripped.push(copy);
+    }
+    for (host, dest) in NODE_TOOLS {
+        if Path::new(host).is_file() {
+            spec = spec.executable(Path::new(host), dest)?;
+        }
+    }
+    spec = spec
+        .symlink("/usr/sbin/mkfs.ext4", "mke2fs")
+        .symlink("/usr/sbin/fsck.ext4", "e2fsck")
+        .symlink("/usr/bin/fusermount", "fusermount3")
+        .bytes(b"root:x:0:0:root:/:/bin/sh\n", "/etc/passwd", 0o644)
+        .bytes(b"root:x:0:\n", "/etc/group", 0o644)
+        .symlink("/etc/mtab", "/proc/self/mounts");
+    if Path::new("/etc/mke2fs.conf").is_file() {
+        spec = spec.file(Path::new("/etc/mke2fs.conf"), "/etc/mke2fs.conf", 0o644);
+    }
+    let built = spec.build(cache);
+    drop(stripped);
+    built
 }
 
 /// A CSI sidecar's image from its Go-built binary (`csi-provisioner`,

@@ -212,6 +212,12 @@ impl Cluster {
         // Lease renewed every quarter of its duration: four renewals fit in
         // a third of the grace period.
         let lease_seconds = u32::try_from((grace / 3).clamp(4, 40)).unwrap_or(10);
+        // `nodes/` is a shared mount of its own, made before any node's
+        // mounts inside it: a node plugin mounts it (the directory above
+        // every per-node kubelet root) with Bidirectional propagation,
+        // which needs a shared source, and a shared mount made over it
+        // later would hide the nodes' own mounts below from unmounting.
+        node::shared_bind(&root.join("nodes"))?;
         for site in Site::ALL {
             for index in 1..=opts.nodes_per_site {
                 let id = NodeId { site, index };
@@ -337,6 +343,13 @@ impl Cluster {
     /// volumes point at: the chart's `kubeletDir`).
     pub fn kubelet_dir(&self, id: NodeId) -> Result<PathBuf, HarnessError> {
         Ok(self.node(id)?.config.kubelet_dir())
+    }
+
+    /// The directory holding every node's directory (`nodes/`): a shared
+    /// mount, so that a Bidirectional mount of it in a pod (the node
+    /// plugin's, with a per-node kubelet root below) propagates both ways.
+    pub fn nodes_dir(&self) -> PathBuf {
+        self.root.join("nodes")
     }
 
     /// A shared directory of the node for hostPath volumes with mount

@@ -229,7 +229,9 @@ clusterDomain: cluster.local
 nodeStatusUpdateFrequency: 4s
 nodeLeaseDurationSeconds: {lease}
 serializeImagePulls: false
-evictionHard: {{memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}}
+# Absolute floors: the disk is the shared machine's (a 1% floor of a big, nearly
+# full disk put every node under DiskPressure and evicted the chart's pods).
+evictionHard: {{memory.available: "100Mi", nodefs.available: "100Mi", imagefs.available: "100Mi", nodefs.inodesFree: "1%"}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 "#,
@@ -625,7 +627,7 @@ impl Node {
 
 /// `dir` bind-mounted onto itself and made shared (once), so that mounts
 /// below it propagate between the host, containerd and the kubelet.
-fn shared_bind(dir: &Path) -> Result<(), HarnessError> {
+pub(crate) fn shared_bind(dir: &Path) -> Result<(), HarnessError> {
     use nix::mount::{MsFlags, mount};
     mkdir(dir)?;
     let as_error = |action: &'static str| {

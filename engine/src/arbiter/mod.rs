@@ -12,6 +12,21 @@
 //! file-backed arbiter here ([`file::FileArbiter`], for `twinvol-engine`, the
 //! tests and the first demo) and, with the CSI work, the Kubernetes one (the
 //! MirroredVolume status, with a resourceVersion precondition as the version).
+//!
+//! # Two ways for a holder to stay alive
+//!
+//! A lease's holder proves it is alive either by renewing the lease in the
+//! record (every renewal a swap: the file arbiter's way, one write per
+//! volume per renewal), or by its *node's heartbeat* (the Kubernetes
+//! arbiter: one write per node per period, whatever the number of
+//! volumes). [`Arbiter::node_heartbeat`] says which. With a node heartbeat
+//! the holder learns each successful renewal from a node-local report on
+//! its own machine's `CLOCK_BOOTTIME` ([`Arbiter::last_heartbeat`], no
+//! remote read), and observers watch the heartbeat change
+//! ([`Arbiter::liveness`]) besides the lease itself; the record is written
+//! only when something changes (an acquisition, a release, an in-sync
+//! change, or a holder coming back after its lease ran out, which must
+//! swap once before it acknowledges again: see `frontend::lease`).
 
 pub mod file;
 pub mod record;
@@ -19,6 +34,9 @@ pub mod record;
 pub mod stall;
 
 use std::future::Future;
+use std::time::Duration;
+
+use crate::clock::BootInstant;
 
 pub use file::FileArbiter;
 pub use record::{Change, FrontendId, Lease, LeaseId, Rejected, VolumeRecord};
@@ -65,6 +83,32 @@ pub enum ArbiterError {
     Corrupt { location: String, reason: String },
 }
 
+/// One successful renewal of the holder's node heartbeat, as the
+/// node-local renewer reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatRenewal {
+    /// On this machine's `CLOCK_BOOTTIME`: when the renewal was sent (taken
+    /// before the request went out, so never later than when it landed).
+    pub sent: BootInstant,
+    /// How long the heartbeat vouches for the node after `sent`: what
+    /// observers wait for at least (plus their margin) once it stops
+    /// changing.
+    pub duration: Duration,
+}
+
+/// What an observer watches, besides the lease itself, to tell a live
+/// holder from a gone one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Liveness {
+    /// Changes whenever the holder proves itself alive (for a node
+    /// heartbeat: its resourceVersion). Empty when the lease's own
+    /// renewals are the only proof.
+    pub token: String,
+    /// How long the holder may acknowledge I/O after its last proof: the
+    /// observer waits this plus its margin after seeing no change.
+    pub duration: Duration,
+}
+
 /// The authority over one volume's record.
 pub trait Arbiter: Send + Sync + 'static {
     /// Reads the current record and its version.
@@ -78,4 +122,38 @@ pub trait Arbiter: Send + Sync + 'static {
         expected: &Version,
         change: Change,
     ) -> impl Future<Output = Result<VolumeRecord, ArbiterError>> + Send;
+
+    /// Whether holders prove their liveness by their node's heartbeat
+    /// ([`Self::last_heartbeat`]) instead of renewing the lease in the
+    /// record. The default: renewals in the record.
+    fn node_heartbeat(&self) -> bool {
+        false
+    }
+
+    /// The last successful renewal of this holder's node heartbeat, read
+    /// on this machine (never a remote call). Only asked when
+    /// [`Self::node_heartbeat`] is true.
+    fn last_heartbeat(
+        &self,
+    ) -> impl Future<Output = Result<HeartbeatRenewal, ArbiterError>> + Send {
+        std::future::ready(Err(ArbiterError::Unreachable {
+            location: "the node heartbeat".to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this arbiter has no node heartbeat",
+            ),
+        }))
+    }
+
+    /// What shows `lease`'s holder alive, for an observer waiting for it to
+    /// expire. The default: nothing besides the lease's own renewals.
+    fn liveness(
+        &self,
+        lease: &Lease,
+    ) -> impl Future<Output = Result<Liveness, ArbiterError>> + Send {
+        std::future::ready(Ok(Liveness {
+            token: String::new(),
+            duration: lease.duration,
+        }))
+    }
 }

@@ -28,13 +28,33 @@
 //!
 //! Being refused by the arbiter (another acquisition holds the lease) or a
 //! replica reporting a newer epoch fences the frontend for good.
+//!
+//! # Liveness by the node's heartbeat
+//!
+//! With an arbiter whose holders prove liveness by their node's heartbeat
+//! ([`Arbiter::node_heartbeat`], the Kubernetes one), [`renew`] writes
+//! nothing in steady state: it follows the node-local report of the
+//! heartbeat's last successful renewal ([`Arbiter::last_heartbeat`]: when
+//! it was *sent*, on this machine's `CLOCK_BOOTTIME`) and extends the lease
+//! to `sent + min(duration, heartbeat duration)`. Observers
+//! ([`ExpiryWatch`], the operator) wait until neither the lease nor the
+//! heartbeat changed for the longer of the two durations plus the margin.
+//!
+//! A report only extends a lease that is still held *when the report is
+//! read*. Once the lease ran out, an observer may have judged it expired
+//! from a read that the next renewal landed after, so a heartbeat coming
+//! back is not enough: the frontend renews the lease in the record once
+//! (a compare-and-swap: it fails if an observer took the volume, and makes
+//! an observer that has not yet swapped see a change and wait again)
+//! before acknowledging again. That is the only per-volume write besides
+//! acquisition and release, and it happens only after an expiry.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::arbiter::{
-    Arbiter, ArbiterError, Change, FrontendId, Lease, LeaseId, Rejected, VolumeRecord,
+    Arbiter, ArbiterError, Change, FrontendId, Lease, LeaseId, Liveness, Rejected, VolumeRecord,
 };
 use crate::clock::{BootInstant, WallClock};
 
@@ -48,6 +68,15 @@ pub struct LeaseConfig {
     pub margin: Duration,
     /// The wall clock recorded at the arbiter (offset only in tests).
     pub wall_clock: WallClock,
+    /// A lease held under this same holder name is a predecessor the
+    /// caller *knows* dead, to be taken at once (still bumping the epoch,
+    /// which fences anything of it still in flight) instead of waiting for
+    /// it to expire. Only for a caller that can know: the CSI frontend,
+    /// named after its node and holding the volume's instance lock on that
+    /// node (which the kernel releases only when its holder died) — its
+    /// node's heartbeat goes on while the predecessor is dead, so waiting
+    /// for that would be waiting forever.
+    pub reclaim_own: bool,
 }
 
 /// Why the lease could not be acquired.
@@ -125,6 +154,47 @@ impl LeaseGuard {
         self.changed.notify_waiters();
     }
 
+    /// Extends the lease to `until`, but only if it is still held at `now`
+    /// (read after whatever proved `until`): a lease that ran out is not
+    /// brought back by a heartbeat alone (see the module doc). Returns
+    /// whether it was held.
+    pub fn extend_if_held(&self, now: BootInstant, until: BootInstant) -> bool {
+        if self.fenced.load(Ordering::SeqCst) {
+            return false;
+        }
+        let (now, until) = (self.ns(now), self.ns(until));
+        let mut current = self.valid_until_ns.load(Ordering::SeqCst);
+        loop {
+            if current <= now {
+                return false;
+            }
+            if current >= until {
+                return true;
+            }
+            match self.valid_until_ns.compare_exchange(
+                current,
+                until,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Sets the lease valid until `until` unless it already is longer
+    /// (after a swap proved that nobody took the volume).
+    pub fn extend_to(&self, until: BootInstant) {
+        let until = self.ns(until);
+        self.valid_until_ns.fetch_max(until, Ordering::SeqCst);
+    }
+
+    /// The duration the lease is counted with.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
     /// Fences for good.
     pub fn fence(&self) {
         self.fenced.store(true, Ordering::SeqCst);
@@ -187,10 +257,11 @@ pub fn now_ms() -> u64 {
 }
 
 /// An observer's view of another acquisition's lease: since when, on the
-/// observer's own monotonic clock, it has seen the lease exactly as it is.
+/// observer's own monotonic clock, it has seen the lease, and what shows
+/// its holder alive, exactly as they are.
 #[derive(Debug, Default)]
 pub struct ExpiryWatch {
-    seen: Option<(Lease, Instant)>,
+    seen: Option<((Lease, Liveness), Instant)>,
 }
 
 impl ExpiryWatch {
@@ -205,13 +276,31 @@ impl ExpiryWatch {
     /// the read returned after the change was written, and the holder
     /// counts its lease from before it wrote it.
     pub fn observe(&mut self, lease: &Lease, read_at: Instant, margin: Duration) -> Duration {
-        let wait = lease.duration.saturating_add(margin);
+        let liveness = Liveness {
+            token: String::new(),
+            duration: lease.duration,
+        };
+        self.observe_with(lease, &liveness, read_at, margin)
+    }
+
+    /// [`Self::observe`] with what else shows the holder alive (its node's
+    /// heartbeat, read after the lease): a change of either starts the
+    /// wait again, which is the longer of the two durations plus the
+    /// margin.
+    pub fn observe_with(
+        &mut self,
+        lease: &Lease,
+        liveness: &Liveness,
+        read_at: Instant,
+        margin: Duration,
+    ) -> Duration {
+        let wait = lease.duration.max(liveness.duration).saturating_add(margin);
         match &self.seen {
-            Some((seen, since)) if seen == lease => {
+            Some(((seen, alive), since)) if seen == lease && alive == liveness => {
                 (*since + wait).saturating_duration_since(read_at)
             }
             _ => {
-                self.seen = Some((lease.clone(), read_at));
+                self.seen = Some(((lease.clone(), liveness.clone()), read_at));
                 wait
             }
         }
@@ -307,7 +396,6 @@ pub async fn acquire<A: Arbiter>(
                 continue;
             }
         };
-        let read_at = Instant::now();
         if let Some(lease) = &record.lease
             && let Some(a) = lost_answers
                 .iter()
@@ -319,11 +407,25 @@ pub async fn acquire<A: Arbiter>(
         }
         let replaces = match &record.lease {
             None => None,
+            Some(lease) if config.reclaim_own && lease.holder == config.holder => {
+                tracing::warn!(lease = %lease.id(), "the lease is held under this frontend's own name by a predecessor known dead: taking it over at once (the epoch bump fences what it left in flight)");
+                Some(lease.clone())
+            }
             Some(lease) => {
-                let left = watch.observe(lease, read_at, config.margin);
+                let liveness = match arbiter.liveness(lease).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        if let Some(n) = log.allow() {
+                            tracing::warn!(error = %crate::error_chain(&e), suppressed = n, "cannot read what shows the lease holder alive; retrying");
+                        }
+                        sleep_until_or(deadline, Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let left = watch.observe_with(lease, &liveness, Instant::now(), config.margin);
                 if !left.is_zero() {
                     if let Some(n) = log.allow() {
-                        tracing::info!(lease = %lease.id(), unchanged_for = ?watch.unchanged_for(read_at), wait_at_least = ?left, suppressed = n, "the lease is held by another acquisition; waiting until it goes unrenewed for its duration plus the margin");
+                        tracing::info!(lease = %lease.id(), unchanged_for = ?watch.unchanged_for(Instant::now()), wait_at_least = ?left, suppressed = n, "the lease is held by another acquisition; waiting until it goes unrenewed for its duration plus the margin");
                     }
                     sleep_until_or(
                         deadline,
@@ -332,7 +434,7 @@ pub async fn acquire<A: Arbiter>(
                     .await;
                     continue;
                 }
-                tracing::warn!(lease = %lease.id(), unchanged_for = ?watch.unchanged_for(read_at), "the lease went unrenewed for its duration plus the margin: taking it over");
+                tracing::warn!(lease = %lease.id(), unchanged_for = ?watch.unchanged_for(Instant::now()), "the lease went unrenewed for its duration plus the margin: taking it over");
                 Some(lease.clone())
             }
         };
@@ -397,9 +499,13 @@ async fn sleep_until_or(deadline: Instant, d: Duration) {
     tokio::time::sleep_until(until.into()).await;
 }
 
-/// Renews the lease every third of its duration until fenced; logs lease
-/// state changes once each.
+/// Keeps the lease until fenced: renews it every third of its duration, or
+/// follows the node's heartbeat (see the module doc); logs lease state
+/// changes once each.
 pub async fn renew<A: Arbiter>(arbiter: Arc<A>, config: LeaseConfig, guard: Arc<LeaseGuard>) {
+    if arbiter.node_heartbeat() {
+        return follow_heartbeat(arbiter, config, guard).await;
+    }
     let period = config.duration / 3;
     let mut next = Instant::now() + period;
     let mut log = RateLimit::new(Duration::from_secs(1));
@@ -449,6 +555,79 @@ pub async fn renew<A: Arbiter>(arbiter: Arc<A>, config: LeaseConfig, guard: Arc<
         if state != reported {
             log_state(&config, state);
             reported = state;
+        }
+    }
+}
+
+/// How often the node-local heartbeat report is read: a read is a file on
+/// this machine, cheap; the lease is extended at most this late.
+fn heartbeat_poll(duration: Duration) -> Duration {
+    (duration / 20).clamp(Duration::from_millis(20), Duration::from_millis(250))
+}
+
+/// [`renew`] by the node's heartbeat: no write while the heartbeat keeps
+/// the lease held; one swap in the record to come back after an expiry.
+async fn follow_heartbeat<A: Arbiter>(
+    arbiter: Arc<A>,
+    config: LeaseConfig,
+    guard: Arc<LeaseGuard>,
+) {
+    let poll = heartbeat_poll(config.duration);
+    let mut log = RateLimit::new(Duration::from_secs(1));
+    let mut reported = LeaseState::Held;
+    loop {
+        tokio::time::sleep(poll).await;
+        let state = guard.state();
+        if state != reported {
+            log_state(&config, state);
+            reported = state;
+        }
+        if state == LeaseState::Fenced {
+            return;
+        }
+        let beat = match arbiter.last_heartbeat().await {
+            Ok(beat) => beat,
+            Err(e) => {
+                if let Some(n) = log.allow() {
+                    tracing::warn!(error = %crate::error_chain(&e), suppressed = n, remaining = ?guard.remaining(), "cannot read the node heartbeat's last renewal; I/O stops being acknowledged when the lease runs out");
+                }
+                continue;
+            }
+        };
+        let until = beat.sent + beat.duration.min(config.duration);
+        let now = BootInstant::now();
+        if until <= now {
+            if let Some(n) = log.allow() {
+                tracing::warn!(renewed_ago = ?now.saturating_since(beat.sent), suppressed = n, remaining = ?guard.remaining(), "the node heartbeat is not being renewed; I/O stops being acknowledged when the lease runs out");
+            }
+            continue;
+        }
+        if guard.extend_if_held(now, until) {
+            continue;
+        }
+        if guard.state() == LeaseState::Fenced {
+            return;
+        }
+        // The lease ran out and the heartbeat is back: an observer may
+        // have judged the lease expired; swap once to prove nobody took
+        // the volume (and to show an observer a change) before
+        // acknowledging again.
+        match renew_once(arbiter.as_ref(), &config, guard.id()).await {
+            Ok(record) => {
+                guard.extend_to(until);
+                tracing::info!(version = %record.version, "the node heartbeat is back and the lease still ours (renewed in the record once)");
+            }
+            Err(ArbiterError::Rejected(e)) => {
+                tracing::error!(error = %e, "the arbiter says another acquisition holds the lease: fenced for good, no more acknowledgements");
+                guard.fence();
+                log_state(&config, LeaseState::Fenced);
+                return;
+            }
+            Err(e) => {
+                if let Some(n) = log.allow() {
+                    tracing::warn!(error = %crate::error_chain(&e), suppressed = n, "the node heartbeat is back but the lease cannot be confirmed in the record; still not acknowledging");
+                }
+            }
         }
     }
 }

@@ -31,6 +31,7 @@ fn cfg(holder: &str, duration_ms: u64, margin_ms: u64) -> LeaseConfig {
         duration: Duration::from_millis(duration_ms),
         margin: Duration::from_millis(margin_ms),
         wall_clock: WallClock::system(),
+        reclaim_own: false,
     }
 }
 
@@ -271,4 +272,219 @@ async fn an_acquisition_whose_answer_was_lost_is_recognised_as_ours() {
     assert_eq!(guard.id().epoch, Epoch(1));
     assert!(guard.valid());
     assert_eq!(arbiter.acquisitions.load(Ordering::SeqCst), 1);
+}
+
+/// A file arbiter whose holders prove liveness by a node heartbeat the
+/// test drives: `beat` is the last renewal the node-local renewer
+/// reported, `token` what observers see of the heartbeat Lease.
+struct HeartbeatArbiter {
+    inner: FileArbiter,
+    beat: std::sync::Mutex<Option<crate::arbiter::HeartbeatRenewal>>,
+    token: std::sync::Mutex<u64>,
+    updates: AtomicUsize,
+    duration: Duration,
+}
+
+impl HeartbeatArbiter {
+    fn new(dir: &tempfile::TempDir, duration: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner: file_arbiter(dir),
+            beat: std::sync::Mutex::new(None),
+            token: std::sync::Mutex::new(0),
+            updates: AtomicUsize::new(0),
+            duration,
+        })
+    }
+
+    /// One successful renewal of the node heartbeat, sent now.
+    fn beat(&self) {
+        *self.beat.lock().expect("lock") = Some(crate::arbiter::HeartbeatRenewal {
+            sent: BootInstant::now(),
+            duration: self.duration,
+        });
+        *self.token.lock().expect("lock") += 1;
+    }
+
+    fn updates(&self) -> usize {
+        self.updates.load(Ordering::SeqCst)
+    }
+}
+
+impl Arbiter for HeartbeatArbiter {
+    async fn read(&self) -> Result<VolumeRecord, ArbiterError> {
+        self.inner.read().await
+    }
+
+    async fn update(
+        &self,
+        expected: &Version,
+        change: Change,
+    ) -> Result<VolumeRecord, ArbiterError> {
+        self.updates.fetch_add(1, Ordering::SeqCst);
+        self.inner.update(expected, change).await
+    }
+
+    fn node_heartbeat(&self) -> bool {
+        true
+    }
+
+    async fn last_heartbeat(&self) -> Result<crate::arbiter::HeartbeatRenewal, ArbiterError> {
+        (*self.beat.lock().expect("lock")).ok_or_else(|| ArbiterError::Unreachable {
+            location: "test heartbeat".to_owned(),
+            source: std::io::Error::other("never renewed"),
+        })
+    }
+
+    async fn liveness(&self, lease: &Lease) -> Result<Liveness, ArbiterError> {
+        Ok(Liveness {
+            token: self.token.lock().expect("lock").to_string(),
+            duration: lease.duration.max(self.duration),
+        })
+    }
+}
+
+/// Renews the test heartbeat every `period` until aborted.
+fn heartbeating(arbiter: Arc<HeartbeatArbiter>, period: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            arbiter.beat();
+            tokio::time::sleep(period).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_heartbeat_keeps_the_lease_without_writing_the_record_and_its_stop_expires_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = HeartbeatArbiter::new(&dir, Duration::from_millis(600));
+    let config = cfg("node-a", 600, 200);
+    let (_, guard) = acquire(arbiter.as_ref(), &config, Duration::from_secs(5))
+        .await
+        .expect("acquired");
+    let after_acquire = arbiter.updates();
+    let beats = heartbeating(arbiter.clone(), Duration::from_millis(150));
+    let keeping = tokio::spawn(renew(arbiter.clone(), config, guard.clone()));
+    // Five lease durations: held throughout, not one write.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(
+            guard.valid(),
+            "the lease ran out while the heartbeat renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        arbiter.updates(),
+        after_acquire,
+        "steady state wrote the record"
+    );
+    // The renewer dies: the lease runs out within its duration of the
+    // last renewal sent (plus one poll), still without a write.
+    beats.abort();
+    let _ = beats.await;
+    let last = arbiter.last_heartbeat().await.expect("beat").sent;
+    while guard.valid() {
+        assert!(
+            last.elapsed() < Duration::from_millis(600 + 50),
+            "still acknowledging {:?} after the last heartbeat",
+            last.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(last.elapsed() >= Duration::from_millis(600) - Duration::from_millis(1));
+    assert_eq!(guard.state(), LeaseState::Expired);
+    assert_eq!(arbiter.updates(), after_acquire);
+    keeping.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_coming_back_after_an_expiry_swaps_once_or_finds_the_volume_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = HeartbeatArbiter::new(&dir, Duration::from_millis(400));
+    let config = cfg("node-a", 400, 100);
+    let (_, guard) = acquire(arbiter.as_ref(), &config, Duration::from_secs(5))
+        .await
+        .expect("acquired");
+    let keeping = tokio::spawn(renew(arbiter.clone(), config.clone(), guard.clone()));
+    // No heartbeat yet: the acquisition's own time runs out.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(guard.state(), LeaseState::Expired);
+    let before = arbiter.updates();
+    let version = arbiter.read().await.expect("read").version;
+    // The heartbeat comes back: one swap in the record, then held again.
+    let beats = heartbeating(arbiter.clone(), Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !guard.valid() {
+        assert!(Instant::now() < deadline, "never held again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(arbiter.updates(), before + 1, "one renewal in the record");
+    assert_ne!(arbiter.read().await.expect("read").version, version);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(guard.valid());
+    assert_eq!(arbiter.updates(), before + 1, "and no more");
+    beats.abort();
+    let _ = beats.await;
+    keeping.abort();
+
+    // While a second holder's heartbeat is gone, another acquisition takes
+    // the volume; when that heartbeat returns, its holder finds out and is
+    // fenced instead of acknowledging again.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = HeartbeatArbiter::new(&dir, Duration::from_millis(400));
+    let (_, old) = acquire(arbiter.as_ref(), &config, Duration::from_secs(5))
+        .await
+        .expect("acquired");
+    let keeping = tokio::spawn(renew(arbiter.clone(), config.clone(), old.clone()));
+    let (_, new) = acquire(
+        arbiter.as_ref(),
+        &cfg("node-b", 400, 100),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("taken once the heartbeat stayed unchanged");
+    assert!(new.valid());
+    assert!(!old.valid());
+    let beats = heartbeating(arbiter.clone(), Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old.state() != LeaseState::Fenced {
+        assert!(!old.valid(), "the old holder acknowledges again");
+        assert!(Instant::now() < deadline, "never fenced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    beats.abort();
+    let _ = beats.await;
+    keeping.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_waits_while_the_holders_heartbeat_changes_whatever_its_clock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = HeartbeatArbiter::new(&dir, Duration::from_millis(500));
+    let holder = cfg("node-a", 500, 300);
+    let (_, guard) = acquire(arbiter.as_ref(), &holder, Duration::from_secs(5))
+        .await
+        .expect("holder");
+    let beats = heartbeating(arbiter.clone(), Duration::from_millis(100));
+    let keeping = tokio::spawn(renew(arbiter.clone(), holder, guard.clone()));
+    let mut ahead = cfg("node-b", 500, 300);
+    ahead.wall_clock = WallClock::offset(3_600_000);
+    // The record never changes, but the heartbeat does: no take-over.
+    let r = acquire(arbiter.as_ref(), &ahead, Duration::from_secs(3)).await;
+    assert!(matches!(r, Err(LeaseError::GaveUp { .. })), "{r:?}");
+    assert!(guard.valid());
+    beats.abort();
+    let _ = beats.await;
+    let stopped = Instant::now();
+    let (taken, _) = acquire(arbiter.as_ref(), &ahead, Duration::from_secs(10))
+        .await
+        .expect("taken once the heartbeat stopped");
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(800),
+        "taken {:?} after the heartbeat stopped, before duration plus margin",
+        stopped.elapsed()
+    );
+    assert!(!guard.valid(), "taken while the holder still acknowledged");
+    assert_eq!(taken.epoch, Epoch(2));
+    keeping.abort();
 }

@@ -68,6 +68,10 @@ impl Beat {
 
 /// The timings of fail-over and fail-back. Flags of the operator; the
 /// defaults are chosen together (see [`Timings::failover_bound`]).
+/// `Default` is what the decision tests use; the binary's flag defaults
+/// (`main.rs`) are shorter — 1.5 s heartbeats, 5 s staleness and leases,
+/// 1 s margin: 6.75 s — since a frontend's liveness became its node's
+/// heartbeat, which costs no per-volume write however short it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timings {
     /// How often a node plugin renews its heartbeat Lease (the node plugin's

@@ -123,6 +123,7 @@ async fn hold_frontend(client: Client, opts: Options, volume: String, node: Stri
         duration: opts.lease_duration,
         margin: opts.lease_margin,
         wall_clock: WallClock::system(),
+        reclaim_own: false,
     };
     match lease::acquire(arbiter.as_ref(), &config, Duration::from_secs(300)).await {
         Ok((record, guard)) => {

@@ -1,0 +1,250 @@
+//! The scenario workload: a StatefulSet whose pod appends checksummed
+//! records to a file on its twinvol volume, fsyncs each one, and only then
+//! reports it over TCP to a collector in the test process (on the control
+//! plane's address, the third location, so it survives either site's
+//! power-off). What the collector received is what was acknowledged; the
+//! check reads the file back and finds every one of them, intact.
+//!
+//! Each acknowledged record is also appended to `acked` in the node's
+//! `shared/` directory on the host (a hostPath of the bed's `nodes/`): the
+//! node's disk outlives its power and its network, so records acknowledged
+//! on a site cut off from the collector are known too.
+//!
+//! A record is one line: `<incarnation> <seq> <payload> <sha-256 of the rest, 16 hex digits>`;
+//! each start of the container is a new incarnation (a random id), counting
+//! from 0. Lines that do not verify may only be unacknowledged tails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::io::AsyncBufReadExt;
+
+/// The writer's shell script (busybox sh of the workload image).
+const SCRIPT: &str = r#"
+set -u
+inc=$(cat /proc/sys/kernel/random/uuid | cut -c1-8)
+n=0
+touch /data/records
+mkdir -p "/acks/$NODE_NAME/shared"
+echo "started $inc on $NODE_NAME" >&2
+while true; do
+  rec="$inc $n $NODE_NAME-$(date +%s)-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+  sum=$(printf '%s' "$rec" | sha256sum | cut -c1-16)
+  printf '%s %s\n' "$rec" "$sum" | dd of=/data/records oflag=append conv=notrunc,fsync status=none || exit 1
+  echo "$rec $sum" >> "/acks/$NODE_NAME/shared/acked"
+  echo "$rec $sum"
+  n=$((n + 1))
+  usleep 20000
+done | nc $COLLECTOR_IP $COLLECTOR_PORT
+"#;
+
+/// Every record the collector received, by arrival.
+#[derive(Clone, Default)]
+pub struct Collector {
+    inner: Arc<Mutex<Received>>,
+    pub addr: Option<SocketAddr>,
+}
+
+#[derive(Default)]
+struct Received {
+    lines: Vec<(Instant, String)>,
+}
+
+impl Collector {
+    /// Listens on `ip` (any port) and collects lines from every connection.
+    pub async fn start(ip: Ipv4Addr) -> Collector {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .expect("collector binds");
+        let addr = listener.local_addr().expect("collector address");
+        let inner = Arc::new(Mutex::new(Received::default()));
+        let sink = inner.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let mut lines = tokio::io::BufReader::new(stream).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        sink.lock()
+                            .expect("collector lock")
+                            .lines
+                            .push((Instant::now(), line));
+                    }
+                });
+            }
+        });
+        Collector {
+            inner,
+            addr: Some(addr),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.inner.lock().expect("collector lock").lines.len()
+    }
+
+    /// The records received, with when.
+    pub fn lines(&self) -> Vec<(Instant, String)> {
+        self.inner.lock().expect("collector lock").lines.clone()
+    }
+
+    /// Records received at or before `t`.
+    pub fn count_before(&self, t: Instant) -> usize {
+        self.inner
+            .lock()
+            .expect("collector lock")
+            .lines
+            .iter()
+            .filter(|(at, _)| *at <= t)
+            .count()
+    }
+
+    /// The latest arrival, and from which incarnation.
+    pub fn last(&self) -> Option<(Instant, String)> {
+        self.inner
+            .lock()
+            .expect("collector lock")
+            .lines
+            .last()
+            .cloned()
+    }
+}
+
+/// The StatefulSet `name` in `default`: one replica preferring site
+/// `home` (a preferred node affinity, so that it can run on the other site
+/// and comes home when moved), claiming `size` of `storage_class`.
+pub fn statefulset(
+    name: &str,
+    storage_class: &str,
+    size: &str,
+    home_zone: &str,
+    collector: SocketAddr,
+    nodes_dir: &Path,
+) -> String {
+    let script = serde_json::to_string(SCRIPT).expect("a string");
+    format!(
+        r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: {name}, namespace: default}}
+spec:
+  serviceName: {name}
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      affinity:
+        nodeAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+            - weight: 100
+              preference:
+                matchExpressions:
+                  - {{key: topology.kubernetes.io/zone, operator: In, values: [{home_zone}]}}
+      containers:
+        - name: writer
+          image: twinvol.local/workload:1
+          imagePullPolicy: Never
+          command: [/bin/sh, -c, {script}]
+          env:
+            - {{name: COLLECTOR_IP, value: "{ip}"}}
+            - {{name: COLLECTOR_PORT, value: "{port}"}}
+            - name: NODE_NAME
+              valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
+          readinessProbe:
+            exec: {{command: [/bin/sh, -c, "test -s /data/records"]}}
+            periodSeconds: 1
+            failureThreshold: 1
+          volumeMounts:
+            - {{name: data, mountPath: /data}}
+            - {{name: acks, mountPath: /acks}}
+      volumes:
+        - name: acks
+          hostPath: {{path: "{nodes}", type: Directory}}
+  volumeClaimTemplates:
+    - metadata: {{name: data}}
+      spec:
+        accessModes: [ReadWriteOnce]
+        storageClassName: {storage_class}
+        resources: {{requests: {{storage: {size}}}}}
+"#,
+        nodes = nodes_dir.display(),
+        ip = collector.ip(),
+        port = collector.port(),
+    )
+}
+
+/// What the check of a records file found.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Lines in the file whose checksum verifies.
+    pub valid: usize,
+    /// Lines that do not (torn or zeroed tails of a power cut).
+    pub invalid: Vec<String>,
+    /// Acknowledged records absent from the file (must be empty).
+    pub missing: Vec<String>,
+    /// Acknowledged records in the file.
+    pub found: usize,
+    /// Incarnations seen in the file, with their record counts.
+    pub incarnations: BTreeMap<String, usize>,
+}
+
+fn checksum(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks `file` (the records file's contents) against the acknowledged
+/// records: every acknowledged one must be there with its checksum.
+pub fn verify(file: &str, acked: &[String]) -> Verdict {
+    let mut verdict = Verdict::default();
+    let mut present = BTreeSet::new();
+    for line in file.lines() {
+        let Some((rec, sum)) = line.rsplit_once(' ') else {
+            verdict.invalid.push(line.to_owned());
+            continue;
+        };
+        if checksum(rec) == sum {
+            verdict.valid += 1;
+            present.insert(line.to_owned());
+            let inc = rec.split(' ').next().unwrap_or_default().to_owned();
+            *verdict.incarnations.entry(inc).or_default() += 1;
+        } else {
+            verdict.invalid.push(line.chars().take(120).collect());
+        }
+    }
+    for record in acked {
+        if present.contains(record) {
+            verdict.found += 1;
+        } else {
+            verdict.missing.push(record.clone());
+        }
+    }
+    verdict
+}
+
+/// The records the pods acknowledged in the nodes' `shared/acked` logs.
+pub fn acked_on_nodes(nodes_dir: &Path) -> Vec<String> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(nodes_dir).into_iter().flatten().flatten() {
+        let log = entry.path().join("shared/acked");
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            all.extend(text.lines().map(str::to_owned));
+        }
+    }
+    all
+}
+
+/// Every acknowledged record: the collector's and the nodes' logs.
+pub fn all_acked(collector: &Collector, nodes_dir: &Path) -> Vec<String> {
+    let mut all: BTreeSet<String> = collector.lines().into_iter().map(|(_, l)| l).collect();
+    all.extend(acked_on_nodes(nodes_dir));
+    all.into_iter().collect()
+}
