@@ -117,8 +117,8 @@ pub struct LeaseGuard {
     valid_until_ns: AtomicU64,
     fenced: AtomicBool,
     duration: Duration,
-    /// Woken by every renewal and by the fence: I/O held while the lease
-    /// is out waits on it.
+    /// Woken by every renewal, extension and by the fence: I/O held while
+    /// the lease is out waits on it.
     changed: tokio::sync::Notify,
 }
 
@@ -188,6 +188,7 @@ impl LeaseGuard {
     pub fn extend_to(&self, until: BootInstant) {
         let until = self.ns(until);
         self.valid_until_ns.fetch_max(until, Ordering::SeqCst);
+        self.changed.notify_waiters();
     }
 
     /// The duration the lease is counted with.
