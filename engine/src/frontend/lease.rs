@@ -117,6 +117,9 @@ pub struct LeaseGuard {
     valid_until_ns: AtomicU64,
     fenced: AtomicBool,
     duration: Duration,
+    /// Woken by every renewal, extension and by the fence: I/O held while
+    /// the lease is out waits on it.
+    changed: tokio::sync::Notify,
 }
 
 impl LeaseGuard {
@@ -129,6 +132,7 @@ impl LeaseGuard {
             valid_until_ns: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
             duration,
+            changed: tokio::sync::Notify::new(),
         });
         g.renewed(start);
         g
@@ -147,6 +151,7 @@ impl LeaseGuard {
     pub fn renewed(&self, start: BootInstant) {
         let until = self.ns(start + self.duration);
         self.valid_until_ns.fetch_max(until, Ordering::SeqCst);
+        self.changed.notify_waiters();
     }
 
     /// Extends the lease to `until`, but only if it is still held at `now`
@@ -183,6 +188,7 @@ impl LeaseGuard {
     pub fn extend_to(&self, until: BootInstant) {
         let until = self.ns(until);
         self.valid_until_ns.fetch_max(until, Ordering::SeqCst);
+        self.changed.notify_waiters();
     }
 
     /// The duration the lease is counted with.
@@ -193,6 +199,23 @@ impl LeaseGuard {
     /// Fences for good.
     pub fn fence(&self) {
         self.fenced.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the lease is held or fenced for good (at once if it is
+    /// either): what I/O answered while the lease is out waits for.
+    /// Returns the state then.
+    pub async fn settled(&self) -> LeaseState {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.state() {
+                LeaseState::Expired => {}
+                state => return state,
+            }
+            changed.await;
+        }
     }
 
     pub fn state_at(&self, now: BootInstant) -> LeaseState {
@@ -616,7 +639,7 @@ fn log_state(config: &LeaseConfig, state: LeaseState) {
             tracing::info!(holder = %config.holder, "lease renewed again: acknowledging I/O")
         }
         LeaseState::Expired => {
-            tracing::error!(holder = %config.holder, "lease expired: self-fenced, no I/O is acknowledged until it is renewed")
+            tracing::error!(holder = %config.holder, "lease expired: self-fenced, I/O is held (neither acknowledged nor failed) until it is renewed or the lease is taken over")
         }
         LeaseState::Fenced => tracing::error!(holder = %config.holder, "fenced for good"),
     }
@@ -646,12 +669,18 @@ async fn renew_once<A: Arbiter>(
 
 /// Gives acquisition `id` up on a clean shutdown so that the next frontend
 /// does not wait for it to expire.
+/// A conflict (the record changed since the read: a swap of the in-sync
+/// set, a renewal of this very lease) is re-read and retried a few times.
 pub async fn release<A: Arbiter>(arbiter: &A, id: &LeaseId) -> Result<(), ArbiterError> {
-    let record = arbiter.read().await?;
-    arbiter
-        .update(&record.version, Change::ReleaseLease { lease: id.clone() })
-        .await
-        .map(|_| ())
+    let mut record = arbiter.read().await?;
+    let change = || Change::ReleaseLease { lease: id.clone() };
+    for _ in 0..3 {
+        match arbiter.update(&record.version, change()).await {
+            Err(ArbiterError::Conflict { current, .. }) => record = *current,
+            other => return other.map(|_| ()),
+        }
+    }
+    arbiter.update(&record.version, change()).await.map(|_| ())
 }
 
 #[cfg(test)]

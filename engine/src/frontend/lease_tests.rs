@@ -59,6 +59,38 @@ fn a_lease_is_valid_for_its_duration_from_the_start_of_the_last_renew() {
     assert_eq!(g.remaining(), Duration::ZERO);
 }
 
+#[tokio::test]
+async fn io_held_while_the_lease_is_out_is_released_by_a_renewal_or_the_fence() {
+    let id = LeaseId {
+        holder: FrontendId("fe".to_owned()),
+        epoch: Epoch(1),
+    };
+    let short = Duration::from_millis(50);
+    let g = LeaseGuard::new(id.clone(), BootInstant::now(), short);
+    assert_eq!(g.settled().await, LeaseState::Held);
+    tokio::time::sleep(short * 2).await;
+    assert_eq!(g.state(), LeaseState::Expired);
+    let held = tokio::spawn({
+        let g = g.clone();
+        async move { g.settled().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!held.is_finished(), "not held while the lease is out");
+    g.renewed(BootInstant::now());
+    assert_eq!(held.await.expect("join"), LeaseState::Held);
+
+    let g = LeaseGuard::new(id, BootInstant::now(), short);
+    tokio::time::sleep(short * 2).await;
+    let held = tokio::spawn({
+        let g = g.clone();
+        async move { g.settled().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!held.is_finished(), "not held while the lease is out");
+    g.fence();
+    assert_eq!(held.await.expect("join"), LeaseState::Fenced);
+}
+
 #[test]
 fn the_rate_limit_lets_one_line_through_per_period() {
     let mut r = RateLimit::new(Duration::from_secs(60));

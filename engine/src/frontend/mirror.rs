@@ -21,7 +21,8 @@
 //!
 //! Once a write (or trim, or write-zeroes) has been handed to the mirror it
 //! runs to its end, whatever happens to its caller — driven by the caller
-//! while it waits, by a task of its own once it stopped waiting: an
+//! while it waits, run again from the start by a task of its own once the
+//! caller stopped waiting (`Unended`: they are idempotent): an
 //! NBD client that resets its connection drops the export's futures, a
 //! shutdown stops the exports, a failed chunk of a large write ends the
 //! caller's wait — none of that may leave the write on one in-sync replica
@@ -37,12 +38,19 @@
 //! ended in an error with the copies possibly different (without an
 //! arbiter there is nothing else to record that in): the replicas'
 //! activity logs then stay for the next frontend to reconcile.
+//!
+//! # Overlapping writes keep one order on both replicas
+//!
+//! Two writes in flight at once over the same bytes have no order for
+//! the client, but they must land in the same order on both replicas, or
+//! the two copies differ while both count as in sync. A write that
+//! overlaps one handed to the mirror before it and not ended yet is sent
+//! to no replica until that one ended on every replica
+//! (`frontend::conflicts`, as DRBD's conflict detection); writes that
+//! overlap nothing in flight go at once, in parallel.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -57,11 +65,12 @@ use crate::protocol::{
 };
 
 use super::backend::{BackendError, BlockBackend, check_range};
+use super::conflicts::{Admitted, Conflicts, Range};
 use super::connection::{
     CallError, ConnectError, ReplicaHandle, ReplicaSpec, ReplicaState, SessionParams,
 };
 use super::failover::{Failover, Membership, Suspect};
-use super::lease::LeaseGuard;
+use super::lease::{LeaseGuard, LeaseState};
 use crate::arbiter::{Arbiter, FrontendId};
 
 /// How often a request held on the last in-sync replica is sent again.
@@ -143,6 +152,9 @@ struct Inner {
     degrade: OnceLock<Degrade>,
     /// Writes (and trims, write-zeroes) not ended yet, waited for or not.
     writes: WritesInFlight,
+    /// The same by range: one that overlaps an earlier one still in flight
+    /// waits for it to end on every replica (see the module doc).
+    conflicts: Arc<Conflicts>,
     /// Set when a write ended in an error after it may have reached one
     /// replica and not the other, with nothing recording the region (see
     /// the module doc): the activity logs must then not be forgotten.
@@ -156,49 +168,93 @@ struct WritesInFlight {
     idle: Notify,
 }
 
-/// A future that is driven by its caller while the caller waits (no task,
-/// no extra wake-up on the hot path) and, if the caller drops it before it
-/// ended, by a task of its own from there on: it never stops half-way.
-struct RunToEnd<T: Send + 'static> {
-    fut: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+/// A write (trim, write-zeroes) handed to the mirror and not ended yet:
+/// its request, its place among the overlapping writes in flight and its
+/// count in [`WritesInFlight`]. Its caller drives it (no task, no
+/// allocation on the hot path) and [`Unended::end`]s it. A caller that
+/// drops it before that (wherever the request was: waiting its turn, sent
+/// to one replica, held for a fail-over) leaves it to a task of its own,
+/// which runs the request again from the start: writes, trims and
+/// write-zeroes are idempotent, and the request sent again lands on each
+/// replica after what was sent of it before (one connection keeps the
+/// order of its overlapping writes; a given-up one is fenced), while the
+/// overlapping writes after it still wait for its place. So it never stops
+/// half-way.
+struct Unended {
+    armed: Option<Armed>,
 }
 
-impl<T: Send + 'static> RunToEnd<T> {
-    fn new(fut: impl Future<Output = T> + Send + 'static) -> Self {
+struct Armed {
+    op: Op,
+    turn: Option<Admitted>,
+    ticket: WriteTicket,
+}
+
+impl Unended {
+    /// Counts `op` in flight and takes its place among the overlapping
+    /// writes, now: the order in which they reach the replicas.
+    fn new(inner: &Arc<Inner>, op: &Op) -> Self {
+        let ticket = WriteTicket::new(inner);
+        let turn = modified_range(op).map(|r| inner.conflicts.admit(r));
         Self {
-            fut: Some(Box::pin(fut)),
+            armed: Some(Armed {
+                op: op.clone(),
+                turn,
+                ticket,
+            }),
+        }
+    }
+
+    /// Waits until the overlapping writes before it ended.
+    async fn wait_turn(&self) {
+        if let Some(Armed {
+            turn: Some(turn), ..
+        }) = &self.armed
+        {
+            turn.wait_turn().await;
+        }
+    }
+
+    /// Ended with `r` on every replica that gets writes: the overlapping
+    /// writes after it may go.
+    fn end(mut self, r: &Result<(), BackendError>) {
+        if let Some(armed) = self.armed.take() {
+            armed.end(r);
         }
     }
 }
 
-impl<T: Send + 'static> Future for RunToEnd<T> {
-    type Output = T;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let Some(fut) = self.fut.as_mut() else {
-            return Poll::Pending;
-        };
-        match fut.as_mut().poll(cx) {
-            Poll::Ready(v) => {
-                self.fut = None;
-                Poll::Ready(v)
-            }
-            Poll::Pending => Poll::Pending,
+impl Armed {
+    fn end(self, r: &Result<(), BackendError>) {
+        drop(self.turn);
+        if let Err(e) = r
+            && !matches!(
+                e,
+                BackendError::OutOfRange { .. } | BackendError::Fenced { .. }
+            )
+        {
+            self.ticket.0.unsettled.store(true, Ordering::SeqCst);
         }
+        drop(self.ticket);
     }
 }
 
-impl<T: Send + 'static> Drop for RunToEnd<T> {
+impl Drop for Unended {
     fn drop(&mut self) {
-        if let Some(fut) = self.fut.take() {
-            // Outside a runtime (the process is going down) there is
-            // nothing left to run it on.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let future = async move {
-                    let _ = fut.await;
-                };
-                drop(rt.spawn(future));
-            }
+        let Some(armed) = self.armed.take() else {
+            return;
+        };
+        // Outside a runtime (the process is going down) there is nothing
+        // left to run it on.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(rt.spawn(async move {
+                if let Some(turn) = &armed.turn {
+                    turn.wait_turn().await;
+                }
+                let inner = armed.ticket.0.clone();
+                let r = inner.both(armed.op.clone()).await;
+                armed.end(&r);
+            }));
         }
     }
 }
@@ -366,6 +422,7 @@ impl Mirror {
                 progress: watch::channel([None, None]).0,
                 degrade: OnceLock::new(),
                 writes: WritesInFlight::default(),
+                conflicts: Conflicts::new(),
                 unsettled: AtomicBool::new(false),
             }),
         })
@@ -526,25 +583,14 @@ impl Mirror {
     }
 
     /// Runs `op` (a write, trim or write-zeroes) to its end, whatever
-    /// happens to its caller (see the module doc and [`RunToEnd`]); its
+    /// happens to its caller (see the module doc and [`Unended`]); its
     /// result, if the caller still waits.
     async fn detached(&self, op: Op) -> Result<(), BackendError> {
-        let ticket = WriteTicket::new(&self.inner);
-        RunToEnd::new(async move {
-            let inner = ticket.0.clone();
-            let r = inner.both(op).await;
-            if let Err(e) = &r
-                && !matches!(
-                    e,
-                    BackendError::OutOfRange { .. } | BackendError::Fenced { .. }
-                )
-            {
-                inner.unsettled.store(true, Ordering::SeqCst);
-            }
-            drop(ticket);
-            r
-        })
-        .await
+        let unended = Unended::new(&self.inner, &op);
+        unended.wait_turn().await;
+        let r = self.inner.both(op).await;
+        unended.end(&r);
+        r
     }
 
     /// Splits a trim or write-zeroes of `len` bytes at `offset` into
@@ -624,13 +670,36 @@ impl Inner {
             )
     }
 
-    /// The last check before an acknowledgement: the lease.
-    fn may_ack(&self) -> Result<(), BackendError> {
-        match self.degrade.get() {
-            Some(d) if !d.lease.valid() => Err(BackendError::Fenced {
-                reason: "the lease is not valid (not renewed in time, or taken over)".to_owned(),
-            }),
-            _ => Ok(()),
+    /// The last check before an acknowledgement: the lease. While it is
+    /// out (not renewed in time) the answer is held — no acknowledgement,
+    /// no error (design invariants 2 and 4) — until a renewal succeeds
+    /// (which proves nobody else took it: nothing happened to the volume
+    /// meanwhile, so the answer is still true) or the frontend is fenced
+    /// for good (then the error).
+    async fn may_ack(&self) -> Result<(), BackendError> {
+        let Some(d) = self.degrade.get() else {
+            return Ok(());
+        };
+        if d.lease.valid() {
+            return Ok(());
+        }
+        let fenced = || BackendError::Fenced {
+            reason: "the lease was taken over: fenced for good".to_owned(),
+        };
+        let mut membership = self.membership.subscribe();
+        loop {
+            if membership.borrow_and_update().fenced.is_some() {
+                return Err(fenced());
+            }
+            tokio::select! {
+                state = d.lease.settled() => return match state {
+                    LeaseState::Held => Ok(()),
+                    _ => Err(fenced()),
+                },
+                r = membership.changed() => if r.is_err() {
+                    return Err(BackendError::Io("the mirror is shutting down".to_owned()));
+                },
+            }
         }
     }
 
@@ -655,7 +724,7 @@ impl Inner {
             let started = Instant::now();
             match self.call(i, Op::Read { offset, len }).await {
                 Ok(Reply::Data(d)) if d.len() == len as usize => {
-                    self.may_ack()?;
+                    self.may_ack().await?;
                     return Ok(d);
                 }
                 Ok(_) => {
@@ -853,7 +922,7 @@ impl Inner {
             if again {
                 continue;
             }
-            return self.may_ack();
+            return self.may_ack().await;
         }
     }
 
@@ -907,6 +976,17 @@ fn modifies(op: &Op) -> bool {
         op,
         Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }
     )
+}
+
+/// The bytes `op` changes, if it changes any.
+fn modified_range(op: &Op) -> Option<Range> {
+    match op {
+        Op::Write { offset, data, .. } => Some(Range::new(*offset, data.len() as u64)),
+        Op::Trim { offset, len, .. } | Op::WriteZeroes { offset, len, .. } => {
+            Some(Range::new(*offset, u64::from(*len)))
+        }
+        _ => None,
+    }
 }
 
 /// Sets `op`'s `mirrored` flag to `v` (data requests only).

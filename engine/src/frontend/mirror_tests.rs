@@ -232,7 +232,9 @@ async fn a_write_whose_caller_went_away_still_reaches_both_replicas() {
     // Each write is polled once (it is handed to the replicas' connections)
     // and then dropped, as an NBD client reset drops the export's futures;
     // the last one larger than a protocol request (split into chunks). They
-    // do not overlap (overlapping writes in flight at once have no order).
+    // do not overlap (overlapping writes in flight at once have no order for
+    // the client; `tests/overlapping_writes.rs` checks
+    // that the replicas still agree).
     for i in 0..49u64 {
         let (off, len) = if i == 48 {
             (16 << 20, MAX_IO_BYTES as usize + 8192)

@@ -2,6 +2,7 @@
 //! both replicas and exports the volume to clients (NBD, FUSE file).
 
 pub mod backend;
+mod conflicts;
 pub mod connection;
 pub mod control;
 pub mod failover;

@@ -11,6 +11,13 @@
 //! run concurrently (pipelining) with few thread wake-ups. Responses go through a channel to a writer
 //! task that owns the socket's write half and batches them into as few
 //! writes as it can. Nothing holds a lock across an await or a disk write.
+//!
+//! Bursts run concurrently, so two writes of one connection in different
+//! bursts could reach the disk in either order; a burst whose writes
+//! (trims, write-zeroes) overlap those of a burst still running waits for
+//! it first (`Running`): overlapping writes of one connection land in the
+//! order they were sent (the mirror never sends overlapping writes at
+//! once, but the protocol does not rely on it).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -246,6 +253,7 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
     let mut state = ConnState::AwaitingOpen;
 
     let mut batch: Vec<(RequestId, Epoch, Op)> = Vec::new();
+    let mut running = Running::default();
     'conn: loop {
         let mut next = match reader.read_message().await {
             Ok(Some(m)) => Some(m),
@@ -352,6 +360,8 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
         }
         if let (ConnState::Open(volume, session), false) = (&state, batch.is_empty()) {
             let jobs = std::mem::take(&mut batch);
+            let writes = write_ranges(&jobs);
+            running.wait_for_overlaps(&writes).await;
             let Ok(permit) = permits.clone().acquire_many_owned(jobs.len() as u32).await else {
                 break;
             };
@@ -361,7 +371,7 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
             let span = tracing::Span::current();
             // One hop to the blocking pool per burst: the disk I/O and the
             // hand-off of each response to the writer task happen there.
-            tokio::task::spawn_blocking(move || {
+            let job = tokio::task::spawn_blocking(move || {
                 for (id, epoch, op) in jobs {
                     let result = volume.execute_blocking(epoch, &session, op);
                     if let Err(e) = &result {
@@ -371,12 +381,68 @@ async fn serve_connection(stream: TcpStream, shared: &Arc<Shared>) {
                 }
                 drop(permit);
             });
+            running.push(writes, job);
         }
     }
     drop(resp_tx);
     // In-flight requests finish (they hold senders); then the writer ends.
     let _ = writer_task.await;
     tracing::debug!("connection closed");
+}
+
+/// The byte ranges `[start, end)` a burst's requests change.
+fn write_ranges(jobs: &[(RequestId, Epoch, Op)]) -> Ranges {
+    jobs.iter()
+        .filter_map(|(_, _, op)| match op {
+            Op::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            Op::Trim { offset, len, .. } | Op::WriteZeroes { offset, len, .. } => {
+                Some((*offset, u64::from(*len)))
+            }
+            _ => None,
+        })
+        .map(|(o, l)| (o, o.saturating_add(l)))
+        .collect()
+}
+
+/// Byte ranges `[start, end)`.
+type Ranges = Vec<(u64, u64)>;
+
+/// The bursts of one connection that change data and may still run, with
+/// the ranges they change.
+#[derive(Default)]
+struct Running {
+    bursts: Vec<(Ranges, tokio::task::JoinHandle<()>)>,
+}
+
+impl Running {
+    /// Waits for every running burst that changes bytes `writes` change.
+    async fn wait_for_overlaps(&mut self, writes: &[(u64, u64)]) {
+        self.bursts.retain(|(_, job)| !job.is_finished());
+        if writes.is_empty() {
+            return;
+        }
+        let overlaps = |theirs: &[(u64, u64)]| {
+            theirs
+                .iter()
+                .any(|&(s, e)| writes.iter().any(|&(ws, we)| ws < e && s < we))
+        };
+        let mut i = 0;
+        while i < self.bursts.len() {
+            if overlaps(&self.bursts[i].0) {
+                let (_, job) = self.bursts.swap_remove(i);
+                // A burst that panicked has ended too.
+                let _ = job.await;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn push(&mut self, writes: Ranges, job: tokio::task::JoinHandle<()>) {
+        if !writes.is_empty() {
+            self.bursts.push((writes, job));
+        }
+    }
 }
 
 fn log_refusal(e: &WireError) {
