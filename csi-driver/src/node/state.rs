@@ -93,7 +93,10 @@ impl VolumeDir {
 
     /// The frontend's control socket (NodeExpandVolume): beside its spec,
     /// or — when that path is too long for a unix socket (108 bytes) — in
-    /// `/run/twinvol-csi` under a name derived from it.
+    /// `sockets/` of the state directory (two levels up: `volumes/<volume>`)
+    /// under a name derived from it. Never outside the state directory: the
+    /// node plugin's container has a read-only root, and the socket must
+    /// survive a restart of that container (the frontend does).
     pub fn control_socket(&self) -> PathBuf {
         let path = self.dir.join("control.sock");
         if path.as_os_str().len() < 100 {
@@ -102,7 +105,12 @@ impl VolumeDir {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(path.as_os_str().as_encoded_bytes());
         let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        PathBuf::from("/run/twinvol-csi").join(format!("{name}.sock"))
+        let root = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.dir);
+        root.join("sockets").join(format!("{name}.sock"))
     }
 
     pub fn status_file(&self) -> PathBuf {
@@ -188,5 +196,21 @@ mod tests {
         assert_eq!(VolumeDir::all(dir.path()).len(), 1);
         v.remove().expect("removed");
         assert!(VolumeDir::all(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_control_socket_too_long_for_its_volume_dir_stays_in_the_state_dir() {
+        let short = VolumeDir::new(Path::new("/var/lib/twinvol-csi/n1"), "pvc-1");
+        assert_eq!(
+            short.control_socket(),
+            Path::new("/var/lib/twinvol-csi/n1/volumes/pvc-1/control.sock")
+        );
+        let state = Path::new("/var/lib/twinvol-cluster/tsc1/csi-state/node-a1");
+        let long = VolumeDir::new(state, "pvc-3196275c-4404-4cc6-9dd7-23e7b3e00b29");
+        let socket = long.control_socket();
+        assert!(socket.starts_with(state.join("sockets")), "{socket:?}");
+        assert!(socket.as_os_str().len() < 108, "{socket:?}");
+        let other = VolumeDir::new(state, "pvc-3196275c-4404-4cc6-9dd7-23e7b3e00b30");
+        assert_ne!(socket, other.control_socket());
     }
 }

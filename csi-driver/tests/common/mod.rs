@@ -315,13 +315,27 @@ impl Bed {
                     "metadata": {"name": mv.name_any()},
                     "status": {"replicas": replicas},
                 });
-                let _ = api
-                    .patch_status(
-                        &mv.name_any(),
-                        &PatchParams::apply("test-placement").force(),
-                        &Patch::Apply(&patch),
-                    )
-                    .await;
+                // Retried: no further event may come for this volume if
+                // one attempt fails (a slow API server under load).
+                for attempt in 1..=50 {
+                    match api
+                        .patch_status(
+                            &mv.name_any(),
+                            &PatchParams::apply("test-placement").force(),
+                            &Patch::Apply(&patch),
+                        )
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) => {
+                            eprintln!(
+                                "placing the replicas of {} (attempt {attempt}): {e}",
+                                mv.name_any()
+                            );
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
             }
         }));
     }
