@@ -621,6 +621,10 @@ async fn a_silent_or_dead_api_server_is_unreachable_within_the_deadline(cluster:
     let record = arbiter.read().await.expect("read while the server is up");
     let pid = cluster.api_server_pid();
     kill(pid, Signal::SIGSTOP).expect("stops the API server");
+    // kill() only queues the signal: until one of the server's threads runs
+    // and starts the group stop, the others still answer (on a loaded
+    // machine a GET sent right after kill() was served: CI, 2026-12-02).
+    wait_until_stopped(pid);
     for state in ["stopped", "killed"] {
         let started = Instant::now();
         let read = arbiter.read().await;
@@ -648,6 +652,32 @@ async fn a_silent_or_dead_api_server_is_unreachable_within_the_deadline(cluster:
             kill(pid, Signal::SIGKILL).expect("kills the API server");
             // Reaped by the control plane's guard when the test ends.
         }
+    }
+}
+
+/// Waits until every thread of `pid` is in the stopped state (`T` in
+/// /proc/<pid>/task/*/stat).
+fn wait_until_stopped(pid: Pid) {
+    let tasks = format!("/proc/{pid}/task");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let running: Vec<String> = std::fs::read_dir(&tasks)
+            .unwrap_or_else(|e| panic!("{tasks}: {e}"))
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+                // The state follows the parenthesised command name.
+                let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
+                (state != "T" && state != "t").then_some(state)
+            })
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API server's threads still not stopped 10 s after SIGSTOP: {running:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
