@@ -666,7 +666,12 @@ fn wait_until_stopped(pid: Pid) {
             .filter_map(|task| {
                 let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
                 // The state follows the parenthesised command name.
-                let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_owned();
                 (state != "T" && state != "t").then_some(state)
             })
             .collect();
