@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{
     MIB, Stack, StackOptions, digest, failover_pause_ms, fio, holds_nonzero_byte, qemu_io,
@@ -98,4 +98,70 @@ fn cutting_site_a_link_resumes_writes_on_b_and_a_rejoins_when_back() {
         "{printed}"
     );
     assert!(copied > 0 && copied <= 32 * MIB, "copied {copied} bytes");
+}
+
+/// After a fail-over the arbiter lists the lost site's replica out of
+/// sync; a frontend started then on the surviving site (the operator's
+/// case: the old one is fenced, the pod moves) must not wait for the lost
+/// site, which drops every packet: it connects to the in-sync replica,
+/// serves, and keeps trying the other in the background. Before, its
+/// first I/O waited the whole connect timeout (5 s) on the silent site.
+#[test]
+fn a_frontend_started_after_a_fail_over_does_not_wait_for_the_silent_site() {
+    const LEASE: [&str; 4] = ["--lease-duration", "2s", "--lease-margin", "500ms"];
+    let mut stack = Stack::start(StackOptions {
+        size: 16 * MIB,
+        arbiter: true,
+        netns: true,
+        frontend: false,
+        ..StackOptions::default()
+    });
+    stack.start_frontend_with(&LEASE);
+    let write = |cmds: &[&str]| {
+        let out = qemu_io::command(&stack.nbd_uri(), cmds)
+            .output()
+            .expect("qemu-io");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && stdout.contains("wrote"),
+            "{stdout}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            stack.log_tails(30)
+        );
+    };
+    write(&["write -P 0x61 0 1M", "flush"]);
+    // Site b goes dark; the next write times it out and takes it out.
+    stack.silence_site(1);
+    write(&["write -P 0x62 1M 1M", "flush"]);
+    let show = stack.arbiter_show();
+    assert!(show.contains("out_of_sync: b\n"), "{show}");
+
+    // The frontend dies with its site's pod; a new one starts.
+    stack.kill_frontend();
+    let started = Instant::now();
+    stack.start_frontend_with(&LEASE);
+    let took = started.elapsed();
+    let log = stack.frontend_log();
+    assert!(
+        log.contains("not waiting for it, connecting in the background"),
+        "{log}"
+    );
+    let out = qemu_io::command(
+        &stack.nbd_uri(),
+        &["read -P 0x61 0 1M", "read -P 0x62 1M 1M"],
+    )
+    .output()
+    .expect("qemu-io");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("read 1048576/1048576").count(),
+        2,
+        "{stdout}"
+    );
+    eprintln!("a new frontend served {took:?} after its start (the old lease: 2 s + 0.5 s)");
+    // The lease wait is at most 2.5 s; the connect timeout alone was 5 s.
+    assert!(
+        took < Duration::from_millis(4500),
+        "the new frontend took {took:?} to serve: it waited for the silent site\n{log}"
+    );
 }

@@ -303,18 +303,28 @@ impl Mirror {
         metrics: Arc<Metrics>,
         one_may_be_down: bool,
     ) -> Result<Self, MirrorError> {
-        Self::connect_growing(config, metrics, one_may_be_down, None).await
+        Self::connect_growing(config, metrics, one_may_be_down, None, &[]).await
     }
 
     /// Like [`Mirror::connect_with`]; with `grow_to`, the size the volume
     /// was asked to have (a resize that may not have completed), replicas
     /// of different sizes, or smaller than that, are grown to it first
     /// (`mirror/resize.rs`) instead of refused.
+    ///
+    /// `out_of_sync` names the replicas the arbiter's record (read with the
+    /// lease) lists as out of sync. With `one_may_be_down`, such a replica
+    /// is not waited for: it gets no writes until its resync returns it, so
+    /// the frontend connects to the in-sync one and serves while it
+    /// connects to the other in the background. That is the fail-over's
+    /// case — the operator took the lost site's replica out when it fenced
+    /// it — and a lost site drops packets: waiting would cost the whole
+    /// connect timeout before the first I/O on the surviving site.
     pub async fn connect_growing(
         config: MirrorConfig,
         metrics: Arc<Metrics>,
         one_may_be_down: bool,
         grow_to: Option<u64>,
+        out_of_sync: &[ReplicaId],
     ) -> Result<Self, MirrorError> {
         let [a, b]: [ReplicaSpec; 2] = config
             .replicas
@@ -347,18 +357,49 @@ impl Mirror {
         };
         let (params_a, params_b) = (params(), params());
         let vol = config.volume.as_str();
-        let (ra, rb) = tokio::join!(
+        let connect = |spec: &ReplicaSpec, params: &SessionParams| {
             ReplicaHandle::connect(
-                a.clone(),
-                params_a.clone(),
-                metrics.handles(vol, a.id.as_str())
-            ),
-            ReplicaHandle::connect(
-                b.clone(),
-                params_b.clone(),
-                metrics.handles(vol, b.id.as_str())
-            ),
-        );
+                spec.clone(),
+                params.clone(),
+                metrics.handles(vol, spec.id.as_str()),
+            )
+        };
+        // Not waited for: a replica the record has out of sync, when the
+        // other one is not (both out is no valid record; then wait as usual).
+        let skip = match (out_of_sync.contains(&a.id), out_of_sync.contains(&b.id)) {
+            (true, false) if one_may_be_down => Some(0),
+            (false, true) if one_may_be_down => Some(1),
+            _ => None,
+        };
+        let kept = match skip {
+            Some(0) => Some(connect(&b, &params_b).await),
+            Some(_) => Some(connect(&a, &params_a).await),
+            None => None,
+        };
+        let (ra, rb) = match (skip, kept) {
+            (Some(i), Some(Ok(kept))) => {
+                let (spec, params) = if i == 0 {
+                    (&a, &params_a)
+                } else {
+                    (&b, &params_b)
+                };
+                tracing::info!(replica = %spec.id, "out of sync at the arbiter: not waiting for it, connecting in the background");
+                let later = ReplicaHandle::unreachable(
+                    spec.clone(),
+                    params.clone(),
+                    metrics.handles(vol, spec.id.as_str()),
+                    kept.size(),
+                );
+                if i == 0 {
+                    (Ok(later), Ok(kept))
+                } else {
+                    (Ok(kept), Ok(later))
+                }
+            }
+            // The in-sync one did not answer: connect to both as usual (the
+            // reconcile then waits for the in-sync one).
+            _ => tokio::join!(connect(&a, &params_a), connect(&b, &params_b)),
+        };
         let later = |spec: &ReplicaSpec, params: SessionParams, e: &ConnectError, size: u64| {
             tracing::warn!(replica = %spec.id, error = %crate::error_chain(e), "replica unreachable at startup: connecting in the background");
             ReplicaHandle::unreachable(

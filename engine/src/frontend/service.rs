@@ -158,6 +158,7 @@ pub async fn run_with<A: Arbiter>(
 
     let mut config = opts.mirror.clone();
     let mut lease = None;
+    let mut out_of_sync = Vec::new();
     // Renewal runs outside `tasks`: it must go on while a stop waits for
     // the writes in flight.
     let mut renewing = None;
@@ -166,6 +167,12 @@ pub async fn run_with<A: Arbiter>(
         config.epoch = record.epoch;
         let in_sync: Vec<String> = record.in_sync.iter().map(|r| r.to_string()).collect();
         tracing::info!(epoch = record.epoch.0, in_sync = ?in_sync, "using the arbiter's epoch");
+        out_of_sync = config
+            .replicas
+            .iter()
+            .map(|r| r.id.clone())
+            .filter(|id| !record.in_sync.contains(id))
+            .collect();
         // Fenced for good, it ends; the exports stay up, failing I/O,
         // until the process is stopped.
         renewing = Some(tokio::spawn(lease::renew(
@@ -175,8 +182,14 @@ pub async fn run_with<A: Arbiter>(
         )));
         lease = Some((arbiter, guard));
     }
-    let mut mirror =
-        Mirror::connect_growing(config, metrics.clone(), lease.is_some(), opts.grow_to).await?;
+    let mut mirror = Mirror::connect_growing(
+        config,
+        metrics.clone(),
+        lease.is_some(),
+        opts.grow_to,
+        &out_of_sync,
+    )
+    .await?;
     if let (Some(a), Some((arbiter, guard))) = (&opts.arbiter, &lease) {
         mirror
             .enable_failover(

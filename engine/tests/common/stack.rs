@@ -353,6 +353,33 @@ impl Stack {
         ip(&["link", "set", &site.host_if, if up { "up" } else { "down" }]);
     }
 
+    /// Makes site `i` silent the way a power cut does: every packet into
+    /// its namespace is dropped there (nftables, input hook), so the host
+    /// sees no refusal and no error — a connection attempt just waits —
+    /// while the link itself stays up (with `netns`). Removed with the
+    /// namespace.
+    pub fn silence_site(&self, i: usize) {
+        let site = self.sites.get(i).expect("stack started with netns");
+        let netns = format!("--net=/run/netns/{}", site.ns);
+        for rule in [
+            "add table inet twinvol_cut",
+            "add chain inet twinvol_cut input { type filter hook input priority 0 ; policy drop ; }",
+        ] {
+            let mut args = vec![netns.as_str(), "nft"];
+            args.extend(rule.split(' '));
+            let out = Command::new("nsenter")
+                .args(&args)
+                .output()
+                .expect("nsenter nft");
+            assert!(
+                out.status.success(),
+                "nft {rule} in {}: {}",
+                site.ns,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Limits what the host sends into site `i` (the frontend's requests to
     /// its replica, the other site's resync) to `rate` (`tc` syntax, e.g.
     /// `40mbit`) with a token bucket on the host side of its veth (with
