@@ -20,6 +20,8 @@
 #
 # Usage: benches/fault-soak.sh
 #   env: TWINVOL_FAULTS (500), TWINVOL_FAULT_SEED (random), PROFILE (debug|release),
+#        SHARDS (1: that many harness processes at once, the faults split
+#        between them, seeds SEED, SEED+1, ...; the summaries added up),
 #        TWINVOL_FAULT_KINDS (e.g. link-cut,frontend-kill; default all kinds),
 #        TWINVOL_FAULT_LONG_CUTS (default one per 40 faults),
 #        TWINVOL_FAULT_MINUTES (stop injecting after that long; default none),
@@ -45,20 +47,65 @@ case "$PROFILE" in
   *) echo "fault-soak: PROFILE is debug or release" >&2; exit 2 ;;
 esac
 
-echo "fault soak: $TWINVOL_FAULTS faults, seed $TWINVOL_FAULT_SEED, $PROFILE build, $(nproc) CPUs; full output: $log"
+SHARDS=${SHARDS:-1}
+[[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "fault-soak: SHARDS is a positive number" >&2; exit 2; }
+total=$TWINVOL_FAULTS
+per_shard=$(( (total + SHARDS - 1) / SHARDS ))
+echo "fault soak: $total faults in $SHARDS shard(s) of $per_shard, seed $TWINVOL_FAULT_SEED (shard i: seed + i), $PROFILE build, $(nproc) CPUs; full output: $log"
 (cd "$top" && cargo test -q --no-run "${profile_flag[@]}" -p twinvol-engine --test fault_harness)
 t0=$(date +%s)
-set +e
-(cd "$top" && cargo test -q "${profile_flag[@]}" -p twinvol-engine --test fault_harness -- --nocapture) 2>&1 \
-  | tee "$log" \
-  | grep --line-buffered -E '^(\[ *[0-9.]+s\] |note: |fault harness: |faults survived |writes acknowledged )'
-rc=${PIPESTATUS[0]}
-set -e
+
+# One harness process per shard, each with its own seed, sites and volume;
+# they run at once (the run is mostly waiting on leases and timeouts, so
+# shards cost little more wall time than one).
+shard_seed() { python3 -c "print(($TWINVOL_FAULT_SEED + $1) % 2**64)"; }
+shard_log() { if [ "$SHARDS" -eq 1 ]; then echo "$log"; else echo "${log%.log}.shard$1.log"; fi; }
+run_shard() {
+  local i=$1 slog rc
+  slog=$(shard_log "$i")
+  set +e
+  (cd "$top" && TWINVOL_FAULTS=$per_shard TWINVOL_FAULT_SEED=$(shard_seed "$i") \
+    cargo test -q "${profile_flag[@]}" -p twinvol-engine --test fault_harness -- --nocapture) 2>&1 \
+    | tee "$slog" \
+    | grep --line-buffered -E '^(\[ *[0-9.]+s\] |note: |fault harness: |faults survived |writes acknowledged )' \
+    | if [ "$SHARDS" -eq 1 ]; then cat; else sed -u "s/^/[shard $i] /"; fi
+  rc=${PIPESTATUS[0]}
+  echo "$rc" >"$slog.rc"
+}
+for (( i = 0; i < SHARDS; i++ )); do run_shard "$i" & done
+wait
 secs=$(( $(date +%s) - t0 ))
-if [ "$rc" -ne 0 ]; then
-  echo
-  grep -A30 -m1 'panicked at' "$log" | grep -v '^stack backtrace' || true
-  echo "fault soak FAILED after ${secs} s (seed $TWINVOL_FAULT_SEED, $PROFILE build); full output: $log"
-  exit "$rc"
+rc=0
+for (( i = 0; i < SHARDS; i++ )); do
+  slog=$(shard_log "$i")
+  src=$(cat "$slog.rc" 2>/dev/null || echo 1)
+  rm -f "$slog.rc"
+  if [ "$src" -ne 0 ]; then
+    rc=$src
+    echo
+    grep -A30 -m1 'panicked at' "$slog" | grep -v '^stack backtrace' || true
+    echo "fault soak shard $i FAILED (seed $(shard_seed "$i"), $PROFILE build); full output: $slog"
+  fi
+done
+[ "$rc" -eq 0 ] || { echo "fault soak FAILED after ${secs} s"; exit "$rc"; }
+if [ "$SHARDS" -eq 1 ]; then
+  echo "fault soak passed in ${secs} s ($PROFILE build): $(grep -m1 '^faults survived' "$log")"
+  exit 0
 fi
-echo "fault soak passed in ${secs} s ($PROFILE build): $(grep -m1 '^faults survived' "$log")"
+# The shards' summaries added up (per kind too).
+for (( i = 0; i < SHARDS; i++ )); do grep -m1 '^faults survived' "$(shard_log "$i")"; done | python3 -c '
+import re, sys
+kinds, tot = {}, [0, 0, 0, 0, 0]
+for line in sys.stdin:
+    m = re.match(r"faults survived (\d+) \((.*)\), writes checked (\d+), writes lost (\d+), divergent comparisons (\d+) of (\d+)", line)
+    if not m:
+        sys.exit("unparsed summary: " + line)
+    for part in filter(None, m.group(2).split(", ")):
+        k, n = part.rsplit(" ", 1)
+        kinds[k] = kinds.get(k, 0) + int(n)
+    for j, g in enumerate((1, 3, 4, 5, 6)):
+        tot[j] += int(m.group(g))
+    print("  " + line.strip())
+print("faults survived %d (%s), writes checked %d, writes lost %d, divergent comparisons %d of %d" % (
+    tot[0], ", ".join("%s %d" % kv for kv in sorted(kinds.items())), tot[1], tot[2], tot[3], tot[4]))
+' | sed "1i fault soak passed in ${secs} s ($PROFILE build, $SHARDS shards):"
