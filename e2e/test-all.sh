@@ -71,8 +71,8 @@ run_stage "cargo build" cargo build --workspace --all-targets
 # inside a test, so that this cost shows as its own stage).
 run_stage "cargo build --release" cargo build --release --bin twinvol-csi --bin twinvol-operator --bin twinvol-engine
 export TWINVOL_BIN_DIR=${TWINVOL_BIN_DIR:-$CARGO_TARGET_DIR/release}
-run_stage "cargo test (two lanes)" bash "$here/tools/test-lanes.sh"
-for lane in engine others; do
+run_stage "cargo test (three lanes)" bash "$here/tools/test-lanes.sh"
+for lane in engine others quiet; do
   if read -r _ secs <"$TWINVOL_CACHE/test-lanes/$lane.result"; then
     stages+=("  lane $lane"); times+=("$secs"); peak+=("-")
   fi

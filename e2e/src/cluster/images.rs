@@ -435,6 +435,20 @@ pub fn workload(cache: &Path) -> Result<BuiltImage, HarnessError> {
     spec.build(cache)
 }
 
+/// The image with Debian's fio (`/usr/bin/fio` and its libraries) for the
+/// tests that want a busy volume; not imported by default (80 MB).
+pub const FIO: &str = "twinvol.local/fio:1";
+
+/// The fio image: the host's `/usr/bin/fio` with its libraries.
+pub fn fio(cache: &Path) -> Result<BuiltImage, HarnessError> {
+    let (name, tag) = split_reference(FIO);
+    ImageSpec::new(name, tag)
+        .executable(Path::new("/usr/bin/fio"), "/usr/bin/fio")?
+        .bytes(b"root:x:0:0:root:/:/bin/sh\n", "/etc/passwd", 0o644)
+        .entrypoint(&["/usr/bin/fio"])
+        .build(cache)
+}
+
 /// Binaries (placed in /usr/local/bin under their file names, with their
 /// libraries) on a minimal base.
 pub fn from_binaries(

@@ -122,6 +122,16 @@ impl Observer {
             .map(|(t, _)| *t)
     }
 
+    /// How many changed samples were kept at or after `since`.
+    pub fn changes_since(&self, since: Instant) -> usize {
+        self.samples
+            .lock()
+            .expect("samples lock")
+            .iter()
+            .filter(|(t, _)| *t >= since)
+            .count()
+    }
+
     /// Like [`Self::first`], but the sample taken just before `since`
     /// counts too (the state then still holds at `since`).
     pub fn latest(&self) -> Option<Sample> {

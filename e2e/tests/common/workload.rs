@@ -127,6 +127,28 @@ pub fn statefulset(
     collector: SocketAddr,
     nodes_dir: &Path,
 ) -> String {
+    statefulset_with(
+        name,
+        storage_class,
+        size,
+        home_zone,
+        collector,
+        nodes_dir,
+        "",
+    )
+}
+
+/// [`statefulset`] with more containers in the pod: `containers` is YAML
+/// list items indented by eight spaces (they may mount `data` at /data).
+pub fn statefulset_with(
+    name: &str,
+    storage_class: &str,
+    size: &str,
+    home_zone: &str,
+    collector: SocketAddr,
+    nodes_dir: &Path,
+    containers: &str,
+) -> String {
     let script = serde_json::to_string(SCRIPT).expect("a string");
     format!(
         r#"apiVersion: apps/v1
@@ -164,7 +186,7 @@ spec:
           volumeMounts:
             - {{name: data, mountPath: /data}}
             - {{name: acks, mountPath: /acks}}
-      volumes:
+{containers}      volumes:
         - name: acks
           hostPath: {{path: "{nodes}", type: Directory}}
   volumeClaimTemplates:
