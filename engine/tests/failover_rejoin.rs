@@ -407,3 +407,43 @@ fn a_replica_restarted_with_a_full_activity_log_catches_up_and_rejoins() {
     assert_rejoined_and_identical(&stack);
     check_acked(&stack, &acked);
 }
+
+/// The same disk replacement, but the frontend takes the replica out while
+/// it is down (its connection broke) and it comes back recreated only
+/// then, with nothing written meanwhile: the frontend's connection,
+/// unpinned once the replica is out, accepts the new copy, and b's bitmap
+/// is empty. The frontend sees the other incarnation and marks the whole
+/// volume for the resync; before, nothing was copied (b's resync, which
+/// notices a recreated peer, runs only on dirty bits), the replica caught
+/// up and rejoined empty, and the two copies, both in sync at the arbiter,
+/// differed (CI, 2026-12-02, in the test above).
+#[test]
+fn a_replica_recreated_while_out_of_sync_gets_a_full_copy() {
+    let mut stack = Stack::start(StackOptions {
+        size: 32 * MIB,
+        arbiter: true,
+        ..StackOptions::default()
+    });
+    let acked = write_slots(&stack, (0..32u64).map(|s| s * 9 + 3));
+    stack.kill_replica(0);
+    // Its broken connection takes it out (it may have lost what it had not
+    // flushed); no write is made while it is away: b's bitmap stays empty.
+    let out = wait_until(DEADLINE, || {
+        stack
+            .arbiter_show()
+            .contains("out_of_sync: a\n")
+            .then_some(())
+    });
+    assert!(out.is_some(), "{}", stack.log_tails(30));
+    let pool_a = stack.dir().join("pool-a");
+    std::fs::remove_dir_all(pool_a.join("v1")).expect("remove a's volume");
+    common::create_volume(&pool_a, "v1", "32M");
+    stack.start_replica(0);
+    assert_rejoined_and_identical(&stack);
+    check_acked(&stack, &acked);
+    let log = stack.frontend_log();
+    assert!(
+        log.contains("the returning replica is another copy of the volume (recreated)"),
+        "{log}"
+    );
+}

@@ -301,6 +301,12 @@ struct Rejoin {
     tell_backoff: Duration,
     started: Instant,
     log: RateLimit,
+    /// The incarnation of the copy that left the in-sync set, as this
+    /// frontend knew it then (0: unknown). A return under another one is a
+    /// recreated copy, which holds none of it: the whole volume is marked
+    /// on the source before it catches up (the source's bitmap may be
+    /// empty, and its resync, which would notice, runs only on dirty bits).
+    left_as: u64,
 }
 
 impl Rejoin {
@@ -315,6 +321,7 @@ impl Rejoin {
             tell_backoff: Duration::from_millis(200),
             started: Instant::now(),
             log: RateLimit::new(Duration::from_secs(5)),
+            left_as: 0,
         }
     }
 }
@@ -663,6 +670,7 @@ impl<A: Arbiter> FailoverTask<A> {
                 let view = self.view_of(&record)?;
                 let inc = self.f.replicas[target].incarnation();
                 self.tell(source, &view, inc).await?;
+                self.rejoin[target].left_as = inc;
                 if found[target].is_some() {
                     self.tell_or_later(target, &view, 0).await;
                 }
@@ -812,6 +820,7 @@ impl<A: Arbiter> FailoverTask<A> {
         // The survivor must track what its peer misses before any write is
         // acknowledged on it alone.
         let inc = self.f.replicas[s.index].incarnation();
+        self.rejoin[s.index].left_as = inc;
         loop {
             match self.tell(survivor_ix, &view, inc).await {
                 Ok(()) => break,
@@ -1030,6 +1039,20 @@ impl<A: Arbiter> FailoverTask<A> {
         let mut ranges = self.extents(l, Op::RecoveredExtents).await?;
         if self.rejoin[l].reconcile {
             ranges.extend(self.active_extents(l).await?);
+        }
+        let (left_as, now) = (self.rejoin[l].left_as, self.f.replicas[l].incarnation());
+        if left_as != 0 && now != 0 && now != left_as {
+            let size = self.f.replicas[l].size();
+            tracing::warn!(replica = %self.id(l), source = %self.id(s), left_as = format!("{left_as:016x}"), returns_as = format!("{now:016x}"), size, "the returning replica is another copy of the volume (recreated): all of it is marked for the resync");
+            self.mark_dirty(
+                s,
+                &[ByteRange {
+                    offset: 0,
+                    len: size,
+                }],
+            )
+            .await?;
+            self.rejoin[l].left_as = now;
         }
         let ranges = union(ranges.into_iter());
         if !ranges.is_empty() {
