@@ -18,6 +18,7 @@ use twinvol_crds::{MirroredVolume, Site};
 use crate::decide::{Mono, Timings};
 use crate::metrics::Metrics;
 use crate::observe::Tracker;
+use crate::standby::Observations;
 
 /// The operator's settings (flags).
 #[derive(Clone, Debug)]
@@ -67,7 +68,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     clock: Instant,
-    tracker: Mutex<Tracker>,
+    tracker: Arc<Mutex<Tracker>>,
     memory: Mutex<Memory>,
     synced: AtomicBool,
 }
@@ -80,15 +81,28 @@ impl Context {
         metrics: Arc<Metrics>,
         stores: Stores,
     ) -> Self {
-        let tracker = Tracker::new(config.timings.staleness);
+        let observations = Observations::new(config.timings.staleness);
+        Self::with_observations(client, config, recorder, metrics, stores, observations)
+    }
+
+    /// Like [`Context::new`], on the clock and with the observations a
+    /// standby made before it led ([`crate::standby`]).
+    pub fn with_observations(
+        client: Client,
+        config: Config,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        stores: Stores,
+        observations: Observations,
+    ) -> Self {
         Self {
             client,
             config,
             recorder,
             metrics,
             stores,
-            clock: Instant::now(),
-            tracker: Mutex::new(tracker),
+            clock: observations.clock,
+            tracker: observations.tracker,
             memory: Mutex::new(Memory::default()),
             synced: AtomicBool::new(false),
         }

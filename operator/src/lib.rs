@@ -9,6 +9,8 @@
 //! - [`site_controller`], [`volume_controller`]: the reconcilers.
 //! - [`ops`]: the writes (compare-and-swaps of the arbiter record through
 //!   `twinvol_csi_driver::arbiter::mapping`, patches, deletes, evictions).
+//! - [`standby`]: what a replica that does not lead observes, so that it
+//!   acts at once when it takes over.
 //! - [`run`]: leader election, watch caches, controllers; [`http`] and
 //!   [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`annotations`]: the knobs an admin turns.
@@ -27,6 +29,7 @@ pub mod observe;
 pub mod ops;
 pub mod run;
 pub mod site_controller;
+pub mod standby;
 pub mod status;
 pub mod testsupport;
 pub mod volume_controller;

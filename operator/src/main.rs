@@ -60,10 +60,10 @@ struct Args {
     #[arg(long, env = "TWINVOL_MOVE_HOME_COOLDOWN", default_value = "5m", value_parser = humantime::parse_duration)]
     move_home_cooldown: Duration,
     /// Duration of the leader Lease (whole seconds).
-    #[arg(long, env = "TWINVOL_LEADER_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TWINVOL_LEADER_LEASE", default_value = "8s", value_parser = humantime::parse_duration)]
     leader_lease_duration: Duration,
     /// The leader renews this long before its Lease ends (whole seconds).
-    #[arg(long, env = "TWINVOL_LEADER_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TWINVOL_LEADER_GRACE", default_value = "4s", value_parser = humantime::parse_duration)]
     leader_lease_grace: Duration,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "TWINVOL_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]

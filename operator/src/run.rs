@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::gather;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
+use crate::standby::Observations;
 use crate::{site_controller, volume_controller};
 
 /// How the process runs.
@@ -63,6 +64,16 @@ pub enum RunError {
         "lost the leader Lease {namespace}/{LEADER_LEASE}: stopping so that the new leader alone reconciles"
     )]
     LostLeadership { namespace: String },
+}
+
+/// How often a standby observes: as often as heartbeats change, at least
+/// every second, so that its view is as fresh as the leader's.
+fn standby_period(config: &Config) -> Duration {
+    config
+        .timings
+        .heartbeat_period
+        .min(Duration::from_secs(1))
+        .max(Duration::from_millis(200))
 }
 
 fn watch_config() -> watcher::Config {
@@ -101,16 +112,30 @@ pub async fn run(client: Client, options: Options) -> Result<(), RunError> {
         .map_err(leader_error)?;
     let (mut leading, _lease_task) = manager.watch().await;
     health.ready.store(true, Ordering::Relaxed);
-    tracing::info!(identity = %options.config.identity, "waiting to lead");
+    // Observed while standing by, handed to the controllers when leading.
+    let observations = Observations::new(options.config.timings.staleness);
+    let standby = tokio::spawn(observations.clone().watch(
+        client.clone(),
+        namespace.clone(),
+        standby_period(&options.config),
+    ));
+    tracing::info!(identity = %options.config.identity, "waiting to lead (observing heartbeats and frontends meanwhile)");
     while !*leading.borrow_and_update() {
         if leading.changed().await.is_err() {
+            standby.abort();
             return Err(RunError::LostLeadership { namespace });
         }
     }
+    standby.abort();
     tracing::info!(identity = %options.config.identity, "leading: starting the controllers");
     metrics.leader.set(1);
 
-    let controllers = controllers(client, options.config.clone(), metrics.clone());
+    let controllers = controllers(
+        client,
+        options.config.clone(),
+        metrics.clone(),
+        observations,
+    );
     let lost = async {
         loop {
             if leading.changed().await.is_err() || !*leading.borrow_and_update() {
@@ -128,7 +153,12 @@ pub async fn run(client: Client, options: Options) -> Result<(), RunError> {
 }
 
 /// The watch caches and both controllers; runs until they end.
-async fn controllers(client: Client, config: Config, metrics: Arc<Metrics>) {
+async fn controllers(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    observations: Observations,
+) {
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (pods, pods_w) = reflector::store::<Pod>();
     let (claims, claims_w) = reflector::store::<PersistentVolumeClaim>();
@@ -183,7 +213,14 @@ async fn controllers(client: Client, config: Config, metrics: Arc<Metrics>) {
             instance: Some(config.identity.clone()),
         },
     );
-    let ctx = Arc::new(Context::new(client, config, recorder, metrics, stores));
+    let ctx = Arc::new(Context::with_observations(
+        client,
+        config,
+        recorder,
+        metrics,
+        stores,
+        observations,
+    ));
 
     let sites_for_nodes = sites.clone();
     let site_controller = site_controller.watches_stream(node_stream, move |node: Node| {

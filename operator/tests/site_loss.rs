@@ -329,3 +329,88 @@ async fn placement_site_loss_and_automatic_failback() {
     assert!(described.contains("EvictedToMoveHome"), "{described}");
     println!("timeline:\n{}", bed.timeline());
 }
+
+/// The operator's leader is lost with the site (half of all site losses:
+/// it runs on one of them). The standby has watched the heartbeats and the
+/// frontends all along (operator/src/standby.rs), so when it takes over it
+/// fails the volume over as soon as the site's heartbeats are stale —
+/// counted from the last change it saw, before it led — instead of
+/// starting to watch then and waiting a whole threshold again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_taking_over_from_a_leader_lost_with_the_site_does_not_wait_again() {
+    // Long enough a threshold to tell the two apart on a loaded machine:
+    // bumped ~6.5 s after the blackout when the standby's observations
+    // count, ≥ 10 s when it starts watching at its takeover (killed at +3 s,
+    // taking over ≤ 3 s later, then a whole 6 s threshold).
+    const THRESHOLD: Duration = Duration::from_secs(6);
+    let timings = [
+        ("--staleness-threshold", "6s"),
+        ("--leader-lease-duration", "3s"),
+        ("--leader-lease-grace", "1s"),
+    ];
+    let bed = Bed::start().await;
+    let mut first = bed.operator_with("operator-1", &timings);
+    for (site, zone) in [("east", "zone-east"), ("west", "zone-west")] {
+        bed.site(site, zone).await;
+    }
+    for (node, zone) in [("east-1", "zone-east"), ("west-1", "zone-west")] {
+        bed.node(node, zone).await;
+    }
+    let mut east = bed.heartbeats("heartbeats-east", &["east-1"]);
+    let _west = bed.heartbeats("heartbeats-west", &["west-1"]);
+    bed.volume("vol-1", ["east", "west"], "east", "Manual")
+        .await;
+    bed.claim("vol-1").await;
+    bed.pod("app-0", "vol-1", "east-1").await;
+    let mut frontend = bed.frontend("vol-1", "east-1");
+    bed.until(
+        "the frontend lease, operator-1 leading",
+        "operator-1",
+        || async {
+            let mv = bed.mv("vol-1").await;
+            ready(condition(&mv, "Ready").is_some_and(|c| c.0 == "True"))
+        },
+    )
+    .await;
+    let _second = bed.operator_with("operator-2", &timings);
+    // The standby sees the heartbeats change for a while.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bed.mark("operator-1 leads, operator-2 stands by; vol-1 served from east-1");
+
+    east.kill();
+    frontend.kill();
+    let dark = Instant::now();
+    bed.mark("east dark (heartbeats and frontend SIGKILLed)");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    first.kill();
+    bed.mark("operator-1, the leader, SIGKILLed with the site 3 s later");
+
+    let bumped = bed
+        .until(
+            "vol-1's epoch bumped by operator-2",
+            "operator-2",
+            || async {
+                let mv = bed.mv("vol-1").await;
+                if epoch(&mv) > 1 {
+                    Poll::Ready(mv)
+                } else {
+                    Poll::Pending(format!("{:?}", mv.status))
+                }
+            },
+        )
+        .await;
+    let took = dark.elapsed();
+    bed.mark(format!(
+        "vol-1 epoch 1 -> {} {:.2}s after the blackout",
+        epoch(&bumped),
+        took.as_secs_f64()
+    ));
+    println!("timeline:\n{}", bed.timeline());
+    assert_eq!(epoch(&bumped), 2, "exactly one bump");
+    assert!(took >= THRESHOLD, "bumped before the threshold: {took:?}");
+    assert!(
+        took < THRESHOLD + Duration::from_millis(3500),
+        "the new leader waited a threshold of its own: bumped {took:?} after the blackout\n{}",
+        bed.operator_log("operator-2")
+    );
+}

@@ -118,6 +118,12 @@ impl Bed {
 
     /// A twinvol-operator process with the test timings.
     pub fn operator(&self, name: &str) -> ManagedProcess {
+        self.operator_with(name, &[])
+    }
+
+    /// Like [`Bed::operator`], with some of the test timings replaced:
+    /// `("--staleness-threshold", "6s")`.
+    pub fn operator_with(&self, name: &str, timings: &[(&str, &str)]) -> ManagedProcess {
         let port = twinvol_e2e::ports::free_port().expect("a free port");
         self.ports
             .lock()
@@ -139,7 +145,18 @@ impl Bed {
                 "--leader-lease-grace=1s".into(),
                 format!("--metrics-address=127.0.0.1:{port}"),
                 "--log-format=json".into(),
-            ],
+            ]
+            .into_iter()
+            .map(|arg| {
+                match timings
+                    .iter()
+                    .find(|(flag, _)| arg.starts_with(&format!("{flag}=")))
+                {
+                    Some((flag, value)) => format!("{flag}={value}"),
+                    None => arg,
+                }
+            })
+            .collect(),
         )
     }
 
