@@ -31,7 +31,7 @@ use twinvol_e2e::wait::Poll;
 
 use support::*;
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 12;
 const VOLUMES: usize = 4;
 
 /// How far a round's fail-over got, as the API server shows it.
