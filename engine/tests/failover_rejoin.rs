@@ -341,6 +341,15 @@ fn a_lost_site_frontend_and_replica_is_replaced_from_the_other_site() {
     check_acked(&stack, &acked2);
 }
 
+/// Site A's disk replaced: replica a (stopped) gets an empty new copy of
+/// the 32 MiB volume under the same name, and starts again.
+fn recreate_replica_a(stack: &mut Stack) {
+    let pool_a = stack.dir().join("pool-a");
+    std::fs::remove_dir_all(pool_a.join("v1")).expect("remove a's volume");
+    common::create_volume(&pool_a, "v1", "32M");
+    stack.start_replica(0);
+}
+
 #[test]
 fn a_replica_recreated_under_its_name_is_never_read_as_in_sync_and_gets_a_full_copy() {
     let mut stack = Stack::start(StackOptions {
@@ -352,10 +361,7 @@ fn a_replica_recreated_under_its_name_is_never_read_as_in_sync_and_gets_a_full_c
     // Site A's disk is replaced: same replica name, an empty new copy of
     // the volume, back before the frontend noticed anything.
     stack.kill_replica(0);
-    let pool_a = stack.dir().join("pool-a");
-    std::fs::remove_dir_all(pool_a.join("v1")).expect("remove a's volume");
-    common::create_volume(&pool_a, "v1", "32M");
-    stack.start_replica(0);
+    recreate_replica_a(&mut stack);
     // Either the frontend took a out when its connection broke (it may
     // have lost what it had not flushed), or it refuses the other copy
     // while a counts as in sync: never is the new copy used as in sync.
@@ -435,10 +441,7 @@ fn a_replica_recreated_while_out_of_sync_gets_a_full_copy() {
             .then_some(())
     });
     assert!(out.is_some(), "{}", stack.log_tails(30));
-    let pool_a = stack.dir().join("pool-a");
-    std::fs::remove_dir_all(pool_a.join("v1")).expect("remove a's volume");
-    common::create_volume(&pool_a, "v1", "32M");
-    stack.start_replica(0);
+    recreate_replica_a(&mut stack);
     assert_rejoined_and_identical(&stack);
     check_acked(&stack, &acked);
     let log = stack.frontend_log();

@@ -14,6 +14,16 @@ use std::time::Duration;
 
 use crate::decide::{Beat, Mono};
 
+/// The tracker key of `node`'s heartbeat Lease.
+pub fn heartbeat_key(node: &str) -> String {
+    format!("hb/{node}")
+}
+
+/// The tracker key of `volume`'s frontend (its lease fingerprint).
+pub fn frontend_key(volume: &str) -> String {
+    format!("fe/{volume}")
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     value: String,

@@ -28,6 +28,7 @@ use crate::decide::volume::{PodRef, Promotion};
 use crate::decide::{VolumeName, record};
 use crate::error::{Error, Result};
 use crate::gather;
+use crate::observe;
 
 fn volumes(ctx: &Context) -> Api<DynamicObject> {
     Api::all_with(
@@ -105,7 +106,7 @@ pub async fn fence_volume(ctx: &Context, volume: &VolumeName, lost: &SiteName) -
         .map_err(Error::kube("reading", object(volume)))?;
     let status = typed_status(&obj, volume)?;
     let fresh = gather::frontend_fingerprint(&status);
-    let key = format!("fe/{volume}");
+    let key = observe::frontend_key(volume.as_str());
     {
         let mut tracker = ctx.tracker();
         if fresh.as_deref() != tracker.value(&key) {
@@ -164,10 +165,12 @@ pub async fn promote_volume(
     let status = typed_status(&obj, volume)?;
     if promotion.bump_epoch {
         let fresh = gather::frontend_fingerprint(&status);
-        let key = format!("fe/{volume}");
+        let key = observe::frontend_key(volume.as_str());
         let tracker = ctx.tracker();
         let node = status.frontend.as_ref().map(|f| f.node.to_string());
-        let heartbeat = node.as_ref().and_then(|n| tracker.get(&format!("hb/{n}")));
+        let heartbeat = node
+            .as_ref()
+            .and_then(|n| tracker.get(&observe::heartbeat_key(n)));
         let heartbeat_duration = node
             .as_ref()
             .and_then(|n| ctx.memory().heartbeat_duration.get(n).copied());

@@ -24,6 +24,7 @@ use crate::decide::site::{self, Fencing, FrontendAtSite, NodeInput, SiteDecision
 use crate::decide::{Beat, VolumeName};
 use crate::error::{Error, Result, chain};
 use crate::gather;
+use crate::observe;
 use crate::ops;
 use crate::status;
 
@@ -49,7 +50,7 @@ async fn heartbeats(ctx: &Context, nodes: &[String]) -> Result<HashMap<String, B
     let mut tracker = ctx.tracker();
     let mut memory = ctx.memory();
     for node in nodes {
-        let key = format!("hb/{node}");
+        let key = observe::heartbeat_key(node);
         match by_name.get(&annotations::heartbeat_lease_name(node)) {
             Some(lease) => {
                 let rv = lease.metadata.resource_version.clone().unwrap_or_default();
@@ -104,8 +105,8 @@ fn frontends_at(
         };
         let name = VolumeName::new(mv.name_any());
         let lease = gather::frontend_liveness(
-            tracker.observe(&format!("fe/{name}"), &fp, now),
-            tracker.get(&format!("hb/{}", frontend.node)),
+            tracker.observe(&observe::frontend_key(name.as_str()), &fp, now),
+            tracker.get(&observe::heartbeat_key(frontend.node.as_str())),
         );
         let in_sync = gather::in_sync(mv);
         let survivor_in_sync = mv

@@ -27,7 +27,7 @@ use twinvol_crds::MirroredVolume;
 use crate::annotations;
 use crate::decide::Mono;
 use crate::gather;
-use crate::observe::Tracker;
+use crate::observe::{self, Tracker};
 
 /// The observations a standby hands to the controllers when it leads: its
 /// monotonic clock's origin and its tracker.
@@ -75,13 +75,13 @@ impl Observations {
                 continue;
             }
             let rv = lease.metadata.resource_version.clone().unwrap_or_default();
-            tracker.observe(&format!("hb/{node}"), &rv, now);
+            tracker.observe(&observe::heartbeat_key(node), &rv, now);
             beats += 1;
         }
         let mut frontends = 0;
         for mv in &volumes.items {
             if let Some(fp) = gather::frontend_fingerprint(&gather::status(mv)) {
-                tracker.observe(&format!("fe/{}", mv.name_any()), &fp, now);
+                tracker.observe(&observe::frontend_key(&mv.name_any()), &fp, now);
                 frontends += 1;
             }
         }

@@ -28,6 +28,7 @@ use crate::decide::volume::{
 };
 use crate::error::{Error, Result, chain};
 use crate::gather;
+use crate::observe;
 use crate::ops::{self, Evicted};
 use crate::status;
 
@@ -90,7 +91,7 @@ pub fn gather_input(ctx: &Context, mv: &MirroredVolume) -> Result<VolumeInput> {
                         Some(NodeInput {
                             name: NodeName::new(n.name_any()).ok()?,
                             ready: gather::node_ready(n),
-                            heartbeat: tracker.get(&format!("hb/{}", n.name_any())),
+                            heartbeat: tracker.get(&observe::heartbeat_key(&n.name_any())),
                             taints: gather::our_taints(n),
                         })
                     })

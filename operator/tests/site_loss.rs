@@ -160,16 +160,7 @@ async fn placement_site_loss_and_automatic_failback() {
         "too slow: {unhealthy:?}"
     );
 
-    let bumped = bed
-        .until("vol-1's epoch bumped", "operator", || async {
-            let mv = bed.mv("vol-1").await;
-            if epoch(&mv) > 1 {
-                Poll::Ready(mv)
-            } else {
-                Poll::Pending(format!("{:?}", mv.status))
-            }
-        })
-        .await;
+    let bumped = bed.epoch_bumped("vol-1", "operator").await;
     let bump_wall = wall_ms();
     bed.mark(format!(
         "vol-1 epoch 1 -> {} after {:.2}s; in sync: {:?}; frontend: {:?}",
@@ -385,20 +376,7 @@ async fn a_standby_taking_over_from_a_leader_lost_with_the_site_does_not_wait_ag
     first.kill();
     bed.mark("operator-1, the leader, SIGKILLed with the site 3 s later");
 
-    let bumped = bed
-        .until(
-            "vol-1's epoch bumped by operator-2",
-            "operator-2",
-            || async {
-                let mv = bed.mv("vol-1").await;
-                if epoch(&mv) > 1 {
-                    Poll::Ready(mv)
-                } else {
-                    Poll::Pending(format!("{:?}", mv.status))
-                }
-            },
-        )
-        .await;
+    let bumped = bed.epoch_bumped("vol-1", "operator-2").await;
     let took = dark.elapsed();
     bed.mark(format!(
         "vol-1 epoch 1 -> {} {:.2}s after the blackout",

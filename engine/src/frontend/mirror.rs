@@ -367,38 +367,35 @@ impl Mirror {
         // Not waited for: a replica the record has out of sync, when the
         // other one is not (both out is no valid record; then wait as usual).
         let skip = match (out_of_sync.contains(&a.id), out_of_sync.contains(&b.id)) {
-            (true, false) if one_may_be_down => Some(0),
-            (false, true) if one_may_be_down => Some(1),
+            (true, false) if one_may_be_down => Some(((&a, &params_a), (&b, &params_b))),
+            (false, true) if one_may_be_down => Some(((&b, &params_b), (&a, &params_a))),
             _ => None,
         };
-        let kept = match skip {
-            Some(0) => Some(connect(&b, &params_b).await),
-            Some(_) => Some(connect(&a, &params_a).await),
-            None => None,
-        };
-        let (ra, rb) = match (skip, kept) {
-            (Some(i), Some(Ok(kept))) => {
-                let (spec, params) = if i == 0 {
-                    (&a, &params_a)
-                } else {
-                    (&b, &params_b)
+        let (ra, rb) = match skip {
+            None => tokio::join!(connect(&a, &params_a), connect(&b, &params_b)),
+            Some(((spec, params), (kept_spec, kept_params))) => {
+                let (kept, other) = match connect(kept_spec, kept_params).await {
+                    Ok(kept) => {
+                        tracing::info!(replica = %spec.id, "out of sync at the arbiter: not waiting for it, connecting in the background");
+                        let later = ReplicaHandle::unreachable(
+                            spec.clone(),
+                            params.clone(),
+                            metrics.handles(vol, spec.id.as_str()),
+                            kept.size(),
+                        );
+                        (Ok(kept), Ok(later))
+                    }
+                    // The in-sync one did not answer: the other is connected
+                    // to as usual (the reconcile then waits for the in-sync
+                    // one), and the failed attempt stands as it is.
+                    Err(e) => (Err(e), connect(spec, params).await),
                 };
-                tracing::info!(replica = %spec.id, "out of sync at the arbiter: not waiting for it, connecting in the background");
-                let later = ReplicaHandle::unreachable(
-                    spec.clone(),
-                    params.clone(),
-                    metrics.handles(vol, spec.id.as_str()),
-                    kept.size(),
-                );
-                if i == 0 {
-                    (Ok(later), Ok(kept))
+                if spec.id == a.id {
+                    (other, kept)
                 } else {
-                    (Ok(kept), Ok(later))
+                    (kept, other)
                 }
             }
-            // The in-sync one did not answer: connect to both as usual (the
-            // reconcile then waits for the in-sync one).
-            _ => tokio::join!(connect(&a, &params_a), connect(&b, &params_b)),
         };
         let later = |spec: &ReplicaSpec, params: SessionParams, e: &ConnectError, size: u64| {
             tracing::warn!(replica = %spec.id, error = %crate::error_chain(e), "replica unreachable at startup: connecting in the background");

@@ -441,6 +441,20 @@ impl Bed {
     /// What a frontend does when its resync finished: the replica of
     /// `site` returns to the in-sync set (a compare-and-swap through the
     /// real arbiter), and its node plugin reports it InSync.
+    /// Waits (following operator `log`) until `volume`'s epoch is past 1;
+    /// returns the volume as then.
+    pub async fn epoch_bumped(&self, volume: &str, log: &str) -> MirroredVolume {
+        self.until(&format!("{volume}'s epoch bumped"), log, || async {
+            let mv = self.mv(volume).await;
+            if epoch(&mv) > 1 {
+                Poll::Ready(mv)
+            } else {
+                Poll::Pending(format!("{:?}", mv.status))
+            }
+        })
+        .await
+    }
+
     pub async fn resync_done(&self, volume: &str, site: &str) {
         self.report_replica(volume, site, "Resyncing", Some(4096))
             .await;
