@@ -1,5 +1,6 @@
 //! ext4 on the FUSE export: a loop device (`losetup --direct-io=on`) over
-//! the volume's file, mkfs.ext4, mount, a directory tree written, unmount;
+//! the volume's file, mkfs.ext4, mount, a directory tree written, frozen
+//! and thawed (every dirty block written, the journal checkpointed), unmount;
 //! then each replica's data file alone, through its own read-only loop
 //! device, must pass `fsck.ext4 -fn` and hold the same files.
 //!
@@ -154,6 +155,16 @@ fn ext4_on_the_fuse_loop_device_lands_intact_on_every_replica() {
         let mounted = Mounted::new(dev.path(), &fs_dir, "rw");
         let files = write_tree(&fs_dir);
         check_tree(&fs_dir, &files, "the mounted volume");
+        // Freeze and thaw before the unmount: a freeze writes every dirty
+        // block and checkpoints the journal, so the volume's bytes are a
+        // clean file system whatever the unmount does. The unmount alone is
+        // not enough on a shared machine: a process that unshares its mount
+        // namespace (a container starting, a test beside this one) while
+        // this file system is mounted keeps a copy of the mount, and the
+        // unmount here then succeeds without shutting the file system down,
+        // leaving its last writes in the page cache (seen in CI).
+        run(command("fsfreeze", ["-f".as_ref(), fs_dir.as_os_str()]));
+        run(command("fsfreeze", ["-u".as_ref(), fs_dir.as_os_str()]));
         drop(mounted);
         files
     };
