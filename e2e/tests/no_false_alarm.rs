@@ -101,7 +101,7 @@ fn restarts(bed: &Bed) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "ten minutes of watching: run with --ignored (meant for a lane of its own beside the test command's other two; not yet there)"]
+#[ignore = "ten minutes of watching: the test command runs it with --ignored in a lane of its own (e2e/tools/test-lanes.sh)"]
 async fn a_busy_machine_with_no_fault_gives_no_fail_over() {
     let zone_a = Site::A.zone();
     let extra = serde_json::json!({
