@@ -426,10 +426,17 @@ impl Bed {
         for log in find_files(self.dir.path(), |p| {
             p.extension().is_some_and(|e| e == "log")
         }) {
+            // The plugins' own logs in full depth (what a node's replica
+            // supervisor did for the minute before a failure); the
+            // data-plane processes' short.
+            let plugin = log
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("node-plugin") || n == "controller.log");
             out.push_str(&format!(
                 "----- {} -----\n{}\n",
                 log.display(),
-                tail(&log, 25)
+                tail(&log, if plugin { 400 } else { 25 })
             ));
         }
         out
