@@ -36,6 +36,9 @@ pub enum FaultAction {
     /// The operation reports success but does nothing (a lost write, or a
     /// sync that was not durable).
     Drop,
+    /// The operation waits this many milliseconds, then runs as usual (a
+    /// disk slowed down by load, or stalling on a failing path).
+    Slow { ms: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -172,8 +175,17 @@ impl<S: Storage> FaultyStorage<S> {
         }
     }
 
+    /// The fault to apply at `op`, if any; a `Slow` one is applied here
+    /// (the calling thread sleeps: storage calls run on blocking threads)
+    /// and the operation then runs as usual.
     fn fault(&self, op: &'static str) -> Option<FaultAction> {
-        self.plan.check(&format!("{}::{op}", self.module))
+        match self.plan.check(&format!("{}::{op}", self.module)) {
+            Some(FaultAction::Slow { ms }) => {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                None
+            }
+            other => other,
+        }
     }
 
     fn injected(&self, op: &'static str, offset: u64) -> StorageError {
@@ -222,7 +234,8 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
         match self.fault("write_at") {
-            None => self.put(
+            // (`fault` has applied a `Slow` one already.)
+            None | Some(FaultAction::Slow { .. }) => self.put(
                 |c| c.write(buf, offset),
                 || self.inner.write_at(buf, offset),
             ),
@@ -299,7 +312,7 @@ impl<S: Storage> Storage for FaultyStorage<S> {
 /// Why a fault spec could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "fault spec item {item:?}: {reason} (items: `volatile`, `volatile=SIZE`, `MODULE::OP=ACTION[@SKIP][xTIMES]` with ACTION fail|drop|tearN)"
+    "fault spec item {item:?}: {reason} (items: `volatile`, `volatile=SIZE`, `MODULE::OP=ACTION[@SKIP][xTIMES]` with ACTION fail|drop|tearN|slowMS)"
 )]
 pub struct FaultSpecError {
     pub item: String,
@@ -315,7 +328,8 @@ pub struct FaultSpecError {
 /// - `MODULE::OP=ACTION[@SKIP][xTIMES]`: a rule of the [`FaultPlan`], e.g.
 ///   `data::sync=fail@3x1` (let 3 data syncs through, fail the 4th),
 ///   `meta::write_at=tear512`; ACTION is `fail` (EIO), `drop` (report
-///   success, do nothing) or `tearN` (land N bytes of a write, then EIO);
+///   success, do nothing), `tearN` (land N bytes of a write, then EIO)
+///   or `slowMS` (wait MS milliseconds, then do it: a slow disk);
 ///   without `xTIMES` the rule applies to every later call.
 pub struct StorageFaults {
     plan: Arc<FaultPlan>,
@@ -374,8 +388,12 @@ impl StorageFaults {
             let action = match action {
                 "fail" => FaultAction::Fail,
                 "drop" => FaultAction::Drop,
-                a => match a.strip_prefix("tear").map(str::parse::<usize>) {
-                    Some(Ok(keep)) => FaultAction::Tear { keep },
+                a => match (
+                    a.strip_prefix("tear").map(str::parse::<usize>),
+                    a.strip_prefix("slow").map(str::parse::<u64>),
+                ) {
+                    (Some(Ok(keep)), _) => FaultAction::Tear { keep },
+                    (_, Some(Ok(ms))) => FaultAction::Slow { ms },
                     _ => return Err(bad("unknown action")),
                 },
             };
@@ -522,7 +540,20 @@ mod tests {
                 .expect("valid")
                 .is_volatile()
         );
+        let slow = StorageFaults::parse("data::sync=slow300x1").expect("valid");
+        let s = slow.wrap(
+            "data",
+            FileStorage::create_new(&dir.path().join("g")).expect("create"),
+        );
+        let started = std::time::Instant::now();
+        s.sync().expect("a slow sync succeeds");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        s.sync().expect("rule used up");
+        assert!(started.elapsed() < std::time::Duration::from_millis(300));
         for bad in [
+            "data::sync=slow",
+            "data::sync=slowly",
             "data::fsync=fail",
             "data::sync",
             "sync=fail",

@@ -23,7 +23,6 @@
 //! process spec; also the mark that the directory is ours), `.pid`,
 //! `.log`, `.ready` and `peers`.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +31,7 @@ use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
+use tracing::Instrument;
 use twinvol_crds::{MirroredVolume, ReplicaState, SiteName};
 use twinvol_engine::protocol::VolumeId;
 use twinvol_engine::replica::Pool;
@@ -92,32 +92,46 @@ impl ReplicaSupervisor {
         ProcessFiles::new(self.replica_dir(volume), "replica")
     }
 
-    /// Watches and reconciles until the task is dropped.
+    /// Watches and reconciles until the task is dropped: one worker task
+    /// per volume (see [`worker`]), so that a volume whose server is slow
+    /// to start or to stop (up to [`READY_WAIT`], [`STOP_GRACE`]) holds up
+    /// no other volume.
     pub async fn run(self) {
         if let Err(e) = std::fs::create_dir_all(&self.pool_root) {
             tracing::error!(pool = %self.pool_root.display(), error = %e, "cannot create the Site's pool directory");
         }
-        let mut known: BTreeMap<String, MirroredVolume> = BTreeMap::new();
-        let mut stream = watcher::watcher(self.api.clone(), watcher::Config::default()).boxed();
+        let this = std::sync::Arc::new(self);
+        let mut workers = Workers::new(this.clone());
+        let mut stream = watcher::watcher(this.api.clone(), watcher::Config::default()).boxed();
         let mut tick = tokio::time::interval(TICK);
+        // The names of the current list while the watcher (re)lists; the
+        // volumes that were known before and are not in it were deleted
+        // while the watch was down.
+        let mut relisting: Option<std::collections::BTreeSet<String>> = None;
         let mut listed = false;
         loop {
             tokio::select! {
                 event = stream.next() => match event {
-                    Some(Ok(Event::Apply(mv) | Event::InitApply(mv))) => {
-                        let name = mv.name_any();
-                        self.reconcile_logged(&mv).await;
-                        known.insert(name, mv);
+                    Some(Ok(Event::Apply(mv))) => workers.present(mv),
+                    Some(Ok(Event::InitApply(mv))) => {
+                        if let Some(names) = relisting.as_mut() {
+                            names.insert(mv.name_any());
+                        }
+                        workers.present(mv);
                     }
-                    Some(Ok(Event::Delete(mv))) => {
-                        let name = mv.name_any();
-                        known.remove(&name);
-                        self.remove_logged(&name).await;
-                    }
-                    Some(Ok(Event::Init)) => {}
+                    Some(Ok(Event::Delete(mv))) => workers.gone(&mv.name_any()),
+                    Some(Ok(Event::Init)) => relisting = Some(Default::default()),
                     Some(Ok(Event::InitDone)) => {
+                        if let Some(names) = relisting.take() {
+                            for name in workers.present_names() {
+                                if !names.contains(&name) {
+                                    tracing::info!(volume = %name, "the volume was deleted while the watch was down");
+                                    workers.gone(&name);
+                                }
+                            }
+                        }
                         listed = true;
-                        self.remove_orphans(&known).await;
+                        workers.remove_orphans();
                     }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "watch of the MirroredVolumes failed; retrying");
@@ -125,14 +139,10 @@ impl ReplicaSupervisor {
                     }
                     None => return,
                 },
-                _ = tick.tick() => {
-                    for mv in known.values() {
-                        self.reconcile_logged(mv).await;
-                    }
-                    if listed {
-                        self.remove_orphans(&known).await;
-                    }
-                }
+                Some(name) = workers.done.recv() => workers.finished(&name),
+                _ = tick.tick() => if listed {
+                    workers.remove_orphans();
+                },
             }
         }
     }
@@ -143,25 +153,13 @@ impl ReplicaSupervisor {
         }
     }
 
-    async fn remove_logged(&self, volume: &str) {
-        if let Err(e) = self.remove_data(volume).await {
-            tracing::warn!(volume, error = %twinvol_engine::error_chain(&e), "cannot remove replica data; retrying");
-        }
-    }
-
-    /// Directories of volumes that no longer exist (deleted while this
-    /// plugin was down): removed, but only those marked as ours.
-    async fn remove_orphans(&self, known: &BTreeMap<String, MirroredVolume>) {
-        let Ok(entries) = std::fs::read_dir(&self.pool_root) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            if !known.contains_key(&name) && self.files(&name).spec().exists() {
-                tracing::info!(volume = %name, "the volume no longer exists: removing its replica");
-                self.remove_logged(&name).await;
+    /// Removes the volume's replica; says whether it is gone.
+    async fn remove_logged(&self, volume: &str) -> bool {
+        match self.remove_data(volume).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(volume, error = %twinvol_engine::error_chain(&e), "cannot remove replica data; retrying");
+                false
             }
         }
     }
@@ -480,6 +478,133 @@ impl ReplicaSupervisor {
                 format!("dropping the finalizer of {name}"),
                 e,
             )),
+        }
+    }
+}
+
+/// What a volume's worker is to bring about.
+#[derive(Clone)]
+enum Desired {
+    /// The volume as last seen.
+    Present(Box<MirroredVolume>),
+    /// Deleted (or an orphaned directory): the replica's data goes.
+    Gone,
+}
+
+/// The volumes' workers, owned by the watch loop (their only sender).
+struct Workers {
+    supervisor: std::sync::Arc<ReplicaSupervisor>,
+    by_name: std::collections::HashMap<String, tokio::sync::watch::Sender<Desired>>,
+    done_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Workers that ended (their volume's data removed).
+    done: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Workers {
+    fn new(supervisor: std::sync::Arc<ReplicaSupervisor>) -> Self {
+        let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            supervisor,
+            by_name: Default::default(),
+            done_tx,
+            done,
+        }
+    }
+
+    fn set(&mut self, name: &str, desired: Desired) {
+        match self.by_name.get(name) {
+            // A worker exits only after telling `done`; until the loop
+            // reads that, it still reads its channel.
+            Some(tx) => {
+                tx.send_replace(desired);
+            }
+            None => self.spawn(name.to_owned(), desired),
+        }
+    }
+
+    fn spawn(&mut self, name: String, desired: Desired) {
+        let (tx, rx) = tokio::sync::watch::channel(desired);
+        let supervisor = self.supervisor.clone();
+        let done = self.done_tx.clone();
+        let span = tracing::info_span!("replica", volume = %name);
+        tokio::spawn(worker(supervisor, name.clone(), rx, done).instrument(span));
+        self.by_name.insert(name, tx);
+    }
+
+    fn present(&mut self, mv: MirroredVolume) {
+        let name = mv.name_any();
+        self.set(&name, Desired::Present(Box::new(mv)));
+    }
+
+    fn gone(&mut self, name: &str) {
+        self.set(name, Desired::Gone);
+    }
+
+    fn present_names(&self) -> Vec<String> {
+        self.by_name
+            .iter()
+            .filter(|(_, tx)| matches!(*tx.borrow(), Desired::Present(_)))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// A worker ended after removing its volume's data. If the volume came
+    /// back meanwhile (created again under the same name), a new worker
+    /// takes it from there.
+    fn finished(&mut self, name: &str) {
+        let Some(tx) = self.by_name.remove(name) else {
+            return;
+        };
+        let last = tx.borrow().clone();
+        if let Desired::Present(_) = last {
+            self.spawn(name.to_owned(), last);
+        }
+    }
+
+    /// Directories of volumes that no longer exist (deleted while this
+    /// plugin was down): removed by a worker each, but only those marked
+    /// as ours and with no worker yet.
+    fn remove_orphans(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.supervisor.pool_root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if !self.by_name.contains_key(&name) && self.supervisor.files(&name).spec().exists() {
+                tracing::info!(volume = %name, "the volume no longer exists: removing its replica");
+                self.spawn(name, Desired::Gone);
+            }
+        }
+    }
+}
+
+/// One volume's worker: reconciles what `desired` says at once when it
+/// changes and every [`TICK`] otherwise; ends (telling `done`) once a gone
+/// volume's data is removed, unless it came back meanwhile.
+async fn worker(
+    supervisor: std::sync::Arc<ReplicaSupervisor>,
+    name: String,
+    mut desired: tokio::sync::watch::Receiver<Desired>,
+    done: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    loop {
+        let now = desired.borrow_and_update().clone();
+        match now {
+            Desired::Present(mv) => supervisor.reconcile_logged(&mv).await,
+            Desired::Gone => {
+                if supervisor.remove_logged(&name).await && !desired.has_changed().unwrap_or(true) {
+                    let _ = done.send(name);
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            r = desired.changed() => if r.is_err() {
+                return;
+            },
+            () = tokio::time::sleep(TICK) => {}
         }
     }
 }

@@ -309,6 +309,8 @@ pub struct ReplicaHandle {
     generations: Arc<SessionCounter>,
     /// The incarnation of the copy last connected to (0: none yet).
     incarnation: Arc<AtomicU64>,
+    /// When the replica last answered anything ([`Answered`]).
+    answered: Arc<Answered>,
     /// Refuse to reconnect to another copy (set while in sync).
     pinned: Arc<AtomicBool>,
 }
@@ -540,12 +542,14 @@ impl ReplicaHandle {
         let (state_tx, state) = watch::channel(first);
         let generations = params.generations.clone();
         let incarnation = Arc::new(AtomicU64::new(incarnation));
+        let answered = Arc::new(Answered::default());
         let pinned = Arc::new(AtomicBool::new(session.is_some()));
         let size = Arc::new(AtomicU64::new(size));
         let span = tracing::info_span!("replica", volume = %params.volume, replica = %spec.id);
         let owner = Owner {
             generations: generations.clone(),
             incarnation: incarnation.clone(),
+            answered: answered.clone(),
             pinned: pinned.clone(),
             size: size.clone(),
             spec: spec.clone(),
@@ -564,6 +568,7 @@ impl ReplicaHandle {
             state,
             generations,
             incarnation,
+            answered,
             pinned,
         }
     }
@@ -635,6 +640,22 @@ impl ReplicaHandle {
     }
 
     /// Sends `op` and waits for its reply.
+    /// Whether the replica is alive, though perhaps slow: it answered
+    /// something within the last `within`, or it answers a probe (a
+    /// request its server handles beside the I/O it may be stuck on: the
+    /// resync status) within `within`. A replica whose site lost power or
+    /// whose link is cut answers nothing; one whose disk is slow under
+    /// load answers the probe at once.
+    pub async fn answers_within(&self, within: Duration) -> bool {
+        if self.answered.since().is_some_and(|d| d < within) {
+            return true;
+        }
+        match tokio::time::timeout(within, self.call(Op::ResyncStatus)).await {
+            Ok(Ok(_) | Err(CallError::Refused { .. })) => true,
+            Ok(Err(_)) | Err(_) => false,
+        }
+    }
+
     pub async fn call(&self, op: Op) -> Result<Reply, CallError> {
         let (reply, rx) = oneshot::channel();
         let stopped = || CallError::Stopped {
@@ -670,6 +691,7 @@ enum Ended {
 struct Owner {
     generations: Arc<SessionCounter>,
     incarnation: Arc<AtomicU64>,
+    answered: Arc<Answered>,
     pinned: Arc<AtomicBool>,
     size: Arc<AtomicU64>,
     spec: ReplicaSpec,
@@ -813,6 +835,7 @@ impl Owner {
         let completer = Completer {
             replica: self.spec.id.clone(),
             metrics: self.metrics.clone(),
+            answered: self.answered.clone(),
             reg_rx,
             pending: HashMap::with_capacity(MAX_IN_FLIGHT),
         };
@@ -941,6 +964,33 @@ impl Owner {
     }
 }
 
+/// When a replica last answered (any response on any of its sessions),
+/// on this process's monotonic clock.
+#[derive(Debug, Default)]
+struct Answered {
+    /// Milliseconds since [`clock_base`] plus one (0: never).
+    at_ms: AtomicU64,
+}
+
+fn clock_base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+impl Answered {
+    fn now(&self) {
+        let ms = clock_base().elapsed().as_millis() as u64 + 1;
+        self.at_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the last answer came (`None`: never).
+    fn since(&self) -> Option<Duration> {
+        let at = self.at_ms.load(Ordering::Relaxed).checked_sub(1)?;
+        let now = clock_base().elapsed().as_millis() as u64;
+        Some(Duration::from_millis(now.saturating_sub(at)))
+    }
+}
+
 /// Aborts a connection: RST on close, so that the kernel drops what is
 /// queued instead of retransmitting it.
 fn abort(writer: &FrameWriter<OwnedWriteHalf>) {
@@ -972,6 +1022,7 @@ enum Completed {
 struct Completer {
     replica: ReplicaId,
     metrics: OpHandles,
+    answered: Arc<Answered>,
     reg_rx: mpsc::UnboundedReceiver<(u64, Pending)>,
     pending: HashMap<u64, Pending>,
 }
@@ -989,7 +1040,10 @@ impl Completer {
                 m = reader.read_message() => m,
             };
             let r = match msg {
-                Ok(Some(Message::Response(r))) => r,
+                Ok(Some(Message::Response(r))) => {
+                    self.answered.now();
+                    r
+                }
                 Ok(Some(_)) => break Ended::Lost("replica sent a non-response".to_owned()),
                 Ok(None) => break Ended::Lost("replica closed the connection".to_owned()),
                 Err(e) => break Ended::Lost(crate::error_chain(&e)),

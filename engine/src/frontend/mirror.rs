@@ -277,6 +277,11 @@ impl Drop for WriteTicket {
     }
 }
 
+/// How long a request to a replica that is alive (it answers probes) but
+/// slow is waited for before the replica counts as lost anyway (a disk
+/// that hangs): like DRBD's `ko-count` × `timeout` (7 × 6 s).
+pub const SLOW_REPLICA_LIMIT: Duration = Duration::from_secs(30);
+
 /// The mirror's side of degraded operation.
 struct Degrade {
     suspects: mpsc::UnboundedSender<Suspect>,
@@ -662,16 +667,41 @@ impl Inner {
 
     /// Calls replica `i`, with the fail-over timeout if degraded operation
     /// is on.
+    /// Sends `op` to replica `i`. With degraded operation on, a request
+    /// not answered within the replica timeout fails (`TimedOut`, a loss)
+    /// unless the replica shows it is alive — it answered something else
+    /// meanwhile, or answers a probe within the timeout — when it is waited
+    /// for again, up to [`SLOW_REPLICA_LIMIT`] in all: a disk stalled for
+    /// seconds by load is no site loss, and dropping the replica for it
+    /// would cost a resync. A silent replica (power lost, link cut) fails
+    /// the request after one or two timeouts.
     async fn call(&self, i: usize, op: Op) -> Result<Reply, CallError> {
-        match self.degrade.get() {
-            None => self.replicas[i].call(op).await,
-            Some(d) => match tokio::time::timeout(d.timeout, self.replicas[i].call(op)).await {
-                Ok(r) => r,
-                Err(_) => Err(CallError::TimedOut {
-                    replica: self.replicas[i].id().clone(),
-                    after: d.timeout,
-                }),
-            },
+        let replica = &self.replicas[i];
+        let Some(d) = self.degrade.get() else {
+            return replica.call(op).await;
+        };
+        let started = Instant::now();
+        let call = replica.call(op);
+        tokio::pin!(call);
+        let mut slow_logged = false;
+        loop {
+            if let Ok(r) = tokio::time::timeout(d.timeout, &mut call).await {
+                if slow_logged {
+                    tracing::info!(replica = %replica.id(), after_ms = started.elapsed().as_millis() as u64, "a slow replica answered");
+                }
+                return r;
+            }
+            let waited = started.elapsed();
+            if waited >= SLOW_REPLICA_LIMIT || !replica.answers_within(d.timeout).await {
+                return Err(CallError::TimedOut {
+                    replica: replica.id().clone(),
+                    after: started.elapsed(),
+                });
+            }
+            if !slow_logged {
+                slow_logged = true;
+                tracing::info!(replica = %replica.id(), waited_ms = waited.as_millis() as u64, limit_s = SLOW_REPLICA_LIMIT.as_secs(), "a request is slow but the replica is alive: still waiting");
+            }
         }
     }
 
