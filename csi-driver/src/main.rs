@@ -108,9 +108,9 @@ struct Cli {
     /// A new frontend waits this long beyond another's lease expiry.
     #[arg(long, env = "TWINVOL_LEASE_MARGIN", default_value = "1s", value_parser = parse_duration)]
     lease_margin: Duration,
-    /// A replica silent this long (a request and then a probe unanswered:
-    /// up to twice this) leaves the in-sync set; a slow one that answers
-    /// probes is waited for up to 30 s.
+    /// A replica silent this long while a request waits (no answer to
+    /// anything, probes included) leaves the in-sync set; a slow one that
+    /// answers is waited for up to 30 s.
     #[arg(long, env = "TWINVOL_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     replica_timeout: Duration,
     /// How long NodeStage waits for the replicas' placement and the frontend.

@@ -184,10 +184,9 @@ struct FrontendArgs {
     /// Wait this much beyond another holder's expiry before taking over.
     #[arg(long, env = "TWINVOL_LEASE_MARGIN", default_value = "2s", value_parser = parse_duration)]
     lease_margin: Duration,
-    /// A replica that answers nothing within this — not a request, not a
-    /// probe sent then (so after up to twice this) — is dropped from the
-    /// in-sync set (with an arbiter). One that answers probes but is slow
-    /// is waited for up to 30 s.
+    /// A replica silent this long while a request waits — no answer to
+    /// anything, probes included — is dropped from the in-sync set (with
+    /// an arbiter). One that answers but is slow is waited for up to 30 s.
     #[arg(long, env = "TWINVOL_REPLICA_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     replica_timeout: Duration,
     /// Export over NBD on this unix socket.

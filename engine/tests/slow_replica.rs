@@ -87,12 +87,12 @@ fn a_replica_whose_syncs_take_seconds_stays_in_sync_and_a_stopped_one_is_dropped
     );
     let log = stack.frontend_log();
     assert!(
-        log.contains("a request is slow but the replica is alive"),
+        log.contains("a request is slow but the replica answers"),
         "no slow-replica line in the frontend log:\n{log}"
     );
 
     // Silent: replica b stops answering anything. Writes go on without it
-    // after one timeout and a probe's (2 s), plus the swap at the arbiter.
+    // 1-1.25 s after its last answer, plus the swap at the arbiter.
     let pid = stack.replicas[1].proc.as_ref().expect("replica b").pid();
     signal(pid, "-STOP");
     let (ok, took, out) = write_and_flush(&stack, 0x33, 2 * 4096);
@@ -100,7 +100,7 @@ fn a_replica_whose_syncs_take_seconds_stays_in_sync_and_a_stopped_one_is_dropped
     assert!(ok, "write + flush failed: {out}\n{}", stack.log_tails(30));
     eprintln!("write + flush with b stopped: {took:?}");
     assert!(
-        took < Duration::from_secs(6),
+        took < Duration::from_secs(4),
         "a silent replica held writes {took:?}"
     );
     let dropped = wait_until(DEADLINE, || {

@@ -21,7 +21,9 @@
 //! Layout of `<pool>/<volume>/`: the engine's pool directory of that one
 //! volume (`<volume>/data`, `meta`, `bitmap`), plus `replica.json` (the
 //! process spec; also the mark that the directory is ours), `.pid`,
-//! `.log`, `.ready` and `peers`.
+//! `.log`, `.ready`, `peers` and `volume-uid` (the MirroredVolume's UID: a
+//! directory of a deleted volume of the same name is removed before a new
+//! one uses it).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -193,11 +195,48 @@ impl ReplicaSupervisor {
                 ),
             });
         }
+        self.drop_other_incarnation(mv).await?;
         let size = crate::volume::size_bytes(mv)?;
         self.ensure_data(&name, size).await?;
+        self.record_incarnation(mv)?;
         self.write_peers(mv)?;
         let address = self.ensure_server(mv).await?;
         self.report(mv, &address).await
+    }
+
+    /// The file naming the MirroredVolume (its UID) whose replica the
+    /// directory holds.
+    fn uid_file(&self, volume: &str) -> PathBuf {
+        self.replica_dir(volume).join("volume-uid")
+    }
+
+    /// A directory left by a deleted volume of the same name (its data not
+    /// removed yet when the new one was created — a worker busy meanwhile,
+    /// a finalizer bypassed) is removed first: the new volume must never
+    /// be served the old one's data.
+    async fn drop_other_incarnation(&self, mv: &MirroredVolume) -> CsiResult<()> {
+        let (name, Some(uid)) = (mv.name_any(), mv.uid()) else {
+            return Ok(());
+        };
+        let Ok(recorded) = std::fs::read_to_string(self.uid_file(&name)) else {
+            return Ok(());
+        };
+        if recorded.trim() == uid {
+            return Ok(());
+        }
+        tracing::warn!(volume = %name, old_uid = recorded.trim(), uid, "the replica's directory belongs to a deleted volume of the same name: removing it first");
+        self.remove_data(&name).await
+    }
+
+    fn record_incarnation(&self, mv: &MirroredVolume) -> CsiResult<()> {
+        let (name, Some(uid)) = (mv.name_any(), mv.uid()) else {
+            return Ok(());
+        };
+        let path = self.uid_file(&name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(uid.as_str()) {
+            process::write_atomic(&path, uid.as_bytes())?;
+        }
+        Ok(())
     }
 
     async fn ensure_data(&self, volume: &str, size: u64) -> CsiResult<()> {

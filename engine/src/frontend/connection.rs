@@ -639,23 +639,37 @@ impl ReplicaHandle {
         self.state.clone()
     }
 
-    /// Sends `op` and waits for its reply.
-    /// Whether the replica is alive, though perhaps slow: it answered
-    /// something within the last `within`, or it answers a probe (a
-    /// request its server handles beside the I/O it may be stuck on: the
-    /// resync status) within `within`. A replica whose site lost power or
-    /// whose link is cut answers nothing; one whose disk is slow under
-    /// load answers the probe at once.
-    pub async fn answers_within(&self, within: Duration) -> bool {
-        if self.answered.since().is_some_and(|d| d < within) {
-            return true;
-        }
-        match tokio::time::timeout(within, self.call(Op::ResyncStatus)).await {
-            Ok(Ok(_) | Err(CallError::Refused { .. })) => true,
-            Ok(Err(_)) | Err(_) => false,
-        }
+    /// How long the replica has said nothing — no answer to any request
+    /// on any session — counting from `since` at the earliest (when the
+    /// caller's request was sent: a replica idle before it was not silent).
+    pub fn silent_for(&self, since: Instant) -> Duration {
+        let now = Instant::now();
+        let from = match self.answered.at() {
+            Some(at) if at > since => at,
+            _ => since,
+        };
+        now.saturating_duration_since(from)
     }
 
+    /// Sends a probe — a request the replica's server answers beside the
+    /// I/O it may be stuck on (the resync status) — unless one was sent
+    /// within `every`; its answer, whenever it comes, counts as an answer
+    /// ([`ReplicaHandle::silent_for`]). Does not wait for it.
+    pub fn probe(&self, every: Duration, deadline: Duration) {
+        if !self.answered.probe_due(every) {
+            return;
+        }
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::ResyncStatus;
+            if tx.send(Command { op, reply }).await.is_ok() {
+                let _ = tokio::time::timeout(deadline, rx).await;
+            }
+        });
+    }
+
+    /// Sends `op` and waits for its reply.
     pub async fn call(&self, op: Op) -> Result<Reply, CallError> {
         let (reply, rx) = oneshot::channel();
         let stopped = || CallError::Stopped {
@@ -965,11 +979,12 @@ impl Owner {
 }
 
 /// When a replica last answered (any response on any of its sessions),
-/// on this process's monotonic clock.
+/// and when it was last probed, on this process's monotonic clock.
 #[derive(Debug, Default)]
 struct Answered {
     /// Milliseconds since [`clock_base`] plus one (0: never).
     at_ms: AtomicU64,
+    probed_ms: AtomicU64,
 }
 
 fn clock_base() -> Instant {
@@ -977,17 +992,31 @@ fn clock_base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
+fn now_ms() -> u64 {
+    clock_base().elapsed().as_millis() as u64 + 1
+}
+
 impl Answered {
     fn now(&self) {
-        let ms = clock_base().elapsed().as_millis() as u64 + 1;
-        self.at_ms.store(ms, Ordering::Relaxed);
+        self.at_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// How long ago the last answer came (`None`: never).
-    fn since(&self) -> Option<Duration> {
-        let at = self.at_ms.load(Ordering::Relaxed).checked_sub(1)?;
-        let now = clock_base().elapsed().as_millis() as u64;
-        Some(Duration::from_millis(now.saturating_sub(at)))
+    /// When the last answer came (`None`: never).
+    fn at(&self) -> Option<Instant> {
+        let ms = self.at_ms.load(Ordering::Relaxed).checked_sub(1)?;
+        Some(clock_base() + Duration::from_millis(ms))
+    }
+
+    /// Whether no probe was sent within `every`; if so, counts one as sent.
+    fn probe_due(&self, every: Duration) -> bool {
+        let now = now_ms();
+        let last = self.probed_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < every.as_millis() as u64 {
+            return false;
+        }
+        self.probed_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }
 

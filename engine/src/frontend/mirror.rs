@@ -282,6 +282,23 @@ impl Drop for WriteTicket {
 /// that hangs): like DRBD's `ko-count` × `timeout` (7 × 6 s).
 pub const SLOW_REPLICA_LIMIT: Duration = Duration::from_secs(30);
 
+/// How a call waits for a slow (answering) replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// Up to [`SLOW_REPLICA_LIMIT`].
+    Wait,
+    /// Up to the replica timeout, then [`Waited::Slow`] (the caller has
+    /// another replica to try).
+    Hedge,
+}
+
+/// What a call gave.
+enum Waited {
+    Reply(Result<Reply, CallError>),
+    /// No reply within the replica timeout from a replica that answers.
+    Slow,
+}
+
 /// The mirror's side of degraded operation.
 struct Degrade {
     suspects: mpsc::UnboundedSender<Suspect>,
@@ -665,42 +682,71 @@ impl Inner {
             .replica_state(i, self.replicas[i].state())
     }
 
-    /// Calls replica `i`, with the fail-over timeout if degraded operation
-    /// is on.
-    /// Sends `op` to replica `i`. With degraded operation on, a request
-    /// not answered within the replica timeout fails (`TimedOut`, a loss)
-    /// unless the replica shows it is alive — it answered something else
-    /// meanwhile, or answers a probe within the timeout — when it is waited
-    /// for again, up to [`SLOW_REPLICA_LIMIT`] in all: a disk stalled for
-    /// seconds by load is no site loss, and dropping the replica for it
-    /// would cost a resync. A silent replica (power lost, link cut) fails
-    /// the request after one or two timeouts.
+    /// Sends `op` to replica `i`; with degraded operation on, see
+    /// [`Inner::call_patient`] (a read may give up on a slow replica).
     async fn call(&self, i: usize, op: Op) -> Result<Reply, CallError> {
+        match self.call_patient(i, op, Patience::Wait).await {
+            Waited::Reply(r) => r,
+            Waited::Slow => unreachable!("only Patience::Hedge gives up on a live replica"),
+        }
+    }
+
+    /// Sends `op` to replica `i`. With degraded operation on, the request
+    /// fails (`TimedOut`, a loss) once the replica has been *silent* — no
+    /// answer to anything since the request was sent — for the replica
+    /// timeout T; while it waits, a probe goes out every T/4 of silence.
+    /// A replica that answers (other requests, or the probe) is slow, not
+    /// lost: a disk stalled for seconds by load is no site loss, and
+    /// dropping the replica for it would cost a resync. It is waited for
+    /// up to [`SLOW_REPLICA_LIMIT`] — except by a catching-up replica's
+    /// call (a returning replica that is slow only ends its catch-up, as
+    /// before, after T) and with `Patience::Hedge` (a read that has
+    /// another in-sync replica to try: `Slow` after T). A silent replica
+    /// (power lost, link cut, process stopped) fails the request T to
+    /// 1.25 T after its last answer or the request, whichever is later.
+    async fn call_patient(&self, i: usize, op: Op, patience: Patience) -> Waited {
         let replica = &self.replicas[i];
         let Some(d) = self.degrade.get() else {
-            return replica.call(op).await;
+            return Waited::Reply(replica.call(op).await);
         };
         let started = Instant::now();
+        let timed_out = || {
+            Waited::Reply(Err(CallError::TimedOut {
+                replica: replica.id().clone(),
+                after: started.elapsed(),
+            }))
+        };
+        let catching_up = !self.membership.borrow().in_sync[i];
+        let step = d.timeout / 4;
         let call = replica.call(op);
         tokio::pin!(call);
         let mut slow_logged = false;
         loop {
-            if let Ok(r) = tokio::time::timeout(d.timeout, &mut call).await {
+            if let Ok(r) = tokio::time::timeout(step, &mut call).await {
                 if slow_logged {
-                    tracing::info!(replica = %replica.id(), after_ms = started.elapsed().as_millis() as u64, "a slow replica answered");
+                    tracing::info!(replica = %replica.id(), after_ms = started.elapsed().as_millis() as u64, "the slow replica answered");
                 }
-                return r;
+                return Waited::Reply(r);
             }
             let waited = started.elapsed();
-            if waited >= SLOW_REPLICA_LIMIT || !replica.answers_within(d.timeout).await {
-                return Err(CallError::TimedOut {
-                    replica: replica.id().clone(),
-                    after: started.elapsed(),
-                });
+            let silent = replica.silent_for(started);
+            if silent >= d.timeout || waited >= SLOW_REPLICA_LIMIT {
+                return timed_out();
             }
-            if !slow_logged {
-                slow_logged = true;
-                tracing::info!(replica = %replica.id(), waited_ms = waited.as_millis() as u64, limit_s = SLOW_REPLICA_LIMIT.as_secs(), "a request is slow but the replica is alive: still waiting");
+            if waited >= d.timeout {
+                if catching_up {
+                    return timed_out();
+                }
+                if patience == Patience::Hedge {
+                    return Waited::Slow;
+                }
+                if !slow_logged {
+                    slow_logged = true;
+                    tracing::info!(replica = %replica.id(), waited_ms = waited.as_millis() as u64, limit_s = SLOW_REPLICA_LIMIT.as_secs(), "a request is slow but the replica answers: still waiting");
+                }
+            }
+            if silent >= step {
+                replica.probe(step, d.timeout);
             }
         }
     }
@@ -788,9 +834,26 @@ impl Inner {
 
     async fn read_chunk(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
         let mut last = None;
-        for i in self.read_order() {
+        let order = self.read_order();
+        for (n, &i) in order.iter().enumerate() {
             let started = Instant::now();
-            match self.call(i, Op::Read { offset, len }).await {
+            // A slow replica is not waited for while another may answer.
+            let patience = if n + 1 < order.len() {
+                Patience::Hedge
+            } else {
+                Patience::Wait
+            };
+            let r = match self
+                .call_patient(i, Op::Read { offset, len }, patience)
+                .await
+            {
+                Waited::Reply(r) => r,
+                Waited::Slow => {
+                    tracing::debug!(replica = %self.replicas[i].id(), offset, len, "read: the replica is slow; trying the other");
+                    continue;
+                }
+            };
+            match r {
                 Ok(Reply::Data(d)) if d.len() == len as usize => {
                     self.may_ack().await?;
                     return Ok(d);
