@@ -291,8 +291,7 @@ async fn apply(ctx: &Context, obj: &Site, name: &SiteName, d: &SiteDecision) -> 
         ))?;
     }
     for t in transitions {
-        let warning = (t.plan.type_ == "Healthy" && !t.plan.is_true())
-            || (t.plan.type_ == "Fenced" && t.plan.is_true());
+        let warning = site::transition_is_warning(t.plan.type_, t.plan.is_true(), t.plan.reason);
         if t.from.is_none() && !warning {
             continue;
         }

@@ -348,6 +348,16 @@ fn list(volumes: &[VolumeName]) -> String {
         .join(", ")
 }
 
+/// Whether a Site condition's transition is reported as a Warning Event
+/// (the others are Normal): the site unhealthy — except while no node
+/// plugin has ever run there, which is an install in progress (the
+/// DaemonSet's pods starting), not an alarm; the condition still says
+/// `NoNodePlugins` — or fenced.
+pub fn transition_is_warning(type_: &str, is_true: bool, reason: &str) -> bool {
+    (type_ == SiteConditionType::Healthy.as_str() && !is_true && reason != "NoNodePlugins")
+        || (type_ == SiteConditionType::Fenced.as_str() && is_true)
+}
+
 fn conditions(
     input: &SiteInput,
     report: &HealthReport,
@@ -494,6 +504,16 @@ fn conditions(
 mod tests {
     use super::*;
     use crate::decide::testkit::*;
+
+    #[test]
+    fn only_a_lost_or_fenced_site_warns_not_one_whose_plugins_are_starting() {
+        assert!(transition_is_warning("Healthy", false, "HeartbeatsStale"));
+        assert!(transition_is_warning("Healthy", false, "NoNodes"));
+        assert!(!transition_is_warning("Healthy", false, "NoNodePlugins"));
+        assert!(!transition_is_warning("Healthy", true, "Heartbeating"));
+        assert!(transition_is_warning("Fenced", true, "Fenced"));
+        assert!(!transition_is_warning("Fenced", false, "NotFenced"));
+    }
 
     fn site(nodes: Vec<NodeInput>, frontends: Vec<FrontendAtSite>, now_ms: u64) -> SiteInput {
         SiteInput {
