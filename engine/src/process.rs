@@ -16,6 +16,19 @@ pub struct ReadyFileError {
     pub source: std::io::Error,
 }
 
+/// The temporary file an atomic write of `path` goes through: named after
+/// the whole file name and this process, so that two files of one
+/// directory (`replica.ready`, written by a child, and `replica.pid`, by
+/// its parent) never share one — `with_extension("tmp")` gave both
+/// `replica.tmp`, and one rename then failed with ENOENT.
+pub fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
 /// Writes `entries` as `key=value` lines to `path`, atomically.
 pub fn write_ready_file(path: &Path, entries: &[(&str, String)]) -> Result<(), ReadyFileError> {
     let mut text = String::new();
@@ -25,7 +38,7 @@ pub fn write_ready_file(path: &Path, entries: &[(&str, String)]) -> Result<(), R
         text.push_str(v);
         text.push('\n');
     }
-    let tmp = path.with_extension("tmp");
+    let tmp = temp_path(path);
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|source| ReadyFileError {
@@ -50,4 +63,18 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod temp_path_tests {
+    use super::*;
+
+    #[test]
+    fn two_files_of_one_directory_never_share_a_temporary_file() {
+        let a = temp_path(Path::new("/x/replica.pid"));
+        let b = temp_path(Path::new("/x/replica.ready"));
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), Some(Path::new("/x")));
+        assert!(a.to_string_lossy().ends_with(".tmp"));
+    }
 }

@@ -144,7 +144,7 @@ impl InstanceLock {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> CsiResult<()> {
-    let tmp = path.with_extension("tmp");
+    let tmp = twinvol_engine::process::temp_path(path);
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| CsiError::io("writing", path, e))
@@ -226,7 +226,13 @@ pub fn spawn(launch: &Launch, files: &ProcessFiles) -> CsiResult<u32> {
         .spawn()
         .map_err(|e| CsiError::io("starting", &launch.program, e))?;
     let pid = child.id();
-    write_atomic(&files.pid(), pid.to_string().as_bytes())?;
+    if let Err(e) = write_atomic(&files.pid(), pid.to_string().as_bytes()) {
+        // Untracked, it would hold the volume's port and files while every
+        // later start fails: stop it.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
     if let Some(cgroup) = &launch.cgroup {
         move_to_cgroup(pid, cgroup)?;
     }

@@ -107,7 +107,7 @@ impl Reporter {
 
 async fn write_atomically(path: &std::path::Path, report: &FrontendReport) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
+    let tmp = crate::process::temp_path(path);
     tokio::fs::write(&tmp, json).await?;
     tokio::fs::rename(&tmp, path).await
 }
