@@ -21,12 +21,19 @@ pub struct ReadyFileError {
 /// directory (`replica.ready`, written by a child, and `replica.pid`, by
 /// its parent) never share one — `with_extension("tmp")` gave both
 /// `replica.tmp`, and one rename then failed with ENOENT.
-pub fn temp_path(path: &Path) -> std::path::PathBuf {
+fn temp_path(path: &Path) -> std::path::PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to `path` through a temporary file ([`temp_path`]) and a
+/// rename: a reader sees the old content or the new, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temp_path(path);
+    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path))
 }
 
 /// Writes `entries` as `key=value` lines to `path`, atomically.
@@ -38,13 +45,10 @@ pub fn write_ready_file(path: &Path, entries: &[(&str, String)]) -> Result<(), R
         text.push_str(v);
         text.push('\n');
     }
-    let tmp = temp_path(path);
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| ReadyFileError {
-            path: path.to_owned(),
-            source,
-        })
+    write_atomic(path, text.as_bytes()).map_err(|source| ReadyFileError {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -144,10 +144,7 @@ impl InstanceLock {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> CsiResult<()> {
-    let tmp = twinvol_engine::process::temp_path(path);
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| CsiError::io("writing", path, e))
+    twinvol_engine::process::write_atomic(path, bytes).map_err(|e| CsiError::io("writing", path, e))
 }
 
 /// Whether `pid` is alive, not a zombie, and started with `spec` on its

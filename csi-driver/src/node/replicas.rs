@@ -218,13 +218,13 @@ impl ReplicaSupervisor {
         let (name, Some(uid)) = (mv.name_any(), mv.uid()) else {
             return Ok(());
         };
-        let Ok(recorded) = std::fs::read_to_string(self.uid_file(&name)) else {
+        let Some(recorded) = self.recorded_uid(&name) else {
             return Ok(());
         };
-        if recorded.trim() == uid {
+        if recorded == uid {
             return Ok(());
         }
-        tracing::warn!(volume = %name, old_uid = recorded.trim(), uid, "the replica's directory belongs to a deleted volume of the same name: removing it first");
+        tracing::warn!(volume = %name, old_uid = %recorded, uid, "the replica's directory belongs to a deleted volume of the same name: removing it first");
         self.remove_data(&name).await
     }
 
@@ -232,11 +232,17 @@ impl ReplicaSupervisor {
         let (name, Some(uid)) = (mv.name_any(), mv.uid()) else {
             return Ok(());
         };
-        let path = self.uid_file(&name);
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(uid.as_str()) {
-            process::write_atomic(&path, uid.as_bytes())?;
+        if self.recorded_uid(&name).as_deref() != Some(uid.as_str()) {
+            process::write_atomic(&self.uid_file(&name), uid.as_bytes())?;
         }
         Ok(())
+    }
+
+    /// The UID in the directory's `volume-uid`, if it has one.
+    fn recorded_uid(&self, volume: &str) -> Option<String> {
+        std::fs::read_to_string(self.uid_file(volume))
+            .ok()
+            .map(|s| s.trim().to_owned())
     }
 
     async fn ensure_data(&self, volume: &str, size: u64) -> CsiResult<()> {

@@ -716,7 +716,6 @@ impl Inner {
                 after: started.elapsed(),
             }))
         };
-        let catching_up = !self.membership.borrow().in_sync[i];
         let step = d.timeout / 4;
         let call = replica.call(op);
         tokio::pin!(call);
@@ -734,7 +733,9 @@ impl Inner {
                 return timed_out();
             }
             if waited >= d.timeout {
-                if catching_up {
+                // A catching-up replica (not in the in-sync set) that is
+                // slow only ends its catch-up.
+                if !self.membership.borrow().in_sync[i] {
                     return timed_out();
                 }
                 if patience == Patience::Hedge {

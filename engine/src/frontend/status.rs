@@ -107,9 +107,10 @@ impl Reporter {
 
 async fn write_atomically(path: &std::path::Path, report: &FrontendReport) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
-    let tmp = crate::process::temp_path(path);
-    tokio::fs::write(&tmp, json).await?;
-    tokio::fs::rename(&tmp, path).await
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || crate::process::write_atomic(&path, &json))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 fn build(mirror: &Mirror, lease: Option<&LeaseGuard>) -> FrontendReport {
