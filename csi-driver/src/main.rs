@@ -120,6 +120,13 @@ struct Cli {
     /// runtime stopping the plugin's container leaves them running).
     #[arg(long, env = "TWINVOL_DATAPLANE_CGROUP")]
     dataplane_cgroup: Option<String>,
+    /// API credentials for the data-plane processes (frontends, the
+    /// heartbeat renewer): a directory with `token` and `ca.crt` that stays
+    /// valid when this pod is deleted (a service-account-token Secret; the
+    /// chart mounts one). Default: the pod's own service account token,
+    /// which stops working when the pod goes (a rolling upgrade).
+    #[arg(long, env = "TWINVOL_DATAPLANE_CREDENTIALS")]
+    dataplane_credentials: Option<PathBuf>,
 
     // --- data plane ---
     /// The process spec written by the node plugin.
@@ -156,6 +163,12 @@ fn node_config(cli: &Cli) -> anyhow::Result<NodeConfig> {
     }
     if let Some(k) = &cli.kubeconfig {
         env.push(("KUBECONFIG".to_owned(), k.display().to_string()));
+    }
+    if let Some(dir) = &cli.dataplane_credentials {
+        env.push((
+            plugin::DATAPLANE_CREDENTIALS_ENV.to_owned(),
+            dir.display().to_string(),
+        ));
     }
     Ok(NodeConfig {
         node: twinvol_crds::NodeName::new(node)?,
@@ -194,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             namespace: cli.namespace.clone(),
             kubeconfig: cli.kubeconfig.clone(),
             health_listen: cli.health_listen,
+            zone_label: cli.zone_label.clone(),
         })),
         Mode::Node => {
             let node = node_config(&cli)?;

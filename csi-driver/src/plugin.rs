@@ -27,23 +27,106 @@ use crate::proto::registration::registration_server::RegistrationServer;
 use crate::registration::{self, RegistrationService, RegistrationState};
 use crate::{authority, health, server};
 
-/// A client from `kubeconfig`, or the usual places (`KUBECONFIG`, the
-/// in-cluster service account).
+/// The environment variable naming the data plane's own API credentials
+/// (`--dataplane-credentials`): a directory with `token` and `ca.crt`.
+pub const DATAPLANE_CREDENTIALS_ENV: &str = "TWINVOL_DATAPLANE_CREDENTIALS";
+
+/// A client from `kubeconfig`, else from the data plane's credentials
+/// (`TWINVOL_DATAPLANE_CREDENTIALS`), else the usual places (`KUBECONFIG`,
+/// the in-cluster service account).
+///
+/// Why the data plane has credentials of its own: the in-cluster token is
+/// bound to the node plugin's pod and stops authenticating when that pod
+/// is deleted — in every rolling upgrade of the DaemonSet — while the
+/// frontends and the heartbeat renewer it started run on and must still
+/// renew the heartbeat and update their volumes' records. The chart
+/// mounts a `kubernetes.io/service-account-token` Secret of the node's
+/// ServiceAccount (valid while the Secret exists, bound to no pod) and
+/// names it here; every data-plane process reads it from the mount of the
+/// container it was started from.
 pub async fn kube_client(kubeconfig: Option<&Path>) -> CsiResult<Client> {
     let internal = |detail: String| CsiError::Internal { detail };
-    let config = match kubeconfig {
-        Some(path) => {
-            let parsed = Kubeconfig::read_from(path)
-                .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?;
+    let credentials = std::env::var_os(DATAPLANE_CREDENTIALS_ENV).filter(|d| !d.is_empty());
+    let config = match (kubeconfig, credentials) {
+        (None, Some(dir)) => {
+            let dir = PathBuf::from(dir);
+            let parsed = dataplane_kubeconfig(&dir)?;
             kube::Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
                 .await
-                .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?
+                .map_err(|e| internal(format!("credentials in {}: {e}", dir.display())))?
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| internal(format!("no Kubernetes configuration found: {e}")))?,
+        (kubeconfig, _) => match kubeconfig {
+            Some(path) => {
+                let parsed = Kubeconfig::read_from(path)
+                    .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
+                    .await
+                    .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| internal(format!("no Kubernetes configuration found: {e}")))?,
+        },
     };
     Client::try_from(config).map_err(|e| internal(format!("cannot build a Kubernetes client: {e}")))
+}
+
+/// A kubeconfig for the API server of the in-cluster environment
+/// (`KUBERNETES_SERVICE_HOST`/`_PORT`) with the token and CA of `dir`.
+fn dataplane_kubeconfig(dir: &Path) -> CsiResult<Kubeconfig> {
+    use kube::config::{AuthInfo, Cluster, Context, NamedAuthInfo, NamedCluster, NamedContext};
+    let missing = |what: &str| CsiError::Internal {
+        detail: format!("{DATAPLANE_CREDENTIALS_ENV}={}: {what}", dir.display()),
+    };
+    let host = std::env::var("KUBERNETES_SERVICE_HOST")
+        .map_err(|_| missing("KUBERNETES_SERVICE_HOST is not set (not in a pod?)"))?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    for file in ["token", "ca.crt"] {
+        let path = dir.join(file);
+        if !std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+            return Err(missing(&format!("{} is missing or empty", path.display())));
+        }
+    }
+    let name = "twinvol-dataplane".to_owned();
+    Ok(Kubeconfig {
+        clusters: vec![NamedCluster {
+            name: name.clone(),
+            cluster: Some(Cluster {
+                server: Some(format!("https://{host}:{port}")),
+                certificate_authority: Some(dir.join("ca.crt").display().to_string()),
+                ..Cluster::default()
+            }),
+            ..NamedCluster::default()
+        }],
+        auth_infos: vec![NamedAuthInfo {
+            name: name.clone(),
+            auth_info: Some(AuthInfo {
+                token_file: Some(dir.join("token").display().to_string()),
+                ..AuthInfo::default()
+            }),
+            ..NamedAuthInfo::default()
+        }],
+        contexts: vec![NamedContext {
+            name: name.clone(),
+            context: Some(Context {
+                cluster: name.clone(),
+                user: Some(name.clone()),
+                namespace: std::fs::read_to_string(dir.join("namespace"))
+                    .ok()
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty()),
+                ..Context::default()
+            }),
+            ..NamedContext::default()
+        }],
+        current_context: Some(name),
+        ..Kubeconfig::default()
+    })
 }
 
 /// Options of `--mode controller`.
@@ -53,6 +136,8 @@ pub struct ControllerOptions {
     pub namespace: String,
     pub kubeconfig: Option<PathBuf>,
     pub health_listen: Option<SocketAddr>,
+    /// The node label naming its Site when no Site's selector matches.
+    pub zone_label: String,
 }
 
 /// Serves the Identity and Controller services (and NodeGetCapabilities,
@@ -67,6 +152,7 @@ pub async fn run_controller(opts: ControllerOptions) -> CsiResult<()> {
         .add_service(ControllerServer::new(ControllerService::new(
             client.clone(),
             &opts.namespace,
+            &opts.zone_label,
         )))
         // external-resizer asks this socket for the node's capabilities.
         .add_service(NodeServer::new(crate::node::CapabilitiesOnly));

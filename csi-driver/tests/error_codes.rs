@@ -136,7 +136,7 @@ async fn not_found_for_an_unknown_volume_or_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failed_precondition_for_a_second_node_and_a_published_delete() {
+async fn failed_precondition_for_a_second_node_unless_the_first_is_fenced_and_a_published_delete() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let bed = Bed::start(&["room-a", "room-b"]).await;
     let (_p, mut csi) = controller(&bed).await;
@@ -156,6 +156,75 @@ async fn failed_precondition_for_a_second_node_and_a_published_delete() {
     );
     assert_eq!(code, Code::FailedPrecondition, "{message}");
     assert!(message.contains(&a), "names the node holding it: {message}");
+
+    // Once A's Site is fenced (by the operator, after its frontends'
+    // leases ran out) and B's copy is in sync, B takes the publish over
+    // without waiting for A's unpublish; A's late unpublish then leaves
+    // B's record alone. B out of sync: still refused.
+    let volumes: kube::Api<twinvol_crds::MirroredVolume> = kube::Api::all(bed.client());
+    let in_sync =
+        |sites: &[&str]| kube::api::Patch::Merge(serde_json::json!({"status": {"inSync": sites}}));
+    volumes
+        .patch_status(
+            "pvc-one-node",
+            &kube::api::PatchParams::default(),
+            &in_sync(&["room-a"]),
+        )
+        .await
+        .expect("only A in sync");
+    let sites: kube::Api<twinvol_crds::Site> = kube::Api::all(bed.client());
+    sites
+        .patch_status(
+            "room-a",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"fenced": true}})),
+        )
+        .await
+        .expect("Site room-a fenced");
+    let (code, message) = code_of(
+        csi.controller
+            .controller_publish_volume(publish_request("pvc-one-node", &b))
+            .await,
+    );
+    assert_eq!(
+        code,
+        Code::FailedPrecondition,
+        "B is not in sync: no take-over: {message}"
+    );
+    volumes
+        .patch_status(
+            "pvc-one-node",
+            &kube::api::PatchParams::default(),
+            &in_sync(&["room-b"]),
+        )
+        .await
+        .expect("B in sync");
+    csi.controller
+        .controller_publish_volume(publish_request("pvc-one-node", &b))
+        .await
+        .expect("published to B, taken over from A of a fenced Site");
+    csi.controller
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: "pvc-one-node".into(),
+            node_id: a.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("A's unpublish succeeds");
+    let record = volumes
+        .get("pvc-one-node")
+        .await
+        .expect("the volume")
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get("csi.twinvol.io/published")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        record.contains(&b) && !record.contains(&a),
+        "B's record stands after A's unpublish: {record}"
+    );
     let (code, message) = code_of(
         csi.controller
             .delete_volume(DeleteVolumeRequest {

@@ -152,7 +152,11 @@ fn template_renders_every_component() {
         assert_eq!(count(objs, "DaemonSet"), 1, "{what}");
         assert_eq!(count(objs, "CSIDriver"), 1, "{what}");
         assert_eq!(count(objs, "StorageClass"), 1, "{what}");
-        assert_eq!(count(objs, "Secret"), 1, "{what}");
+        assert_eq!(
+            count(objs, "Secret"),
+            2,
+            "{what}: replication, the data plane's token"
+        );
     }
     // Monitoring objects only where the API serves them.
     assert_eq!(count(&defaults, "ServiceMonitor"), 0);
@@ -209,6 +213,31 @@ fn template_renders_every_component() {
         .find(|m| m["name"] == "kubelet-dir")
         .expect("kubelet dir mounted");
     assert_eq!(kubelet_mount["mountPropagation"], "Bidirectional");
+    // The data plane outlives the plugin's container: host PID namespace,
+    // a cgroup of its own, API credentials bound to no pod.
+    assert_eq!(node["hostPID"], true);
+    let args = plugin["args"].to_string();
+    assert!(
+        args.contains("--dataplane-cgroup=twinvol-dataplane")
+            && args.contains("--dataplane-credentials=/var/run/twinvol/dataplane"),
+        "{args}"
+    );
+    let token = find(&sites, "Secret", "node-dataplane");
+    assert_eq!(token["type"], "kubernetes.io/service-account-token");
+    assert_eq!(
+        token["metadata"]["annotations"]["kubernetes.io/service-account.name"],
+        "twinvol-node"
+    );
+    let credentials = node["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "dataplane-credentials")
+        .expect("credentials volume");
+    assert_eq!(
+        credentials["secret"]["secretName"],
+        "twinvol-node-dataplane"
+    );
     // Both Sites' nodes, and both pools mounted.
     let terms = &node["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         ["nodeSelectorTerms"];

@@ -229,7 +229,7 @@ async fn a_busy_machine_with_no_fault_gives_no_fail_over() {
         observer.transcript(baseline_at)
     );
     let changes = observer.changes_since(baseline_at);
-    let acked = all_acked(&collector, &bed.cluster.nodes_dir());
+    let acked = all_acked(&collector, &bed.cluster.nodes_dir(), APP);
     let file = bed
         .cluster
         .kubectl_ok(&["exec", POD, "-c", "writer", "--", "cat", "/data/records"])

@@ -131,7 +131,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // What was acknowledged before the file is read (the writer goes on).
-    let acked = all_acked(&collector, &bed.cluster.nodes_dir());
+    let acked = all_acked(&collector, &bed.cluster.nodes_dir(), APP);
     let file = records_file(&bed);
     let v = verify(&file, &acked);
     assert!(
@@ -255,7 +255,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // What was acknowledged before the file is read (the writer goes on).
-    let acked = all_acked(&collector, &bed.cluster.nodes_dir());
+    let acked = all_acked(&collector, &bed.cluster.nodes_dir(), APP);
     let file = records_file(&bed);
     let v = verify(&file, &acked);
     eprintln!(
@@ -331,7 +331,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // What was acknowledged before the file is read (the writer goes on).
-    let acked = all_acked(&collector, &bed.cluster.nodes_dir());
+    let acked = all_acked(&collector, &bed.cluster.nodes_dir(), APP);
     let file = records_file(&bed);
     let v = verify(&file, &acked);
     eprintln!(

@@ -17,7 +17,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::observe::{Observer, Sample};
-use common::workload::{Collector, acked_on_nodes, all_acked, statefulset, verify};
+use common::workload::{Collector, acked_log, acked_on_nodes, all_acked, statefulset, verify};
 use common::{Bed, node};
 use twinvol_e2e::cluster::Site;
 
@@ -91,7 +91,7 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
     bed.cluster
         .partition(Site::A)
         .expect("site A cut off the API");
-    let acked_a_at_cut = acked_on_nodes(&nodes_dir).len();
+    let acked_a_at_cut = acked_on_nodes(&nodes_dir, APP).len();
     let ready_b = observer
         .wait(
             "the pod Ready on site B",
@@ -103,7 +103,7 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
     let bumped = observer.first(cut, |s| s.epoch.is_some_and(|e| e > epoch_before));
     // What site A's pod acknowledged after the cut: its node log only
     // grows while its frontend acknowledges.
-    let log_a = nodes_dir.join(&node_a).join("shared/acked");
+    let log_a = acked_log(&nodes_dir, &node_a, APP);
     let a_lines = |()| {
         std::fs::read_to_string(&log_a)
             .map(|t| t.lines().count())
@@ -159,7 +159,7 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
         )
         .await;
     // The old pod's container on A is gone once A's kubelet hears again.
-    let acked = all_acked(&collector, &nodes_dir);
+    let acked = all_acked(&collector, &nodes_dir, APP);
     let file = bed
         .cluster
         .kubectl_ok(&["exec", POD, "--", "cat", "/data/records"])
@@ -170,7 +170,7 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
         secs(healed, in_sync),
         secs(healed, away),
         acked.len(),
-        acked_on_nodes(&nodes_dir)
+        acked_on_nodes(&nodes_dir, APP)
             .iter()
             .filter(|l| l.contains(&node_a))
             .count(),

@@ -39,17 +39,19 @@ pub struct ControllerService {
     volumes: Api<MirroredVolume>,
     locks: VolumeLocks,
     reports: NodeReports,
+    zone_label: String,
 }
 
 impl ControllerService {
     /// A controller over the cluster `client` talks to; node capacity from
     /// the heartbeat Leases in `namespace`.
-    pub fn new(client: Client, namespace: &str) -> Self {
+    pub fn new(client: Client, namespace: &str, zone_label: &str) -> Self {
         Self {
             volumes: Api::all(client.clone()),
             reports: NodeReports::watch(client.clone(), namespace),
             client,
             locks: VolumeLocks::new(),
+            zone_label: zone_label.to_owned(),
         }
     }
 

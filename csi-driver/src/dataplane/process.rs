@@ -230,8 +230,15 @@ pub fn spawn(launch: &Launch, files: &ProcessFiles) -> CsiResult<u32> {
         let _ = child.wait();
         return Err(e);
     }
-    if let Some(cgroup) = &launch.cgroup {
-        move_to_cgroup(pid, cgroup)?;
+    if let Some(cgroup) = &launch.cgroup
+        && let Err(e) = move_to_cgroup(pid, cgroup)
+    {
+        // Left in the container's cgroup it would die with the container
+        // at the next upgrade, unnoticed: stop it now and say why.
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(files.pid());
+        return Err(e);
     }
     // Reap it if it ends while this service still runs (after a restart
     // of the service, init does).
@@ -248,32 +255,102 @@ pub fn spawn(launch: &Launch, files: &ProcessFiles) -> CsiResult<u32> {
 }
 
 /// Moves `pid` into `cgroup` under every mounted hierarchy.
+///
+/// An absolute `cgroup` (`/twinvol-dataplane`) is taken from each
+/// hierarchy's root. A relative one (`twinvol-dataplane`, the chart's
+/// default) goes under the kubelet's cgroup root in each hierarchy — what
+/// precedes the first `kubepods` component of this process's own cgroup
+/// there (`/` on most nodes; a node's own group where several kubelets
+/// share a host, as on the cluster bed) — so that the data plane stays
+/// inside its node's tree whatever the kubelet's layout. A hierarchy the
+/// kubelet does not use (this process is in no `kubepods` group there) is
+/// left alone; moving into none at all is an error.
 fn move_to_cgroup(pid: u32, cgroup: &str) -> CsiResult<()> {
     let root = Path::new("/sys/fs/cgroup");
-    let mut hierarchies = vec![];
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    // (hierarchy directory, its name in /proc/self/cgroup: "" for v2).
+    let mut hierarchies: Vec<(PathBuf, String)> = vec![];
     if root.join("cgroup.controllers").exists() {
-        hierarchies.push(root.to_owned());
+        hierarchies.push((root.to_owned(), String::new()));
     } else if let Ok(entries) = std::fs::read_dir(root) {
         for entry in entries.flatten() {
             let path = entry.path();
-            // Skip the symlinks (cpu -> cpu,cpuacct) and the empty unified
-            // mount of a v1 system.
+            // Skip the symlinks (cpu -> cpu,cpuacct). The v2 hierarchy of a
+            // hybrid system (`unified`) counts too: the kubelet makes the
+            // pod's group there as well, and cannot remove it (the old pod
+            // then never finishes terminating) while a process is left in it.
             let real = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            if real
-                && path.join("cgroup.procs").exists()
-                && !path.join("cgroup.controllers").exists()
-            {
-                hierarchies.push(path);
+            if real && path.join("cgroup.procs").exists() {
+                let name = if path.join("cgroup.controllers").exists() {
+                    String::new()
+                } else {
+                    entry.file_name().to_string_lossy().into_owned()
+                };
+                hierarchies.push((path, name));
             }
         }
     }
-    for hierarchy in hierarchies {
-        let dir = hierarchy.join(cgroup.trim_start_matches('/'));
+    let mut moved = 0;
+    for (hierarchy, name) in hierarchies {
+        let Some(target) = dataplane_cgroup_path(cgroup, &own, &name) else {
+            continue;
+        };
+        let dir = hierarchy.join(target.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).map_err(|e| CsiError::io("creating cgroup", &dir, e))?;
+        // cgroup v1's cpuset takes no task until the group has CPUs and
+        // memory nodes: its parent's (v2 inherits them).
+        if !name.is_empty() {
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let path = dir.join(file);
+                let empty = std::fs::read_to_string(&path).is_ok_and(|v| v.trim().is_empty());
+                let parent = dir.parent().map(|p| p.join(file));
+                if let (true, Some(parent)) = (empty, parent.filter(|p| p.exists())) {
+                    let value = std::fs::read_to_string(&parent)
+                        .map_err(|e| CsiError::io("reading", &parent, e))?;
+                    std::fs::write(&path, value.trim())
+                        .map_err(|e| CsiError::io("writing", &path, e))?;
+                }
+            }
+        }
         let procs = dir.join("cgroup.procs");
         std::fs::write(&procs, pid.to_string()).map_err(|e| CsiError::io("writing", &procs, e))?;
+        moved += 1;
+    }
+    if moved == 0 {
+        return Err(CsiError::Internal {
+            detail: format!(
+                "no cgroup hierarchy to move the data plane into {cgroup:?} (this process's cgroups: {})",
+                own.trim().replace('\n', "; ")
+            ),
+        });
     }
     Ok(())
+}
+
+/// The cgroup path (from the hierarchy's root) for the data plane in the
+/// hierarchy named `hierarchy` (`cpu,cpuacct`, `systemd` for
+/// `name=systemd`, `""` for v2): `cgroup` itself when absolute, else under
+/// the kubelet's cgroup root as read from that hierarchy's line of `own`
+/// (this process's `/proc/self/cgroup`). None: the kubelet does not use
+/// that hierarchy for this process (no `kubepods` group in it), or no line
+/// names it.
+fn dataplane_cgroup_path(cgroup: &str, own: &str, hierarchy: &str) -> Option<String> {
+    if cgroup.starts_with('/') {
+        return Some(cgroup.to_owned());
+    }
+    let line = own.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let named = names == hierarchy || names.strip_prefix("name=") == Some(hierarchy);
+        named.then_some(path)
+    })?;
+    let parts: Vec<&str> = line.split('/').collect();
+    let at = parts.iter().position(|p| p.starts_with("kubepods"))?;
+    Some(format!(
+        "{}/{}",
+        parts[..at].join("/").trim_end_matches('/'),
+        cgroup
+    ))
 }
 
 /// Stops the process of `files`: SIGTERM, then SIGKILL after `grace`.
@@ -361,6 +438,42 @@ pub fn touch(path: &Path) -> CsiResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_dataplane_cgroup_goes_under_the_kubelets_root() {
+        let bed = "12:pids:/tsc3-a1/kubepods/besteffort/pod1/abc\n\
+                   4:cpu,cpuacct:/tsc3-a1/kubepods/besteffort/pod1/abc\n\
+                   3:net_cls,net_prio:/\n\
+                   1:name=systemd:/tsc3-a1/kubepods/besteffort/pod1/abc\n0::/\n";
+        let path = |h: &str| dataplane_cgroup_path("twinvol-dataplane", bed, h);
+        assert_eq!(path("pids").as_deref(), Some("/tsc3-a1/twinvol-dataplane"));
+        assert_eq!(
+            path("cpu,cpuacct").as_deref(),
+            Some("/tsc3-a1/twinvol-dataplane")
+        );
+        assert_eq!(
+            path("systemd").as_deref(),
+            Some("/tsc3-a1/twinvol-dataplane")
+        );
+        // Hierarchies the kubelet does not use, or that no line names.
+        assert_eq!(path("net_cls,net_prio"), None);
+        assert_eq!(path("hugetlb"), None);
+        let plain = "4:memory:/kubepods/burstable/pod2/def\n";
+        assert_eq!(
+            dataplane_cgroup_path("twinvol-dataplane", plain, "memory").as_deref(),
+            Some("/twinvol-dataplane")
+        );
+        // cgroup v2, systemd driver.
+        let v2 = "0::/kubepods.slice/kubepods-besteffort.slice/x.scope\n";
+        assert_eq!(dataplane_cgroup_path("dp", v2, "").as_deref(), Some("/dp"));
+        // Not in a pod (a test, a host service): nowhere.
+        assert_eq!(dataplane_cgroup_path("dp", "0::/user.slice\n", ""), None);
+        assert_eq!(
+            dataplane_cgroup_path("/abs/dp", bed, "hugetlb").as_deref(),
+            Some("/abs/dp"),
+            "an absolute path is taken as given"
+        );
+    }
 
     #[tokio::test]
     async fn a_detached_process_is_recognised_by_its_spec_and_stopped() {

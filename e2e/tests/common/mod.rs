@@ -193,6 +193,17 @@ impl Bed {
         Some(bed)
     }
 
+    /// Builds twinvol's image from the same binaries under another tag and
+    /// imports it into every node (what a `helm upgrade` to a new image
+    /// needs: a changed image reference rolls every component).
+    pub fn add_twinvol_image(&mut self, tag: &str) {
+        let bin_dir = binaries().expect("our binaries");
+        let bins: Vec<PathBuf> = BINARIES.iter().map(|b| bin_dir.join(b)).collect();
+        let refs: Vec<&Path> = bins.iter().map(PathBuf::as_path).collect();
+        let image = images::twinvol(&images::cache_dir(), tag, &refs).expect("twinvol image");
+        self.cluster.add_image(image).expect("imported");
+    }
+
     pub fn helm(&self, args: &[&str]) -> String {
         let bin = UpstreamBinaries::from_env().get("helm").expect("helm");
         let kubeconfig = self.cluster.kubeconfig().display().to_string();

@@ -25,6 +25,8 @@ pub struct PodSample {
     pub started: bool,
     pub ready: bool,
     pub deleting: bool,
+    /// The container's restart count (kubelet restarted it in place).
+    pub restarts: i32,
 }
 
 /// One replica of the volume as sampled.
@@ -180,13 +182,18 @@ impl Observer {
                 .iter()
                 .map(|p| {
                     format!(
-                        "{}@{}:{}{}{}{}",
+                        "{}@{}:{}{}{}{}{}",
                         &p.uid[..8.min(p.uid.len())],
                         p.node.as_deref().unwrap_or("-"),
                         p.phase.as_deref().unwrap_or("-"),
                         if p.started { ",started" } else { "" },
                         if p.ready { ",ready" } else { "" },
                         if p.deleting { ",deleting" } else { "" },
+                        if p.restarts > 0 {
+                            format!(",restarts={}", p.restarts)
+                        } else {
+                            String::new()
+                        },
                     )
                 })
                 .collect();
@@ -240,6 +247,11 @@ async fn take(client: &Client, app: &str, pvc: &str) -> Result<Sample, kube::Err
             .and_then(|c| c.first())
             .and_then(|c| c.state.as_ref())
             .is_some_and(|s| s.running.is_some());
+        let restarts = status
+            .container_statuses
+            .as_ref()
+            .and_then(|c| c.first())
+            .map_or(0, |c| c.restart_count);
         let ready = status
             .conditions
             .as_ref()
@@ -252,6 +264,7 @@ async fn take(client: &Client, app: &str, pvc: &str) -> Result<Sample, kube::Err
             started,
             ready,
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            restarts,
         });
     }
     let sites: Api<Site> = Api::all(client.clone());

@@ -5,10 +5,12 @@
 //! power-off). What the collector received is what was acknowledged; the
 //! check reads the file back and finds every one of them, intact.
 //!
-//! Each acknowledged record is also appended to `acked` in the node's
+//! Each acknowledged record is also appended to `acked.<app>` in the node's
 //! `shared/` directory on the host (a hostPath of the bed's `nodes/`): the
 //! node's disk outlives its power and its network, so records acknowledged
-//! on a site cut off from the collector are known too.
+//! on a site cut off from the collector are known too. A write or fsync that
+//! fails (an I/O error the application sees) is logged to `errors.<app>`
+//! there before the container exits: [`io_errors`] reads them.
 //!
 //! A record is one line: `<incarnation> <seq> <payload> <sha-256 of the rest, 16 hex digits>`;
 //! each start of the container is a new incarnation (a random id), counting
@@ -33,8 +35,11 @@ echo "started $inc on $NODE_NAME" >&2
 while true; do
   rec="$inc $n $NODE_NAME-$(date +%s)-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
   sum=$(printf '%s' "$rec" | sha256sum | cut -c1-16)
-  printf '%s %s\n' "$rec" "$sum" | dd of=/data/records oflag=append conv=notrunc,fsync status=none || exit 1
-  echo "$rec $sum" >> "/acks/$NODE_NAME/shared/acked"
+  if ! printf '%s %s\n' "$rec" "$sum" | dd of=/data/records oflag=append conv=notrunc,fsync status=none; then
+    echo "$inc $n $(date +%s) dd of /data/records failed" >> "/acks/$NODE_NAME/shared/errors.$APP"
+    exit 1
+  fi
+  echo "$rec $sum" >> "/acks/$NODE_NAME/shared/acked.$APP"
   echo "$rec $sum"
   n=$((n + 1))
   usleep 20000
@@ -177,6 +182,7 @@ spec:
           env:
             - {{name: COLLECTOR_IP, value: "{ip}"}}
             - {{name: COLLECTOR_PORT, value: "{port}"}}
+            - {{name: APP, value: "{name}"}}
             - name: NODE_NAME
               valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
           readinessProbe:
@@ -185,7 +191,11 @@ spec:
             failureThreshold: 1
           volumeMounts:
             - {{name: data, mountPath: /data}}
-            - {{name: acks, mountPath: /acks}}
+            # The bed's nodes/ holds every node's kubelet directory: without
+            # HostToContainer this pod would keep a private copy of other
+            # pods' volume mounts (a node's unstage then finds its
+            # filesystem still mounted here and refuses).
+            - {{name: acks, mountPath: /acks, mountPropagation: HostToContainer}}
 {containers}      volumes:
         - name: acks
           hostPath: {{path: "{nodes}", type: Directory}}
@@ -252,11 +262,11 @@ pub fn verify(file: &str, acked: &[String]) -> Verdict {
     verdict
 }
 
-/// The records the pods acknowledged in the nodes' `shared/acked` logs.
-pub fn acked_on_nodes(nodes_dir: &Path) -> Vec<String> {
+/// The lines of `shared/<file>` of every node.
+fn node_logs(nodes_dir: &Path, file: &str) -> Vec<String> {
     let mut all = Vec::new();
     for entry in std::fs::read_dir(nodes_dir).into_iter().flatten().flatten() {
-        let log = entry.path().join("shared/acked");
+        let log = entry.path().join("shared").join(file);
         if let Ok(text) = std::fs::read_to_string(&log) {
             all.extend(text.lines().map(str::to_owned));
         }
@@ -264,9 +274,28 @@ pub fn acked_on_nodes(nodes_dir: &Path) -> Vec<String> {
     all
 }
 
-/// Every acknowledged record: the collector's and the nodes' logs.
-pub fn all_acked(collector: &Collector, nodes_dir: &Path) -> Vec<String> {
+/// The node's log of the records `app`'s pods acknowledged on it.
+pub fn acked_log(nodes_dir: &Path, node: &str, app: &str) -> std::path::PathBuf {
+    nodes_dir
+        .join(node)
+        .join("shared")
+        .join(format!("acked.{app}"))
+}
+
+/// The records `app`'s pods acknowledged, from the nodes' `shared/acked.<app>` logs.
+pub fn acked_on_nodes(nodes_dir: &Path, app: &str) -> Vec<String> {
+    node_logs(nodes_dir, &format!("acked.{app}"))
+}
+
+/// The I/O errors `app`'s pods saw (a failed write or fsync of a record),
+/// from the nodes' `shared/errors.<app>` logs.
+pub fn io_errors(nodes_dir: &Path, app: &str) -> Vec<String> {
+    node_logs(nodes_dir, &format!("errors.{app}"))
+}
+
+/// Every record `app` acknowledged: the collector's and the nodes' logs.
+pub fn all_acked(collector: &Collector, nodes_dir: &Path, app: &str) -> Vec<String> {
     let mut all: BTreeSet<String> = collector.lines().into_iter().map(|(_, l)| l).collect();
-    all.extend(acked_on_nodes(nodes_dir));
+    all.extend(acked_on_nodes(nodes_dir, app));
     all.into_iter().collect()
 }
