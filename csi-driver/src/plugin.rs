@@ -48,6 +48,13 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> CsiResult<Client> {
     let internal = |detail: String| CsiError::Internal { detail };
     let credentials = std::env::var_os(DATAPLANE_CREDENTIALS_ENV).filter(|d| !d.is_empty());
     let config = match (kubeconfig, credentials) {
+        (Some(path), _) => {
+            let parsed = Kubeconfig::read_from(path)
+                .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?
+        }
         (None, Some(dir)) => {
             let dir = PathBuf::from(dir);
             let parsed = dataplane_kubeconfig(&dir)?;
@@ -55,18 +62,9 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> CsiResult<Client> {
                 .await
                 .map_err(|e| internal(format!("credentials in {}: {e}", dir.display())))?
         }
-        (kubeconfig, _) => match kubeconfig {
-            Some(path) => {
-                let parsed = Kubeconfig::read_from(path)
-                    .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?;
-                kube::Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
-                    .await
-                    .map_err(|e| internal(format!("kubeconfig {}: {e}", path.display())))?
-            }
-            None => kube::Config::infer()
-                .await
-                .map_err(|e| internal(format!("no Kubernetes configuration found: {e}")))?,
-        },
+        (None, None) => kube::Config::infer()
+            .await
+            .map_err(|e| internal(format!("no Kubernetes configuration found: {e}")))?,
     };
     Client::try_from(config).map_err(|e| internal(format!("cannot build a Kubernetes client: {e}")))
 }

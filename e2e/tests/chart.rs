@@ -99,6 +99,11 @@ fn find<'a>(objects: &'a [Value], kind: &str, name_part: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} named *{name_part}* in the render"))
 }
 
+/// The entry of the list `list` (volumes, mounts) whose name is `name`.
+fn named<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list.as_array()?.iter().find(|v| v["name"] == name)
+}
+
 fn count(objects: &[Value], kind: &str) -> usize {
     objects.iter().filter(|o| o["kind"] == kind).count()
 }
@@ -206,12 +211,7 @@ fn template_renders_every_component() {
     let plugin = &node["containers"][0];
     assert_eq!(plugin["securityContext"]["privileged"], true);
     assert_eq!(plugin["livenessProbe"]["httpGet"]["path"], "/healthz");
-    let kubelet_mount = plugin["volumeMounts"]
-        .as_array()
-        .expect("mounts")
-        .iter()
-        .find(|m| m["name"] == "kubelet-dir")
-        .expect("kubelet dir mounted");
+    let kubelet_mount = named(&plugin["volumeMounts"], "kubelet-dir").expect("kubelet dir mounted");
     assert_eq!(kubelet_mount["mountPropagation"], "Bidirectional");
     // The data plane outlives the plugin's container: host PID namespace,
     // a cgroup of its own, API credentials bound to no pod.
@@ -228,12 +228,7 @@ fn template_renders_every_component() {
         token["metadata"]["annotations"]["kubernetes.io/service-account.name"],
         "twinvol-node"
     );
-    let credentials = node["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == "dataplane-credentials")
-        .expect("credentials volume");
+    let credentials = named(&node["volumes"], "dataplane-credentials").expect("credentials volume");
     assert_eq!(
         credentials["secret"]["secretName"],
         "twinvol-node-dataplane"
@@ -287,12 +282,7 @@ fn template_renders_every_component() {
     let set = format!("kubeletDir={per_node}");
     let objs = objects(&render(home.path(), &["--set", &set]));
     let node = &find(&objs, "DaemonSet", "node")["spec"]["template"]["spec"];
-    let volume = node["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == "kubelet-dir")
-        .expect("kubelet-dir volume");
+    let volume = named(&node["volumes"], "kubelet-dir").expect("kubelet-dir volume");
     assert_eq!(
         volume["hostPath"]["path"],
         "/var/lib/twinvol-cluster/tsc0/nodes"

@@ -145,16 +145,8 @@ async fn a_busy_machine_with_no_fault_gives_no_fail_over() {
             },
         )
         .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while collector.count() < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the writer acknowledged only {} records in 60 s\n{}",
-            collector.count(),
-            bed.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    bed.wait_records(&collector, 20, "the writer at start")
+        .await;
     let baseline_at = Instant::now();
     let baseline = observer.latest().expect("a sample");
     let want = steady(&baseline);

@@ -21,7 +21,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::observe::{Observer, Sample};
+use common::observe::{Observer, Sample, between};
 use common::workload::{Collector, all_acked, statefulset, verify};
 use common::{Bed, node};
 use twinvol_e2e::cluster::Site;
@@ -34,26 +34,10 @@ fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
-fn between(a: Instant, b: Instant) -> String {
-    if b >= a {
-        secs(b - a)
-    } else {
-        format!("-{}", secs(a - b))
-    }
-}
-
 fn records_file(bed: &Bed) -> String {
     bed.cluster
         .kubectl_ok(&["exec", POD, "--", "cat", "/data/records"])
         .unwrap_or_else(|e| panic!("reading the records: {e}\n{}", bed.diagnostics()))
-}
-
-/// The pod of the workload running Ready on `node`, with its uid.
-fn running_on(s: &Sample, node: &str) -> Option<String> {
-    s.pods
-        .iter()
-        .find(|p| p.node.as_deref() == Some(node) && p.ready && !p.deleting)
-        .map(|p| p.uid.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +90,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
             "the pod Ready on site A",
             applied,
             Duration::from_secs(60),
-            |s| running_on(s, &node_a).is_some(),
+            |s| s.running_on(&node_a).is_some(),
         )
         .await;
     eprintln!(
@@ -120,16 +104,8 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         .kubectl_ok(&["exec", POD, "--", "grep", " /data ", "/proc/mounts"])
         .unwrap_or_else(|e| panic!("mounts: {e}\n{}", bed.diagnostics()));
     assert!(mounts.contains("ext4"), "/data is not ext4: {mounts}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while collector.count() < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "the writer acknowledged only {} records in 60 s\n{}",
-            collector.count(),
-            bed.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    bed.wait_records(&collector, 50, "the writer at start")
+        .await;
     // What was acknowledged before the file is read (the writer goes on).
     let acked = all_acked(&collector, &bed.cluster.nodes_dir(), APP);
     let file = records_file(&bed);
@@ -148,7 +124,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
     // ----- 2. site A loses power ----------------------------------------
     let before = observer.latest().expect("a sample");
     let epoch_before = before.epoch.expect("the volume's epoch");
-    let old_uid = running_on(&before, &node_a).expect("the pod on site A");
+    let old_uid = before.running_on(&node_a).expect("the pod on site A");
     let leader = bed.kubectl(&[
         "-n",
         common::NAMESPACE,
@@ -187,10 +163,14 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
             "the pod Ready on site B",
             cut,
             Duration::from_secs(180),
-            |s| running_on(s, &node_b).is_some(),
+            |s| s.running_on(&node_b).is_some(),
         )
         .await;
-    let new_uid = running_on(&observer.latest().expect("sample"), &node_b).expect("pod on B");
+    let new_uid = observer
+        .latest()
+        .expect("sample")
+        .running_on(&node_b)
+        .expect("pod on B");
     let bumped = observer.first(cut, |s| s.epoch.is_some_and(|e| e > epoch_before));
     let old_gone = observer.first(cut, |s| {
         !s.pods.iter().any(|p| p.uid == old_uid && !p.deleting)
@@ -245,15 +225,12 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
     );
     // Every record acknowledged before (and after) the cut is on site B.
     let new_records = collector.count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while collector.count() < new_records + 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the writer on site B acknowledged nothing new\n{}",
-            bed.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    bed.wait_records(
+        &collector,
+        new_records + 20,
+        "the writer on site B acknowledged nothing new",
+    )
+    .await;
     // What was acknowledged before the file is read (the writer goes on).
     let acked = all_acked(&collector, &bed.cluster.nodes_dir(), APP);
     let file = records_file(&bed);
@@ -307,7 +284,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
             "the pod back on site A (failback Automatic)",
             power_on,
             Duration::from_secs(180),
-            |s| running_on(s, &node_a).is_some(),
+            |s| s.running_on(&node_a).is_some(),
         )
         .await;
     eprintln!(
@@ -321,15 +298,12 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
         between(power_on, home),
     );
     let new_records = collector.count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while collector.count() < new_records + 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the writer back on site A acknowledged nothing new\n{}",
-            bed.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    bed.wait_records(
+        &collector,
+        new_records + 20,
+        "the writer back on site A acknowledged nothing new",
+    )
+    .await;
     // What was acknowledged before the file is read (the writer goes on).
     let acked = all_acked(&collector, &bed.cluster.nodes_dir(), APP);
     let file = records_file(&bed);

@@ -27,9 +27,10 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::observe::{Observer, Sample};
+use common::observe::{Observer, Sample, between};
 use common::workload::{Collector, all_acked, io_errors, statefulset, verify};
 use common::{Bed, NAMESPACE, node};
 use twinvol_e2e::cluster::Site;
@@ -43,37 +44,6 @@ const TAG2: &str = "chart-test-2";
 /// the upgrade and through the loss of its replica on A: the frontend's
 /// self-fencing (5 s without a heartbeat renewal) would exceed it.
 const MAX_HOLD: Duration = Duration::from_secs(5);
-
-fn secs(a: Instant, b: Instant) -> String {
-    if b >= a {
-        format!("{:.1} s", (b - a).as_secs_f64())
-    } else {
-        format!("-{:.1} s", (a - b).as_secs_f64())
-    }
-}
-
-/// The pod of the workload running Ready on `node`, with its uid.
-fn running_on(s: &Sample, node: &str) -> Option<String> {
-    s.pods
-        .iter()
-        .find(|p| p.node.as_deref() == Some(node) && p.ready && !p.deleting)
-        .map(|p| p.uid.clone())
-}
-
-/// Waits until `collector` has `more` records beyond what it had at the call.
-async fn records_flow(bed: &Bed, collector: &Collector, more: usize, what: &str) {
-    let start = collector.count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while collector.count() < start + more {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: only {} new records in 60 s\n{}",
-            collector.count() - start,
-            bed.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 /// The longest gap between two records the collector received in
 /// `[from, to]`: how long the workload was held.
@@ -110,6 +80,49 @@ fn release_images(bed: &Bed) -> Vec<(String, String)> {
         }
     }
     images
+}
+
+/// Whether the pod `uid` is the workload's Ready one, never restarted in
+/// place.
+fn same_pod(s: &Sample, uid: &str) -> bool {
+    s.pods
+        .iter()
+        .any(|p| p.uid == uid && p.restarts == 0 && p.ready && !p.deleting)
+}
+
+/// What a workload must not notice of `what` (since `since`): its pod
+/// `uid` still the Ready one and never restarted, no I/O error, no pause
+/// of MAX_HOLD or more between acknowledged records. Returns the longest
+/// pause.
+fn undisturbed(
+    (app, obs, log): (&str, &Observer, &Collector),
+    uid: &str,
+    nodes_dir: &Path,
+    since: Instant,
+    what: &str,
+) -> Duration {
+    let last = obs.latest().expect("sample");
+    assert!(
+        same_pod(&last, uid),
+        "{app}'s pod was restarted or replaced by {what}: {last:?}\n{}",
+        obs.transcript(since)
+    );
+    assert_eq!(
+        io_errors(nodes_dir, app),
+        Vec::<String>::new(),
+        "{app} saw I/O errors in {what}"
+    );
+    let gap = longest_gap(log, since, Instant::now());
+    // A replica's loss holds writes for about the replica timeout (1 s)
+    // and the in-sync update; a frontend that stopped acknowledging (its
+    // heartbeat lapsed, a fail-over of the wrong site) would hold them far
+    // longer.
+    assert!(
+        gap < MAX_HOLD,
+        "{what} held {app}'s writes {gap:?}\n{}",
+        obs.transcript(since)
+    );
+    gap
 }
 
 fn annotate_site(bed: &Bed, site: &str, value: Option<&str>) {
@@ -176,7 +189,7 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
             "writer Ready on site A",
             applied,
             Duration::from_secs(180),
-            |s| running_on(s, &node_a).is_some(),
+            |s| s.running_on(&node_a).is_some(),
         )
         .await;
     steady
@@ -184,23 +197,27 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
             "steady Ready on site B",
             applied,
             Duration::from_secs(180),
-            |s| running_on(s, &node_b).is_some(),
+            |s| s.running_on(&node_b).is_some(),
         )
         .await;
-    records_flow(&bed, &writer_log, 30, "writer on A").await;
-    records_flow(&bed, &steady_log, 30, "steady on B").await;
-    let writer_uid = running_on(&writer.latest().expect("sample"), &node_a).expect("writer on A");
-    let steady_uid = running_on(&steady.latest().expect("sample"), &node_b).expect("steady on B");
+    bed.wait_records(&writer_log, writer_log.count() + 30, "writer on A")
+        .await;
+    bed.wait_records(&steady_log, steady_log.count() + 30, "steady on B")
+        .await;
+    let writer_uid = writer
+        .latest()
+        .expect("sample")
+        .running_on(&node_a)
+        .expect("writer on A");
+    let steady_uid = steady
+        .latest()
+        .expect("sample")
+        .running_on(&node_b)
+        .expect("steady on B");
     eprintln!(
         "SETUP: writer Ready on {node_a}, steady Ready on {node_b} {} after the StatefulSets were applied",
-        secs(applied, Instant::now())
+        between(applied, Instant::now())
     );
-    // Neither pod is ever restarted in place, and `steady` never moves.
-    let same_pod = |s: &Sample, uid: &str| {
-        s.pods
-            .iter()
-            .any(|p| p.uid == uid && p.restarts == 0 && p.ready && !p.deleting)
-    };
 
     // ----- 1. helm upgrade to a changed image ---------------------------
     bed.add_twinvol_image(TAG2);
@@ -234,38 +251,39 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let rolled = Instant::now();
-    records_flow(&bed, &writer_log, 20, "writer after the upgrade").await;
-    records_flow(&bed, &steady_log, 20, "steady after the upgrade").await;
-    let after_upgrade = Instant::now();
-    for (obs, uid, app) in [
-        (&writer, &writer_uid, WRITER),
-        (&steady, &steady_uid, STEADY),
-    ] {
-        let last = obs.latest().expect("sample");
-        assert!(
-            same_pod(&last, uid),
-            "{app}'s pod was restarted or replaced by the upgrade: {last:?}\n{}",
-            obs.transcript(upgrade)
-        );
-        assert_eq!(
-            io_errors(&nodes_dir, app),
-            Vec::<String>::new(),
-            "{app} saw I/O errors in the upgrade"
-        );
-    }
+    bed.wait_records(
+        &writer_log,
+        writer_log.count() + 20,
+        "writer after the upgrade",
+    )
+    .await;
+    bed.wait_records(
+        &steady_log,
+        steady_log.count() + 20,
+        "steady after the upgrade",
+    )
+    .await;
     let gaps = (
-        longest_gap(&writer_log, upgrade, after_upgrade),
-        longest_gap(&steady_log, upgrade, after_upgrade),
+        undisturbed(
+            (WRITER, &writer, &writer_log),
+            &writer_uid,
+            &nodes_dir,
+            upgrade,
+            "the upgrade",
+        ),
+        undisturbed(
+            (STEADY, &steady, &steady_log),
+            &steady_uid,
+            &nodes_dir,
+            upgrade,
+            "the upgrade",
+        ),
     );
     eprintln!(
         "STEP 1: helm upgrade to {TAG2}: every pod of the release rolled and Ready in {}; writer and steady kept their pods, no restart, no I/O error; longest gap between acknowledged records: writer {:.2} s, steady {:.2} s",
-        secs(upgrade, rolled),
+        between(upgrade, rolled),
         gaps.0.as_secs_f64(),
         gaps.1.as_secs_f64(),
-    );
-    assert!(
-        gaps.0 < MAX_HOLD && gaps.1 < MAX_HOLD,
-        "the upgrade held a workload's writes {gaps:?}"
     );
 
     // ----- 2. maintenance of site A --------------------------------------
@@ -276,15 +294,24 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
             "writer Ready on site B (drained)",
             drain,
             Duration::from_secs(120),
-            |s| running_on(s, &node_b).is_some(),
+            |s| s.running_on(&node_b).is_some(),
         )
         .await;
     let draining = writer.first(drain, |s| {
         s.condition("AwayFromHome")
             .is_some_and(|c| c.contains("Draining"))
     });
-    records_flow(&bed, &writer_log, 20, "writer on B after the drain").await;
-    let writer_uid_b = running_on(&writer.latest().expect("sample"), &node_b).expect("writer on B");
+    bed.wait_records(
+        &writer_log,
+        writer_log.count() + 20,
+        "writer on B after the drain",
+    )
+    .await;
+    let writer_uid_b = writer
+        .latest()
+        .expect("sample")
+        .running_on(&node_b)
+        .expect("writer on B");
     assert_eq!(
         io_errors(&nodes_dir, WRITER),
         Vec::<String>::new(),
@@ -298,9 +325,9 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
     eprintln!(
         "STEP 2: maintenance annotation on {zone_a} -> Draining shown {}, writer Ready on {node_b} {}; longest gap between writer's acknowledged records {:.1} s; no I/O error",
         draining
-            .map(|t| secs(drain, t))
+            .map(|t| between(drain, t))
             .unwrap_or_else(|| "-".into()),
-        secs(drain, moved),
+        between(drain, moved),
         longest_gap(&writer_log, drain, Instant::now()).as_secs_f64(),
     );
 
@@ -336,46 +363,44 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
             s.site_fenced(&zone_a)
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    records_flow(&bed, &writer_log, 30, "writer on B with site A off").await;
-    records_flow(&bed, &steady_log, 30, "steady on B with site A off").await;
-    let later = Instant::now();
-    for (obs, uid, app) in [
-        (&writer, &writer_uid_b, WRITER),
-        (&steady, &steady_uid, STEADY),
-    ] {
-        let last = obs.latest().expect("sample");
-        assert!(
-            same_pod(&last, uid),
-            "{app}'s pod on B was restarted or replaced when its replica on A was lost: {last:?}\n{}",
-            obs.transcript(cut)
-        );
-        assert_eq!(
-            io_errors(&nodes_dir, app),
-            Vec::<String>::new(),
-            "{app} saw I/O errors when its replica on A was lost"
-        );
-    }
+    // Then a window of records (several seconds at one per 20 ms plus
+    // its fsync) in which a wrong move of theirs would show.
+    bed.wait_records(
+        &writer_log,
+        writer_log.count() + 150,
+        "writer on B with site A off",
+    )
+    .await;
+    bed.wait_records(
+        &steady_log,
+        steady_log.count() + 150,
+        "steady on B with site A off",
+    )
+    .await;
+    let what = "the loss of its replica on A";
     let gaps = (
-        longest_gap(&writer_log, cut, later),
-        longest_gap(&steady_log, cut, later),
+        undisturbed(
+            (WRITER, &writer, &writer_log),
+            &writer_uid_b,
+            &nodes_dir,
+            cut,
+            what,
+        ),
+        undisturbed(
+            (STEADY, &steady, &steady_log),
+            &steady_uid,
+            &nodes_dir,
+            cut,
+            what,
+        ),
     );
     eprintln!(
         "STEP 3: site A powered off -> replica A out of the in-sync set: writer {}, steady {}; site A fenced {}; both pods on {node_b} kept running (same pod, no restart, no I/O error); longest gap between acknowledged records: writer {:.1} s, steady {:.1} s",
-        secs(cut, w_dropped),
-        secs(cut, s_dropped),
-        secs(cut, fenced),
+        between(cut, w_dropped),
+        between(cut, s_dropped),
+        between(cut, fenced),
         gaps.0.as_secs_f64(),
         gaps.1.as_secs_f64(),
-    );
-    // A replica's loss holds writes for about the replica timeout (1 s)
-    // and the in-sync update; a frontend that stopped acknowledging (its
-    // heartbeat lapsed, a fail-over of the wrong site) would hold them far
-    // longer.
-    assert!(
-        gaps.0 < MAX_HOLD && gaps.1 < MAX_HOLD,
-        "a workload on B was held {gaps:?} when its replica on A was lost\n{}",
-        writer.transcript(cut)
     );
 
     // ----- 4. site A's power returns: resync -------------------------------
@@ -409,7 +434,7 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
     });
     let last = writer.latest().expect("sample");
     assert!(
-        running_on(&last, &node_b).is_some(),
+        last.running_on(&node_b).is_some(),
         "writer left site B while site A is still under maintenance: {last:?}"
     );
     let waiting = last
@@ -419,10 +444,10 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
     eprintln!(
         "STEP 4: site A powered on -> resync progress shown {}, writer in sync {}, steady in sync {}; writer stays on {node_b} while the annotation is set ({waiting})",
         progress
-            .map(|t| secs(power_on, t))
+            .map(|t| between(power_on, t))
             .unwrap_or_else(|| "never (between samples)".into()),
-        secs(power_on, w_sync),
-        secs(power_on, s_sync),
+        between(power_on, w_sync),
+        between(power_on, s_sync),
     );
 
     // ----- 5. maintenance over: fail-back ----------------------------------
@@ -433,14 +458,16 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
             "writer back home on site A",
             over,
             Duration::from_secs(180),
-            |s| running_on(s, &node_a).is_some(),
+            |s| s.running_on(&node_a).is_some(),
         )
         .await;
-    records_flow(&bed, &writer_log, 20, "writer home on A").await;
-    records_flow(&bed, &steady_log, 20, "steady at the end").await;
+    bed.wait_records(&writer_log, writer_log.count() + 20, "writer home on A")
+        .await;
+    bed.wait_records(&steady_log, steady_log.count() + 20, "steady at the end")
+        .await;
     eprintln!(
         "STEP 5: annotation removed -> writer Ready on {node_a} {}",
-        secs(over, home)
+        between(over, home)
     );
 
     // ----- the records ----------------------------------------------------
@@ -483,7 +510,7 @@ parameters: {{failback: Automatic, fsType: ext4, preferredSite: "{zone_b}"}}
     steady.stop();
     eprintln!(
         "whole scenario {} (after the chart was installed)",
-        secs(test_started, Instant::now())
+        between(test_started, Instant::now())
     );
     bed.shutdown();
 }

@@ -16,7 +16,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::observe::{Observer, Sample};
+use common::observe::{Observer, between};
 use common::workload::{Collector, acked_log, acked_on_nodes, all_acked, statefulset, verify};
 use common::{Bed, node};
 use twinvol_e2e::cluster::Site;
@@ -24,21 +24,6 @@ use twinvol_e2e::cluster::Site;
 const APP: &str = "writer";
 const PVC: &str = "data-writer-0";
 const POD: &str = "writer-0";
-
-fn running_on(s: &Sample, node: &str) -> Option<String> {
-    s.pods
-        .iter()
-        .find(|p| p.node.as_deref() == Some(node) && p.ready && !p.deleting)
-        .map(|p| p.uid.clone())
-}
-
-fn secs(a: Instant, b: Instant) -> String {
-    if b >= a {
-        format!("{:.1} s", (b - a).as_secs_f64())
-    } else {
-        format!("-{:.1} s", (a - b).as_secs_f64())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
@@ -70,19 +55,11 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
             "the pod Ready on site A",
             applied,
             Duration::from_secs(180),
-            |s| running_on(s, &node_a).is_some(),
+            |s| s.running_on(&node_a).is_some(),
         )
         .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while collector.count() < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "the writer acknowledged only {} records\n{}",
-            collector.count(),
-            bed.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    bed.wait_records(&collector, 50, "the writer at start")
+        .await;
     let epoch_before = observer.latest().and_then(|s| s.epoch).expect("epoch");
 
     // ----- the partition -------------------------------------------------
@@ -97,7 +74,7 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
             "the pod Ready on site B",
             cut,
             Duration::from_secs(180),
-            |s| running_on(s, &node_b).is_some(),
+            |s| s.running_on(&node_b).is_some(),
         )
         .await;
     let bumped = observer.first(cut, |s| s.epoch.is_some_and(|e| e > epoch_before));
@@ -110,21 +87,20 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
             .unwrap_or(0)
     };
     let a_at_ready_b = a_lines(());
-    let deadline = Instant::now() + Duration::from_secs(60);
     let b_start = collector.count();
-    while collector.count() < b_start + 30 {
-        assert!(
-            Instant::now() < deadline,
-            "the writer on site B acknowledged nothing\n{}",
-            bed.diagnostics()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    bed.wait_records(
+        &collector,
+        b_start + 30,
+        "the writer on site B acknowledged nothing",
+    )
+    .await;
     let a_later = a_lines(());
     eprintln!(
         "PARTITION: cut -> epoch bumped {}, pod Ready on {node_b} {}; site A's pod acknowledged {} records by the cut, {} by the pod Ready on B, {} while B wrote on",
-        bumped.map(|t| secs(cut, t)).unwrap_or_else(|| "-".into()),
-        secs(cut, ready_b),
+        bumped
+            .map(|t| between(cut, t))
+            .unwrap_or_else(|| "-".into()),
+        between(cut, ready_b),
         acked_a_at_cut,
         a_at_ready_b,
         a_later,
@@ -154,7 +130,7 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
             |s| {
                 s.condition("AwayFromHome")
                     .is_some_and(|c| c.contains("ManualFailback"))
-                    && running_on(s, &node_b).is_some()
+                    && s.running_on(&node_b).is_some()
             },
         )
         .await;
@@ -167,8 +143,8 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
     let v = verify(&file, &acked);
     eprintln!(
         "PARTITION: healed -> in sync {}, Manual failback reported {}; {} records acknowledged in all ({} on A), {} found, {} missing, {} invalid lines; incarnations {:?}",
-        secs(healed, in_sync),
-        secs(healed, away),
+        between(healed, in_sync),
+        between(healed, away),
         acked.len(),
         acked_on_nodes(&nodes_dir, APP)
             .iter()
@@ -187,7 +163,7 @@ async fn site_a_partitioned_self_fences_and_loses_no_acknowledged_record() {
     );
     // Still Manual: the pod stays on B.
     let last = observer.latest().expect("sample");
-    assert!(running_on(&last, &node_b).is_some(), "{last:?}");
+    assert!(last.running_on(&node_b).is_some(), "{last:?}");
     observer.stop();
     bed.shutdown();
 }

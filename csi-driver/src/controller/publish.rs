@@ -19,6 +19,8 @@
 //! takes (after its lease expired), not by anything done here.
 
 use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use twinvol_crds::MirroredVolume;
 
 use crate::capability;
 use crate::error::{CsiError, CsiResult};
@@ -53,7 +55,7 @@ impl ControllerService {
             .and_then(capability::check)?;
         let name = request.volume_id.clone();
         let _guard = self.locks.try_lock(&name)?;
-        volume::require(&self.volumes, &name).await?;
+        let current = volume::require(&self.volumes, &name).await?;
         let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
         if nodes
             .get_opt(&request.node_id)
@@ -73,22 +75,11 @@ impl ControllerService {
         // Site is unfenced and in sync: taken over (a volume whose fail-over
         // the operator refused — the other copy not in sync — keeps its
         // guard).
-        let current = volume::get(&self.volumes, &name).await?;
-        let in_sync: Vec<String> = current
-            .as_ref()
-            .and_then(|mv| mv.status.as_ref())
-            .map(|s| s.in_sync.iter().map(ToString::to_string).collect())
-            .unwrap_or_default();
-        let fenced_holder = match current.as_ref().and_then(volume::published) {
-            Some(p) if p.node != wanted.node => {
-                let holder = self.site_of(&p.node).await;
-                let target = self.site_of(&wanted.node).await;
-                let take = holder.as_ref().is_some_and(|(_, fenced)| *fenced)
-                    && target
-                        .as_ref()
-                        .is_some_and(|(site, fenced)| !fenced && in_sync.contains(site));
-                take.then_some(p.node)
-            }
+        let fenced_holder = match volume::published(&current) {
+            Some(p) if p.node != wanted.node => self
+                .may_take_over(&current, &p.node, &wanted.node)
+                .await
+                .then_some(p.node),
             _ => None,
         };
         let record = serde_json::to_string(&wanted).map_err(|e| CsiError::Internal {
@@ -133,19 +124,29 @@ impl ControllerService {
         Ok(response())
     }
 
-    /// `node`'s Site and whether it is fenced; None when unknown (the node
-    /// or its Site gone, the API not answering).
-    async fn site_of(&self, node: &str) -> Option<(String, bool)> {
-        match crate::node::site::find(&self.client, node, &self.zone_label).await {
-            Ok(site) => {
-                let fenced = site.status.as_ref().is_some_and(|s| s.fenced);
-                Some((kube::ResourceExt::name_any(&site), fenced))
+    /// Whether `to` may take `volume`'s publish record over from `from`:
+    /// `from`'s Site is fenced, `to`'s is not and is in the volume's in-sync
+    /// set. Anything unknown (a node or its Site gone, the API not
+    /// answering) is a no.
+    async fn may_take_over(&self, volume: &MirroredVolume, from: &str, to: &str) -> bool {
+        use crate::node::site::find;
+        let (from_site, to_site) = match (
+            find(&self.client, from, &self.zone_label).await,
+            find(&self.client, to, &self.zone_label).await,
+        ) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(from, to, error = %e, "no Site found: no take-over");
+                return false;
             }
-            Err(e) => {
-                tracing::debug!(node, error = %e, "no Site found for the node");
-                None
-            }
-        }
+        };
+        let fenced = |s: &twinvol_crds::Site| s.status.as_ref().is_some_and(|st| st.fenced);
+        let to_name = to_site.name_any();
+        let in_sync = volume
+            .status
+            .as_ref()
+            .is_some_and(|st| st.in_sync.iter().any(|s| s.as_str() == to_name));
+        fenced(&from_site) && !fenced(&to_site) && in_sync
     }
 
     pub(super) async fn unpublish_impl(

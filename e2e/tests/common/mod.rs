@@ -296,6 +296,21 @@ impl Bed {
         diagnostics(&self.cluster)
     }
 
+    /// Waits (up to 60 s) until `collector` has received `at_least`
+    /// acknowledged records; panics naming `what` with the diagnostics.
+    pub async fn wait_records(&self, collector: &workload::Collector, at_least: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while collector.count() < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} records acknowledged in all, not {at_least} within 60 s\n{}",
+                collector.count(),
+                self.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Uninstalls the release and tears the cluster down.
     pub fn shutdown(self) {
         self.helm(&["uninstall", "twinvol", "--wait", "--timeout", "60s"]);

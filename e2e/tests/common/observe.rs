@@ -64,6 +64,14 @@ impl Sample {
             .map(|(_, h, _)| h == "True")
     }
 
+    /// The uid of the workload's pod running Ready on `node`, if one is.
+    pub fn running_on(&self, node: &str) -> Option<String> {
+        self.pods
+            .iter()
+            .find(|p| p.node.as_deref() == Some(node) && p.ready && !p.deleting)
+            .map(|p| p.uid.clone())
+    }
+
     pub fn site_fenced(&self, site: &str) -> bool {
         self.sites.iter().any(|(s, _, f)| s == site && *f)
     }
@@ -73,6 +81,15 @@ impl Sample {
             .iter()
             .find(|c| c.starts_with(&format!("{kind}=")))
             .map(String::as_str)
+    }
+}
+
+/// `b - a` in seconds, one decimal, negative when `b` came first.
+pub fn between(a: Instant, b: Instant) -> String {
+    if b >= a {
+        format!("{:.1} s", (b - a).as_secs_f64())
+    } else {
+        format!("-{:.1} s", (a - b).as_secs_f64())
     }
 }
 
