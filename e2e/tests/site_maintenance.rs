@@ -45,15 +45,14 @@ const TAG2: &str = "chart-test-2";
 /// self-fencing (5 s without a heartbeat renewal) would exceed it.
 const MAX_HOLD: Duration = Duration::from_secs(5);
 
-/// The longest gap between two records the collector received in
-/// `[from, to]`: how long the workload was held.
+/// The longest gap between two records the collector received up to `to`,
+/// from the last one before `from`: how long the workload was held.
 fn longest_gap(collector: &Collector, from: Instant, to: Instant) -> Duration {
-    let times: Vec<Instant> = collector
-        .lines()
-        .into_iter()
-        .map(|(t, _)| t)
-        .filter(|t| *t >= from && *t <= to)
-        .collect();
+    let all: Vec<Instant> = collector.lines().into_iter().map(|(t, _)| t).collect();
+    // From the last record before `from`: a hold that began with the event
+    // (a write in flight when the site went dark) spans `from` itself.
+    let first = all.iter().rposition(|t| *t < from).unwrap_or(0);
+    let times: Vec<Instant> = all[first..].iter().copied().filter(|t| *t <= to).collect();
     times
         .windows(2)
         .map(|w| w[1] - w[0])

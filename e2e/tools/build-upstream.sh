@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the pinned upstream pieces the e2e tests run (etcd, the Kubernetes
 # control plane, kubelet, kube-proxy, kubectl, containerd, the CSI sidecars, csi-sanity,
-# helm) from their published Go modules, at the versions in versions.env.
+# helm, and Kubernetes' e2e.test with its agnhost image binary and the ginkgo CLI) from
+# their published Go modules, at the versions in versions.env.
 #
 #   build-upstream.sh                      build (or reuse) every component
 #   build-upstream.sh etcd kube-apiserver  build only these components
@@ -46,13 +47,15 @@ COMPONENTS=(
   external-provisioner external-attacher external-resizer
   node-driver-registrar livenessprobe
   csi-sanity helm
+  e2e.test agnhost ginkgo
 )
 
 # comp_def COMPONENT sets:
 #   C_MODULE   upstream Go module
 #   C_VERSION  pinned version (may be empty: not pinned)
 #   C_WRAPPER  wrapper module name (components of one release share one)
-#   C_KIND     "tool" (build packages of the module) or "etcdmain" (generated main)
+#   C_KIND     "tool" (build packages of the module), "etcdmain" (generated main)
+#              or "gotest" (go test -c of a test package)
 #   C_BINS     entries "binary|package|CGO_ENABLED"
 #   C_TAGS     build tags
 #   C_LDKIND   which version variables to set (k8s, etcd, containerd, helm, mainversion, csisanity)
@@ -70,6 +73,23 @@ comp_def() {
       # with cgo; we do not: it needs nothing from libc here, and a cgo build
       # recompiles every dependency again (measured: 481 s of a cold build).
       C_BINS=("$1|k8s.io/kubernetes/cmd/$1|0") ;;
+    e2e.test)
+      # Kubernetes' end-to-end suite (the storage conformance tests run it
+      # with a test-driver file): `go test -c` of the release's test/e2e, in
+      # a wrapper of its own, since the test's dependencies are not in the
+      # component wrapper's tidy module graph (-mod=mod adds them).
+      C_MODULE=k8s.io/kubernetes; C_VERSION=$KUBERNETES_VERSION
+      C_KIND=gotest; C_LDKIND=k8s
+      C_BINS=("e2e.test|k8s.io/kubernetes/test/e2e|0") ;;
+    agnhost)
+      # the e2e suite's test image, from the same release
+      C_MODULE=k8s.io/kubernetes; C_VERSION=$KUBERNETES_VERSION
+      C_LDKIND=k8s; C_BINS=("agnhost|k8s.io/kubernetes/test/images/agnhost|0") ;;
+    ginkgo)
+      # the ginkgo CLI that runs e2e.test in parallel processes, at the
+      # version the release's go.mod requires (resolved in its wrapper)
+      C_MODULE=k8s.io/kubernetes; C_VERSION=$KUBERNETES_VERSION
+      C_LDKIND=plain; C_BINS=("ginkgo|github.com/onsi/ginkgo/v2/ginkgo|0") ;;
     containerd)
       C_MODULE=github.com/containerd/containerd/v2; C_VERSION=$CONTAINERD_VERSION
       C_TAGS="no_btrfs"; C_LDKIND=containerd
@@ -103,6 +123,7 @@ comp_def() {
   # one wrapper per module and version (all Kubernetes components share one)
   C_WRAPPER="${C_MODULE//\//_}@$C_VERSION"
   [[ $C_KIND == etcdmain ]] && C_WRAPPER="etcd-main@$C_VERSION"
+  [[ $C_KIND == gotest ]] && C_WRAPPER="${C_WRAPPER}-e2e"
   return 0
 }
 
@@ -212,7 +233,7 @@ ensure_wrapper_tools() {
   tools=$(cd "$WRAP_DIR" && go mod edit -json | jq -r '.Tool[]?.Path')
   for e in "${C_BINS[@]}"; do
     IFS='|' read -r _ pkg _ <<<"$e"
-    [[ $pkg == . ]] && continue
+    [[ $pkg == . || $C_KIND == gotest ]] && continue
     grep -qxF "$pkg" <<<"$tools" || missing+=("-tool=$pkg")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
@@ -293,11 +314,14 @@ import (
 func main() { etcdmain.Main(os.Args) }
 EOF
   else
-    # every binary any component builds from this module version
-    for e in "${C_BINS[@]}"; do
-      IFS='|' read -r _ pkg _ <<<"$e"
-      edits+=("-tool=$pkg")
-    done
+    # every binary any component builds from this module version (a test
+    # package is built with go test -c, not as a tool)
+    if [[ $C_KIND != gotest ]]; then
+      for e in "${C_BINS[@]}"; do
+        IFS='|' read -r _ pkg _ <<<"$e"
+        edits+=("-tool=$pkg")
+      done
+    fi
     if [[ $C_MODULE == k8s.io/kubernetes ]]; then
       local k
       for k in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
@@ -341,6 +365,8 @@ ldflags_for() {  # prints -ldflags value for the current component
       printf '%s' "-s -w -X main.version=$v" ;;
     csisanity)
       printf '%s' "-s -w -X main.VERSION=$v" ;;
+    plain)
+      printf '%s' "-s -w" ;;
   esac
 }
 
@@ -368,6 +394,12 @@ build_component() {
   rm -rf "$stage"; mkdir -p "$stage"
   for e in "${C_BINS[@]}"; do
     IFS='|' read -r bin pkg cgo <<<"$e"
+    if [[ $C_KIND == gotest ]]; then
+      log "  go test -c $bin ($pkg, CGO_ENABLED=$cgo${C_TAGS:+, tags $C_TAGS})"
+      (cd "$WRAP_DIR" && CGO_ENABLED=$cgo go test -c -mod=mod -trimpath ${C_TAGS:+-tags "$C_TAGS"} \
+          -ldflags "$ldf" -o "$stage/$bin" "$pkg") || { rm -rf "$stage"; return 1; }
+      continue
+    fi
     log "  go build $bin ($pkg, CGO_ENABLED=$cgo${C_TAGS:+, tags $C_TAGS})"
     (cd "$WRAP_DIR" && CGO_ENABLED=$cgo go build -trimpath ${C_TAGS:+-tags "$C_TAGS"} \
         -ldflags "$ldf" -o "$stage/$bin" "$pkg") || { rm -rf "$stage"; return 1; }

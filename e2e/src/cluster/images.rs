@@ -412,11 +412,8 @@ fn split_reference(reference: &str) -> (&str, &str) {
 /// (`/usr/sbin/losetup`, which prints the device it attached), with their
 /// libraries.
 pub fn workload(cache: &Path) -> Result<BuiltImage, HarnessError> {
-    let busybox = Path::new("/bin/busybox");
-    let applets = cmd::run("/bin/busybox", &["--list"])?;
     let (name, tag) = split_reference(WORKLOAD);
-    let mut spec = ImageSpec::new(name, tag)
-        .file(busybox, "/bin/busybox", 0o755)
+    let mut spec = busybox(name, tag)?
         .executable(Path::new("/usr/bin/curl"), "/usr/bin/curl")?
         .executable(Path::new("/sbin/mke2fs"), "/sbin/mke2fs")?
         .executable(Path::new("/sbin/losetup"), "/usr/sbin/losetup")?
@@ -427,12 +424,52 @@ pub fn workload(cache: &Path) -> Result<BuiltImage, HarnessError> {
     if Path::new("/etc/mke2fs.conf").is_file() {
         spec = spec.file(Path::new("/etc/mke2fs.conf"), "/etc/mke2fs.conf", 0o644);
     }
+    spec.build(cache)
+}
+
+/// `twinvol.local/<name>:<tag>` with the host's static busybox and every
+/// applet of it linked under /bin.
+fn busybox(name: &str, tag: &str) -> Result<ImageSpec, HarnessError> {
+    let applets = cmd::run("/bin/busybox", &["--list"])?;
+    let mut spec = ImageSpec::new(name, tag).file(Path::new("/bin/busybox"), "/bin/busybox", 0o755);
     for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
         if applet != "busybox" {
             spec = spec.symlink(&format!("/bin/{applet}"), "busybox");
         }
     }
-    spec.build(cache)
+    Ok(spec)
+}
+
+/// Where Kubernetes' e2e suite looks for its test images when its
+/// `KUBE_TEST_REPO_LIST` names this registry (see [`e2e_suite_image`]).
+pub const E2E_SUITE_REGISTRY: &str = "twinvol.local/e2e-test-images";
+
+/// An image the e2e suite (`e2e.test`) asks for, built here under the
+/// name and tag it asks for (`twinvol.local/e2e-test-images/<name>:<tag>`):
+/// `agnhost` is the release's agnhost binary (`agnhost`, Go-built from the
+/// same k8s.io/kubernetes module) as `/agnhost`, its entrypoint, beside a
+/// shell; every other name gets busybox alone, which is what the storage
+/// suites run in them (shell commands: dd, md5sum, mount, ls, sleep).
+/// Returns None for an image the storage suites do not run.
+pub fn e2e_suite_image(
+    cache: &Path,
+    name: &str,
+    tag: &str,
+    agnhost: &Path,
+) -> Result<Option<BuiltImage>, HarnessError> {
+    let path = format!("e2e-test-images/{name}");
+    let spec = match name {
+        "agnhost" => busybox(&path, tag)?
+            .file(agnhost, "/agnhost", 0o755)
+            .entrypoint(&["/agnhost"])
+            .cmd(&["pause"]),
+        "busybox" | "nginx" | "glibc-dns-testing" => busybox(&path, tag)?.cmd(&["/bin/sh"]),
+        _ => return Ok(None),
+    };
+    spec.bytes(b"root:x:0:0:root:/:/bin/sh\n", "/etc/passwd", 0o644)
+        .bytes(b"root:x:0:\n", "/etc/group", 0o644)
+        .build(cache)
+        .map(Some)
 }
 
 /// The image with Debian's fio (`/usr/bin/fio` and its libraries) for the

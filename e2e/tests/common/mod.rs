@@ -116,11 +116,7 @@ pub fn bed_values(cluster: &Cluster) -> serde_json::Value {
         // names, and the sweep removes it with the rest.
         "node": {"stateDir": cluster.root().join("csi-state").display().to_string()},
         "operator": {"logFormat": "text"},
-        // external-resizer exits at start: it asks the controller plugin for
-        // node capabilities, which `twinvol-csi --mode controller` does not
-        // serve (Unimplemented), and the driver does not advertise
-        // expansion yet.
-        "sidecars": {"pullPolicy": "Never", "resizer": {"enabled": false}},
+        "sidecars": {"pullPolicy": "Never"},
     })
 }
 
