@@ -41,12 +41,46 @@ fn both_in_sync(stack: &Stack) -> bool {
     stack.arbiter_show().contains("in_sync: a,b\n")
 }
 
+/// How far the resyncs have got: their progress lines in the replicas'
+/// logs (the source logs one a second while it copies).
+fn resync_progress(stack: &Stack) -> usize {
+    ["replica-a.log", "replica-b.log"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(stack.dir().join(f)).ok())
+        .map(|log| log.lines().filter(|l| l.contains("resync v1 → ")).count())
+        .sum()
+}
+
+/// Waits for both replicas in sync at the arbiter: DEADLINE without
+/// progress fails, and so do five minutes in all. A full activity log is a
+/// gigabyte to copy back, which a loaded two-core machine copies at
+/// 15 MiB/s (seen in a run with four builds beside the tests); a resync that
+/// stalls still fails after DEADLINE.
+fn wait_rejoined(stack: &Stack) -> bool {
+    let cap = Instant::now() + Duration::from_secs(300);
+    let mut progress = resync_progress(stack);
+    let mut moved = Instant::now();
+    loop {
+        if both_in_sync(stack) {
+            return true;
+        }
+        let now = resync_progress(stack);
+        if now != progress {
+            progress = now;
+            moved = Instant::now();
+        }
+        if moved.elapsed() > DEADLINE || Instant::now() > cap {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until both replicas are in sync at the arbiter, then until a
 /// flushed, quiet volume has byte-identical replica files.
 fn assert_rejoined_and_identical(stack: &Stack) {
-    let ok = wait_until(DEADLINE, || both_in_sync(stack).then_some(()));
     assert!(
-        ok.is_some(),
+        wait_rejoined(stack),
         "replica did not rejoin:\n{}\n{}",
         stack.arbiter_show(),
         stack.log_tails(40)

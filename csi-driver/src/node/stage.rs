@@ -125,6 +125,13 @@ impl NodeService {
             if mounts::mounted_at(&staging)?.is_none() {
                 if filesystem::ensure(&device, fs, &name).await? {
                     tracing::info!(volume = %name, fs = %fs, "made the filesystem (the device held none)");
+                } else if fs == FsType::Ext4
+                    && let Some((from, to)) =
+                        filesystem::grow_unmounted_ext4(&device, loopdev::size(&device)?).await?
+                {
+                    // Expanded while not staged: grown before the mount,
+                    // which needs no CAP_SYS_RESOURCE (the online resize does).
+                    tracing::info!(volume = %name, from, to, "grew the ext4 filesystem to the volume's size");
                 }
                 mounts::mount(mounts::path_str(&device)?, &staging, fs.as_str(), &flags).await?;
             }

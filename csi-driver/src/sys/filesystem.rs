@@ -105,6 +105,72 @@ pub async fn grow(device: &Path, mountpoint: &Path, fs: FsType, volume: &str) ->
     .map(drop)
 }
 
+/// The size in bytes of the ext4 filesystem on `device`, read from its
+/// superblock (1024 bytes in: blocks count, low and, with the 64bit
+/// feature, high word; log2 of the block size less 10), or None when the
+/// device holds no ext2/3/4 superblock.
+pub fn ext4_size(device: &Path) -> CsiResult<Option<u64>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut sb = [0u8; 1024];
+    let mut file = std::fs::File::open(device).map_err(|e| CsiError::Internal {
+        detail: format!("opening {} to read its superblock: {e}", device.display()),
+    })?;
+    file.seek(SeekFrom::Start(1024))
+        .and_then(|_| file.read_exact(&mut sb))
+        .map_err(|e| CsiError::Internal {
+            detail: format!("reading the superblock of {}: {e}", device.display()),
+        })?;
+    Ok(parse_ext4_size(&sb))
+}
+
+fn parse_ext4_size(sb: &[u8; 1024]) -> Option<u64> {
+    const MAGIC: u16 = 0xEF53;
+    const INCOMPAT_64BIT: u32 = 0x80;
+    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != MAGIC {
+        return None;
+    }
+    let log = u32_at(0x18);
+    if log > 6 {
+        return None; // block sizes above 64 KiB do not exist
+    }
+    let mut blocks = u64::from(u32_at(0x04));
+    if u32_at(0x60) & INCOMPAT_64BIT != 0 {
+        blocks |= u64::from(u32_at(0x150)) << 32;
+    }
+    blocks.checked_mul(1024u64 << log)
+}
+
+/// Grows an unmounted ext4 filesystem to fill `device` when the device is
+/// larger (the volume was expanded while it was not staged here): `e2fsck
+/// -f -p` (resize2fs works only on a freshly checked filesystem), then
+/// `resize2fs`. Unlike the online resize this needs no CAP_SYS_RESOURCE.
+/// Returns the filesystem's size before and after, or None when it
+/// already filled the device.
+pub async fn grow_unmounted_ext4(device: &Path, device_size: u64) -> CsiResult<Option<(u64, u64)>> {
+    let Some(before) = ext4_size(device)? else {
+        return Ok(None);
+    };
+    // Less than one 4 KiB block of slack is what mkfs leaves; grow only
+    // for more.
+    if before + 4096 > device_size {
+        return Ok(None);
+    }
+    let dev = path_str(device)?;
+    let checked = command::run_any("e2fsck", &["-f", "-p", dev]).await?;
+    // 0: clean; 1: errors corrected. Anything else is left to a person.
+    if !matches!(checked.code, Some(0 | 1)) {
+        return Err(CsiError::Command {
+            command: format!("e2fsck -f -p {dev}"),
+            status: format!("{:?}", checked.code),
+            stderr: format!("{}{}", checked.stdout.trim(), checked.stderr.trim()),
+        });
+    }
+    command::run("resize2fs", &[dev]).await?;
+    let after = ext4_size(device)?.unwrap_or(before);
+    Ok(Some((before, after)))
+}
+
 /// Whether this process has CAP_SYS_RESOURCE in its effective set.
 fn has_sys_resource() -> bool {
     const CAP_SYS_RESOURCE: u32 = 24;
@@ -180,5 +246,68 @@ mod tests {
             ensure(&image, FsType::Xfs, "v").await,
             Err(CsiError::Precondition { .. })
         ));
+    }
+
+    #[test]
+    fn a_superblock_gives_the_size_and_anything_else_none() {
+        let mut sb = [0u8; 1024];
+        assert_eq!(parse_ext4_size(&sb), None);
+        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[0x04..0x08].copy_from_slice(&1000u32.to_le_bytes());
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes()); // 4 KiB blocks
+        assert_eq!(parse_ext4_size(&sb), Some(4_096_000));
+        // the high word counts only with the 64bit feature
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(parse_ext4_size(&sb), Some(4_096_000));
+        sb[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes());
+        assert_eq!(parse_ext4_size(&sb), Some(((1u64 << 32) + 1000) * 4096));
+        sb[0x18..0x1c].copy_from_slice(&40u32.to_le_bytes());
+        assert_eq!(parse_ext4_size(&sb), None);
+    }
+
+    #[tokio::test]
+    async fn an_unmounted_ext4_grows_to_its_larger_device_with_its_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("img");
+        let f = std::fs::File::create(&image).expect("create");
+        f.set_len(64 << 20).expect("size");
+        assert!(ensure(&image, FsType::Ext4, "v").await.expect("mkfs"));
+        assert_eq!(ext4_size(&image).expect("read"), Some(64 << 20));
+        assert_eq!(
+            grow_unmounted_ext4(&image, 64 << 20)
+                .await
+                .expect("nothing"),
+            None,
+            "a filesystem filling its device is left alone"
+        );
+        // A file on it (written with debugfs, no mount needed), and a
+        // superblock mounted since its last check, as a used volume's is
+        // (resize2fs refuses it without the e2fsck -f).
+        let content = dir.path().join("content");
+        std::fs::write(&content, b"kept across the resize").expect("content");
+        let img = image.display().to_string();
+        for request in [
+            format!("write {} kept", content.display()),
+            "ssv lastcheck 20250101".to_owned(),
+            "ssv mtime 20260101".to_owned(),
+        ] {
+            command::run("debugfs", &["-w", "-R", &request, &img])
+                .await
+                .expect("debugfs");
+        }
+        f.set_len(96 << 20).expect("grown device");
+        assert!(
+            command::run("resize2fs", &[&img]).await.is_err(),
+            "resize2fs alone refuses a filesystem mounted since its check"
+        );
+        assert_eq!(
+            grow_unmounted_ext4(&image, 96 << 20).await.expect("grown"),
+            Some((64 << 20, 96 << 20))
+        );
+        let read = command::run("debugfs", &["-R", "cat kept", &img])
+            .await
+            .expect("debugfs cat");
+        assert_eq!(read, "kept across the resize");
+        assert_eq!(ext4_size(&image).expect("read"), Some(96 << 20));
     }
 }

@@ -448,8 +448,9 @@ pub const E2E_SUITE_REGISTRY: &str = "twinvol.local/e2e-test-images";
 /// name and tag it asks for (`twinvol.local/e2e-test-images/<name>:<tag>`):
 /// `agnhost` is the release's agnhost binary (`agnhost`, Go-built from the
 /// same k8s.io/kubernetes module) as `/agnhost`, its entrypoint, beside a
-/// shell; every other name gets busybox alone, which is what the storage
-/// suites run in them (shell commands: dd, md5sum, mount, ls, sleep).
+/// shell; `glibc-dns-testing` busybox with GNU dd; `busybox` and `nginx`
+/// busybox alone, which is what the storage suites run in them (shell
+/// commands: dd, md5sum, mount, ls, sleep).
 /// Returns None for an image the storage suites do not run.
 pub fn e2e_suite_image(
     cache: &Path,
@@ -463,7 +464,13 @@ pub fn e2e_suite_image(
             .file(agnhost, "/agnhost", 0o755)
             .entrypoint(&["/agnhost"])
             .cmd(&["pause"]),
-        "busybox" | "nginx" | "glibc-dns-testing" => busybox(&path, tag)?.cmd(&["/bin/sh"]),
+        "busybox" | "nginx" => busybox(&path, tag)?.cmd(&["/bin/sh"]),
+        // A glibc image upstream, whose dd is GNU's: the suites' block
+        // tests write through it with `oflag=nocache`, which busybox's dd
+        // lacks. The host's GNU dd (with glibc) takes /bin/dd's place.
+        "glibc-dns-testing" => busybox(&path, tag)?
+            .executable(Path::new("/usr/bin/dd"), "/bin/dd")?
+            .cmd(&["/bin/sh"]),
         _ => return Ok(None),
     };
     spec.bytes(b"root:x:0:0:root:/:/bin/sh\n", "/etc/passwd", 0o644)
