@@ -49,7 +49,7 @@ const MAX_HOLD: Duration = Duration::from_secs(5);
 /// `[from, to]`: how long the workload was held.
 fn longest_gap(collector: &Collector, from: Instant, to: Instant) -> Duration {
     let times: Vec<Instant> = collector
-        .lines()
+        .arrivals()
         .into_iter()
         .map(|(t, _)| t)
         .filter(|t| *t >= from && *t <= to)

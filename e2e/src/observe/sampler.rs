@@ -1,10 +1,10 @@
-//! A watcher in the test process that samples, every 200 ms, what a
-//! fail-over is made of — the workload's pods (node, phase, container
-//! started, Ready, being deleted), the Sites' health and fencing, the
-//! MirroredVolume (epoch, in-sync set, frontend, replicas and resync
-//! progress, conditions) and the VolumeAttachments — and keeps every
-//! sample, so that a test can find when each step first happened on one
-//! clock (the test's monotonic clock) with a 0.2 s resolution.
+//! A watcher (in a test process) that samples,
+//! every 200 ms, what a fail-over is made of — the workload's pods (node,
+//! phase, container started, Ready, being deleted), the Sites' health and
+//! fencing, the MirroredVolume (epoch, in-sync set, frontend, replicas and
+//! resync progress, conditions) and the VolumeAttachments — and keeps every
+//! changed sample, so that a test can find when each step first happened on
+//! one clock (the process's monotonic clock) with a 0.2 s resolution.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
