@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The twinvol demo, engine level (until the cluster demo replaces it): two
-# "sites" as network namespaces, a replica server in each, a mirroring
-# frontend on the host exporting the volume as a FUSE file, a loop device and
-# an ext4 filesystem on it, a file-backed arbiter holding the in-sync set and
+# The twinvol demo, engine level (`bash e2e/demo.sh --engine`; e2e/demo.sh
+# alone is the demo on a Kubernetes cluster): two "sites" as network
+# namespaces, a replica server in each, a mirroring frontend on the host
+# exporting the volume as a FUSE file, a loop device and an ext4 filesystem
+# on it, a file-backed arbiter holding the in-sync set and
 # the frontend's lease. It writes files, cuts site A's link and keeps writing
 # (the frontend swaps A out through the arbiter and goes on with B alone),
 # brings A back (B copies only the dirty regions to A, with progress), and
@@ -23,7 +24,7 @@ t_start=$(date +%s.%N)
 step() { printf '\n[%6.1fs] == %s\n' "$(echo "$(date +%s.%N) - $t_start" | bc)" "$*"; }
 say() { printf '           %s\n' "$*"; }
 
-[ "$(id -u)" -eq 0 ] || { echo "demo: run as root (network namespaces, FUSE, loop devices)" >&2; exit 2; }
+[ "$(id -u)" -eq 0 ] || { echo "demo-engine: run as root (network namespaces, FUSE, loop devices)" >&2; exit 2; }
 
 step "installing what the demo needs (idempotent)"
 bash "$here/tools/install-deps.sh" >/dev/null
@@ -84,7 +85,7 @@ done
 wait_for() { # file, seconds
   local deadline=$(( $(date +%s) + $2 ))
   while [ ! -s "$1" ]; do
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "demo: timed out waiting for $1" >&2; tail -n 20 "$work"/*.log >&2; exit 1; }
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "demo-engine: timed out waiting for $1" >&2; tail -n 20 "$work"/*.log >&2; exit 1; }
     sleep 0.1
   done
 }
@@ -145,7 +146,7 @@ resync_done() {
 deadline=$(( $(date +%s) + 180 ))
 seen=0
 until resync_done; do
-  [ "$(date +%s)" -lt "$deadline" ] || { echo "demo: resync did not finish in 180 s" >&2; tail -n 20 "$work/replica-b.log" >&2; exit 1; }
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "demo-engine: resync did not finish in 180 s" >&2; tail -n 20 "$work/replica-b.log" >&2; exit 1; }
   n=$(grep -c 'resync demo' "$work/replica-b.log" || true)
   if [ "$n" -gt "$seen" ]; then
     grep 'resync demo' "$work/replica-b.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n +$((seen + 1)) | grep -o 'resync demo.*' | cut -c1-160 | sed 's/^/           /'
@@ -158,7 +159,7 @@ say "(only the 64 KiB regions written while a was dark; new writes reached a dir
 "$engine" volume status --pool "$work/pool-b" --volume demo | sed 's/^/           /'
 deadline=$(( $(date +%s) + 120 ))
 until "$engine" arbiter show --path "$work/arbiter.json" | grep -q '^in_sync: a,b$'; do
-  [ "$(date +%s)" -lt "$deadline" ] || { echo "demo: site a did not rejoin the in-sync set in 120 s" >&2; tail -n 20 "$work/frontend.log" >&2; exit 1; }
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "demo-engine: site a did not rejoin the in-sync set in 120 s" >&2; tail -n 20 "$work/frontend.log" >&2; exit 1; }
   sleep 0.2
 done
 grep -h 'replica back in the in-sync set' "$work/frontend.log" | sed 's/\x1b\[[0-9;]*m//g' | tail -n 1 | grep -o 'replica back.*' | cut -c1-160 | sed 's/^/           frontend: /'
@@ -176,7 +177,7 @@ a="$work/pool-a/demo/data"; b="$work/pool-b/demo/data"
 if cmp -s "$a" "$b"; then
   say "site a and site b data files are byte-identical ($(stat -c %s "$a") bytes, sha256 $(sha256sum "$a" | cut -c1-16)…)"
 else
-  echo "demo: the two copies DIFFER — this is a bug" >&2
+  echo "demo-engine: the two copies DIFFER — this is a bug" >&2
   cmp "$a" "$b" | head -3 >&2
   exit 1
 fi
@@ -188,8 +189,8 @@ before=$(grep -c . "$work/sums")
 if (cd "$work/check" && sha256sum --quiet -c "$work/sums"); then
   say "site a's copy alone passes fsck.ext4 -fn; its $before files written before the outage have the same checksums"
 else
-  umount "$work/check"; losetup -d "$la"; echo "demo: files differ on site a's copy" >&2; exit 1
+  umount "$work/check"; losetup -d "$la"; echo "demo-engine: files differ on site a's copy" >&2; exit 1
 fi
 say "and it holds the $(find "$work/check/during-outage" -type f | wc -l) files written while it was dark"
 umount "$work/check"; losetup -d "$la"
-printf '\n[%6.1fs] demo finished: fail-over with no acknowledged write lost, resync of what changed, automatic rejoin, identical copies.\n' "$(echo "$(date +%s.%N) - $t_start" | bc)"
+printf '\n[%6.1fs] engine demo finished: fail-over with no acknowledged write lost, resync of what changed, automatic rejoin, identical copies.\n' "$(echo "$(date +%s.%N) - $t_start" | bc)"
