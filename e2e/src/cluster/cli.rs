@@ -133,7 +133,11 @@ pub const FAULTS: [&str; 10] = [
 
 fn request(body: &Value, timeout: Duration) -> Result<Value, HarnessError> {
     let socket = socket_path();
-    let mut stream = UnixStream::connect(&socket).map_err(io_error("connecting to", &socket))?;
+    let mut stream = match UnixStream::connect(&socket) {
+        Ok(stream) => stream,
+        Err(_) if supervisor_alive().is_none() => return Err(no_cluster()),
+        Err(e) => return Err(io_error("connecting to", &socket)(e)),
+    };
     stream
         .set_read_timeout(Some(timeout))
         .map_err(io_error("configuring", &socket))?;
@@ -162,6 +166,10 @@ fn supervisor_alive() -> Option<i32> {
     let pid = i32::try_from(state["pid"].as_i64()?).ok()?;
     let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
     alive.then_some(pid)
+}
+
+fn no_cluster() -> HarnessError {
+    HarnessError::Cluster("no cluster is up: start one with `bash e2e/cluster.sh up`".into())
 }
 
 fn sweep_abandoned() -> Result<(), HarnessError> {
@@ -282,11 +290,6 @@ pub fn status() -> Result<String, HarnessError> {
 }
 
 pub fn kubeconfig() -> Result<String, HarnessError> {
-    if supervisor_alive().is_none() {
-        return Err(HarnessError::Cluster(
-            "no cluster is up: start one with `bash e2e/cluster.sh up`".into(),
-        ));
-    }
     let answer = request(&json!({"op": "kubeconfig"}), Duration::from_secs(10))?;
     Ok(answer["kubeconfig"].as_str().unwrap_or_default().to_owned())
 }
