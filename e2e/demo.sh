@@ -111,6 +111,9 @@ cleanup() {
     "$kubectl" get mv,tvsite 2>&1 | indent >&2
     "$kubectl" get events -A --sort-by=.lastTimestamp 2>&1 | tail -n 25 | indent >&2
     echo "      the supervisor's log: /run/twinvol-cluster/cli/serve.log" >&2
+  elif [ "$rc" -ne 0 ]; then
+    echo "demo: FAILED (exit $rc) during: ${failed_at:-?}; the supervisor's log ends:" >&2
+    tail -n 30 /run/twinvol-cluster/cli/serve.log 2>&1 | indent >&2
   fi
   if [ "$keep" = 1 ]; then
     kept_info
@@ -130,10 +133,11 @@ kubectl get nodes -L topology.kubernetes.io/zone
 kubectl get pods -A -o wide
 kubectl get mv,tvsite                        # MirroredVolumes and Sites
 kubectl describe mv                          # replicas, epoch, conditions, Events
-bash e2e/cluster.sh fault power-off a        # again; watch: kubectl get pods -o wide -w
-bash e2e/cluster.sh fault power-on a
-bash e2e/cluster.sh records                  # every acknowledged record still there?
-bash e2e/demo.sh --down                      # tear it all down
+kubectl get pods -o wide -w                  # in another shell; then a site loss again:
+bash $here/cluster.sh fault power-off a
+bash $here/cluster.sh fault power-on a
+bash $here/cluster.sh records               # every acknowledged record still there?
+bash $here/demo.sh --down                   # tear it all down
 EOF
 }
 trap cleanup EXIT
