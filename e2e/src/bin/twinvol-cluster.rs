@@ -110,6 +110,10 @@ enum Verb {
         /// Give up after this many seconds (exit status 1).
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Inject this fault (e.g. "power-off a") once the state before it
+        /// was sampled; the clock starts with it (--since is then ignored).
+        #[arg(long)]
+        fault: Option<String>,
     },
     /// Run the cluster in the foreground (what `up` starts).
     #[command(hide = true)]
@@ -153,7 +157,15 @@ fn main() -> anyhow::Result<()> {
             since,
             goals,
             timeout,
+            fault,
         } => {
+            let fault = match fault.as_deref().map(str::split_whitespace) {
+                Some(mut words) => {
+                    let verb = words.next().unwrap_or_default();
+                    Some(Fault::parse(verb, words.next()).map_err(anyhow::Error::msg)?)
+                }
+                None => None,
+            };
             let zero = match since {
                 Some(s) => instant_of(s)?,
                 None => std::time::Instant::now(),
@@ -165,7 +177,7 @@ fn main() -> anyhow::Result<()> {
                 goals,
                 timeout: Duration::from_secs(timeout),
             };
-            runtime()?.block_on(cli::follow(&opts))?
+            runtime()?.block_on(cli::follow(&opts, fault))?
         }
         Verb::Serve { nodes_per_site } => {
             runtime()?.block_on(cli::serve(nodes_per_site))?;

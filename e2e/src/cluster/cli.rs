@@ -365,10 +365,13 @@ pub fn records(app: &str, pod: &str, at_least: u64) -> Result<(String, bool), Ha
 
 /// `follow`: prints what happens to the workload until the goals hold;
 /// returns the one-line result.
-pub async fn follow(opts: &FollowOptions) -> Result<String, HarnessError> {
+/// With a `fault`, it is injected once the state before it was sampled,
+/// and the clock starts with it.
+pub async fn follow(opts: &FollowOptions, fault: Option<Fault>) -> Result<String, HarnessError> {
     let kubeconfig = PathBuf::from(kubeconfig()?);
     let client = client_from(&kubeconfig).await?;
-    let took = observe::follow(client, opts, &mut std::io::stdout()).await?;
+    let action = fault.map(|f| move || self::fault(&f));
+    let took = observe::follow(client, opts, action, &mut std::io::stdout()).await?;
     let goals: Vec<String> = opts.goals.iter().map(ToString::to_string).collect();
     Ok(format!(
         "reached: {} at {:.1} s",

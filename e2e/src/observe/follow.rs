@@ -85,17 +85,52 @@ pub fn instant_of(unix_seconds: f64) -> Result<Instant, HarnessError> {
 }
 
 /// Prints every change until the goals hold; returns when they did, since
-/// `opts.zero`.
-pub async fn follow(
+/// `opts.zero`. With an `action` (a fault: the power cut), the state is
+/// sampled first, then the action runs and the clock starts as it does
+/// (`opts.zero` is then ignored), so that nothing it causes is missed.
+pub async fn follow<A>(
     client: Client,
     opts: &FollowOptions,
+    action: Option<A>,
     out: &mut impl Write,
-) -> Result<Duration, HarnessError> {
+) -> Result<Duration, HarnessError>
+where
+    A: FnOnce() -> Result<String, HarnessError> + Send + 'static,
+{
     let observer = Observer::start(client, &opts.app, &opts.pvc);
     let deadline = Instant::now() + opts.timeout;
     let mut seen = 0;
     let mut prev: Option<Sample> = None;
-    let stamp = |t: Instant| t.saturating_duration_since(opts.zero).as_secs_f64();
+    let mut zero = opts.zero;
+    if let Some(action) = action {
+        let first = Instant::now() + Duration::from_secs(30);
+        while observer.samples_from(0).is_empty() {
+            if Instant::now() > first {
+                observer.stop();
+                return Err(HarnessError::Cluster(
+                    "no sample of the workload within 30 s: is the API server reachable?".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let samples = observer.samples_from(0);
+        seen = samples.len();
+        let (_, sample) = samples.last().cloned().expect("one sample at least");
+        for line in narrate::changes(None, &sample) {
+            let _ = writeln!(out, "  before  {line}");
+        }
+        prev = Some(sample);
+        zero = Instant::now();
+        let said = tokio::task::spawn_blocking(action)
+            .await
+            .map_err(|e| HarnessError::Cluster(format!("the action did not finish: {e}")))??;
+        let _ = writeln!(
+            out,
+            "{:>8.1} s  {said} (the clock started as it was asked for)",
+            zero.elapsed().as_secs_f64()
+        );
+    }
+    let stamp = |t: Instant| t.saturating_duration_since(zero).as_secs_f64();
     loop {
         for (t, sample) in observer.samples_from(seen) {
             seen += 1;
@@ -105,7 +140,7 @@ pub async fn follow(
             let _ = out.flush();
             if !opts.goals.is_empty() && opts.goals.iter().all(|g| g.holds(&sample)) {
                 observer.stop();
-                return Ok(t.saturating_duration_since(opts.zero));
+                return Ok(t.saturating_duration_since(zero));
             }
             prev = Some(sample);
         }
