@@ -15,7 +15,7 @@
 #   e2e/cluster.sh workload [--name writer] [--site a] | kubectl apply -f -
 #                                            a StatefulSet appending checksummed, fsynced records
 #   e2e/cluster.sh records [--app writer]    is every acknowledged record in its volume?
-#   e2e/cluster.sh follow --until ready-on=node-b1 [--until in-sync] [--since T]
+#   e2e/cluster.sh follow --until ready-on=node-b1 [--until in-sync] [--since T | --fault "power-off a"]
 #                                            print what happens to the workload until the goals hold
 #
 # Needs root, the Debian packages of e2e/tools/install-deps.sh and the upstream
