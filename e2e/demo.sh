@@ -104,15 +104,17 @@ cleanup() {
   set +e
   trap - EXIT INT TERM
   [ "$cluster_started" = 1 ] || exit "$rc"
+  local what="FAILED (exit $rc)"
+  [ "$rc" -ne 130 ] || what="interrupted"
   if [ "$rc" -ne 0 ] && [ -n "${KUBECONFIG:-}" ]; then
     echo
-    echo "demo: FAILED (exit $rc) during: ${failed_at:-?}; what the cluster shows:" >&2
+    echo "demo: $what during: ${failed_at:-?}; what the cluster shows:" >&2
     "$kubectl" get pods -A -o wide 2>&1 | indent >&2
     "$kubectl" get mv,tvsite 2>&1 | indent >&2
     "$kubectl" get events -A --sort-by=.lastTimestamp 2>&1 | tail -n 25 | indent >&2
     echo "      the supervisor's log: /run/twinvol-cluster/cli/serve.log" >&2
   elif [ "$rc" -ne 0 ]; then
-    echo "demo: FAILED (exit $rc) during: ${failed_at:-?}; the supervisor's log ends:" >&2
+    echo "demo: $what during: ${failed_at:-?}; the supervisor's log ends:" >&2
     tail -n 30 /run/twinvol-cluster/cli/serve.log 2>&1 | indent >&2
   fi
   if [ "$keep" = 1 ]; then
