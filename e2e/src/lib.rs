@@ -8,15 +8,18 @@
 //! The components are the pinned upstream builds made by
 //! `e2e/tools/build-upstream.sh`; nothing here mocks the Kubernetes API.
 
+pub mod bed;
 pub mod cluster;
 pub mod control_plane;
 pub mod crds;
 pub mod error;
+pub mod observe;
 pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod upstream;
 pub mod wait;
+pub mod workload;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use control_plane::{ControlPlane, ControlPlaneOptions};

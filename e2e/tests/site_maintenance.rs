@@ -48,7 +48,7 @@ const MAX_HOLD: Duration = Duration::from_secs(5);
 /// The longest gap between two records the collector received up to `to`,
 /// from the last one before `from`: how long the workload was held.
 fn longest_gap(collector: &Collector, from: Instant, to: Instant) -> Duration {
-    let all: Vec<Instant> = collector.lines().into_iter().map(|(t, _)| t).collect();
+    let all: Vec<Instant> = collector.arrivals().into_iter().map(|(t, _)| t).collect();
     // From the last record before `from`: a hold that began with the event
     // (a write in flight when the site went dark) spans `from` itself.
     let first = all.iter().rposition(|t| *t < from).unwrap_or(0);

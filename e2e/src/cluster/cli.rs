@@ -8,6 +8,10 @@
 //! out). `down` asks it to tear down; if it is gone (crashed, killed),
 //! `down` sweeps what it left. Every `up` and `down` also sweeps the
 //! leftovers of every slot no live process holds.
+//!
+//! Beside the cluster, the supervisor builds and imports the chart's images,
+//! gives the chart's values for the bed, and runs the records workload's
+//! collectors ([`cli_bed`]); `follow` watches a workload from this process.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -21,7 +25,9 @@ use serde_json::{Value, json};
 
 use crate::{
     HarnessError,
-    cluster::{Cluster, ClusterOptions, Link, NodeId, Site, layout, sweep},
+    cluster::{Cluster, ClusterOptions, Link, NodeId, Site, cli_bed, layout, sweep},
+    control_plane::client_from,
+    observe::{self, FollowOptions},
 };
 
 /// The supervisor's directory: its socket, state and log.
@@ -127,7 +133,11 @@ pub const FAULTS: [&str; 10] = [
 
 fn request(body: &Value, timeout: Duration) -> Result<Value, HarnessError> {
     let socket = socket_path();
-    let mut stream = UnixStream::connect(&socket).map_err(io_error("connecting to", &socket))?;
+    let mut stream = match UnixStream::connect(&socket) {
+        Ok(stream) => stream,
+        Err(_) if supervisor_alive().is_none() => return Err(no_cluster()),
+        Err(e) => return Err(io_error("connecting to", &socket)(e)),
+    };
     stream
         .set_read_timeout(Some(timeout))
         .map_err(io_error("configuring", &socket))?;
@@ -156,6 +166,10 @@ fn supervisor_alive() -> Option<i32> {
     let pid = i32::try_from(state["pid"].as_i64()?).ok()?;
     let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
     alive.then_some(pid)
+}
+
+fn no_cluster() -> HarnessError {
+    HarnessError::Cluster("no cluster is up: start one with `bash e2e/cluster.sh up`".into())
 }
 
 fn sweep_abandoned() -> Result<(), HarnessError> {
@@ -196,11 +210,20 @@ pub fn up(nodes_per_site: u8) -> Result<String, HarnessError> {
             path: exe.clone(),
             source,
         })?;
+    // Known from now on, so that a `down` while it starts (the demo
+    // interrupted) stops it too; `serve` rewrites the file once up.
+    let path = state_path();
+    std::fs::write(
+        &path,
+        json!({"pid": child.id(), "starting": true}).to_string(),
+    )
+    .map_err(io_error("writing", &path))?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     loop {
         if let Ok(text) = std::fs::read_to_string(state_path())
             && let Ok(state) = serde_json::from_str::<Value>(&text)
+            && state.get("kubeconfig").is_some()
         {
             return Ok(format!(
                 "up in {:.1} s (slot {}, {} node(s) per site)\n{}\nexport KUBECONFIG={}",
@@ -271,6 +294,92 @@ pub fn kubeconfig() -> Result<String, HarnessError> {
     Ok(answer["kubeconfig"].as_str().unwrap_or_default().to_owned())
 }
 
+/// `images`: builds twinvol's image from the release binaries in `bin_dir`
+/// under `tag`, and the sidecars', and imports them into every node.
+pub fn images(bin_dir: &Path, tag: &str) -> Result<String, HarnessError> {
+    let bin_dir = std::path::absolute(bin_dir).map_err(io_error("resolving", bin_dir))?;
+    crate::bed::release_binaries(&bin_dir)?;
+    let answer = request(
+        &json!({"op": "images", "bin_dir": bin_dir, "tag": tag}),
+        Duration::from_secs(600),
+    )?;
+    Ok(answer["message"].as_str().unwrap_or_default().to_owned())
+}
+
+/// `values`: the chart's values for this bed (JSON, for `helm -f`).
+pub fn values(tag: &str) -> Result<String, HarnessError> {
+    let answer = request(
+        &json!({"op": "values", "tag": tag}),
+        Duration::from_secs(30),
+    )?;
+    serde_json::to_string_pretty(&answer["values"])
+        .map_err(|e| HarnessError::Cluster(format!("the values do not serialize: {e}")))
+}
+
+/// `workload`: the records StatefulSet's manifest (its collector started in
+/// the supervisor), for `kubectl apply -f -`.
+pub fn workload(
+    name: &str,
+    storage_class: &str,
+    size: &str,
+    site: Site,
+) -> Result<String, HarnessError> {
+    let answer = request(
+        &json!({"op": "workload", "name": name, "storage_class": storage_class,
+                "size": size, "site": site.letter().to_string()}),
+        Duration::from_secs(30),
+    )?;
+    Ok(answer["manifest"].as_str().unwrap_or_default().to_owned())
+}
+
+/// `records`: checks every acknowledged record of `app` is in `pod`'s
+/// volume, once at least `at_least` were acknowledged (waiting up to
+/// [`cli_bed::RECORDS_WAIT`]). The summary, and whether none is missing.
+pub fn records(app: &str, pod: &str, at_least: u64) -> Result<(String, bool), HarnessError> {
+    let deadline = Instant::now() + cli_bed::RECORDS_WAIT;
+    loop {
+        let answer = request(
+            &json!({"op": "records", "app": app, "pod": pod}),
+            Duration::from_secs(60),
+        );
+        // While waiting for the writer, a failed read (its pod not running
+        // yet) is tried again; a plain check reports it at once.
+        match answer {
+            Ok(a) if a["acked"].as_u64().unwrap_or(0) >= at_least => {
+                return Ok(cli_bed::summarize_records(&a));
+            }
+            Err(e) if at_least == 0 => return Err(e),
+            Ok(_) | Err(_) if Instant::now() < deadline => {}
+            Ok(a) => {
+                return Err(HarnessError::Cluster(format!(
+                    "{app}: {} records acknowledged, not {at_least}, within {:?}",
+                    a["acked"],
+                    cli_bed::RECORDS_WAIT
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `follow`: prints what happens to the workload until the goals hold;
+/// returns the one-line result.
+/// With a `fault`, it is injected once the state before it was sampled,
+/// and the clock starts with it.
+pub async fn follow(opts: &FollowOptions, fault: Option<Fault>) -> Result<String, HarnessError> {
+    let kubeconfig = PathBuf::from(kubeconfig()?);
+    let client = client_from(&kubeconfig).await?;
+    let action = fault.map(|f| move || self::fault(&f));
+    let took = observe::follow(client, opts, action, &mut std::io::stdout()).await?;
+    let goals: Vec<String> = opts.goals.iter().map(ToString::to_string).collect();
+    Ok(format!(
+        "reached: {} at {:.1} s",
+        goals.join(" and "),
+        took.as_secs_f64()
+    ))
+}
+
 pub fn fault(fault: &Fault) -> Result<String, HarnessError> {
     let answer = request(&fault.to_request(), Duration::from_secs(300))?;
     Ok(answer["message"].as_str().unwrap_or_default().to_owned())
@@ -296,6 +405,7 @@ pub async fn serve(nodes_per_site: u8) -> Result<(), HarnessError> {
     let path = state_path();
     std::fs::write(&path, state.to_string()).map_err(io_error("writing", &path))?;
     eprintln!("cluster up: {}", cluster.describe());
+    let mut bench = cli_bed::Workbench::default();
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let mut reader = BufReader::new(match stream.try_clone() {
@@ -307,7 +417,7 @@ pub async fn serve(nodes_per_site: u8) -> Result<(), HarnessError> {
             continue;
         }
         let request: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        let (answer, stop) = handle(&mut cluster, &request).await;
+        let (answer, stop) = handle(&mut cluster, &mut bench, &request).await;
         let mut stream = stream;
         let _ = writeln!(stream, "{answer}");
         if stop {
@@ -319,8 +429,15 @@ pub async fn serve(nodes_per_site: u8) -> Result<(), HarnessError> {
     cluster.shutdown()
 }
 
-async fn handle(cluster: &mut Cluster, request: &Value) -> (Value, bool) {
+async fn handle(
+    cluster: &mut Cluster,
+    bench: &mut cli_bed::Workbench,
+    request: &Value,
+) -> (Value, bool) {
     let op = request["op"].as_str().unwrap_or_default();
+    if let Some(result) = bench.handle(cluster, op, request).await {
+        return (answer(result), false);
+    }
     let result: Result<Value, HarnessError> = match op {
         "kubeconfig" => Ok(json!({"kubeconfig": cluster.kubeconfig()})),
         "status" => {
@@ -340,12 +457,16 @@ async fn handle(cluster: &mut Cluster, request: &Value) -> (Value, bool) {
         }
         other => Err(HarnessError::Cluster(format!("unknown request {other:?}"))),
     };
+    (answer(result), false)
+}
+
+fn answer(result: Result<Value, HarnessError>) -> Value {
     match result {
         Ok(mut value) => {
             value["ok"] = json!(true);
-            (value, false)
+            value
         }
-        Err(e) => (json!({"ok": false, "error": e.to_string()}), false),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
     }
 }
 

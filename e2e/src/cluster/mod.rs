@@ -13,6 +13,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod cli_bed;
 pub mod cmd;
 pub mod images;
 pub mod layout;

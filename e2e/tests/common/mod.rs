@@ -1,32 +1,23 @@
-//! What the chart's end-to-end tests on the cluster bed share: building
-//! the images (our release binaries, the Go-built CSI sidecars), the
-//! chart's values for the bed, `helm`, and waiting for every pod of the
-//! release to be Ready and every node plugin registered.
+//! What the chart's end-to-end tests on the cluster bed share: the chart
+//! installed with the bed's values (`twinvol_e2e::bed`: the images, the
+//! values), `helm`, and waiting for every pod of the release to be Ready
+//! and every node plugin registered. The workload and the observer are the
+//! library's (`twinvol_e2e::workload`, `twinvol_e2e::observe`).
 //!
 //! Each test binary uses a part of this; the rest is dead code there.
 #![allow(dead_code)]
 
-pub mod observe;
-pub mod workload;
+#[allow(unused_imports)] // not every test binary uses both
+pub use twinvol_e2e::{observe, workload};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use twinvol_e2e::{
-    Cluster, ClusterOptions, UpstreamBinaries,
-    cluster::{NodeId, Site, images, layout},
-};
+pub use twinvol_e2e::bed::{BINARIES, NAMESPACE, merge, node};
+use twinvol_e2e::{Cluster, ClusterOptions, UpstreamBinaries, bed, cluster::Site};
 
-pub const NAMESPACE: &str = "twinvol-system";
 pub const TAG: &str = "chart-test";
-/// The sidecars' versions: the chart's defaults, as in e2e/tools/versions.env.
-pub const SIDECARS: [(&str, &str); 3] = [
-    ("csi-provisioner", "v6.4.0"),
-    ("csi-attacher", "v4.13.0"),
-    ("csi-resizer", "v2.3.0"),
-];
-pub const BINARIES: [&str; 2] = ["twinvol-csi", "twinvol-operator"];
 
 pub fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -68,56 +59,10 @@ pub fn binaries() -> Option<PathBuf> {
     Some(dir)
 }
 
-pub fn node(site: Site) -> NodeId {
-    NodeId::new(site, 1).expect("index 1 exists")
-}
-
-/// Merges `extra` into `base`: objects key by key, anything else replaced.
-pub fn merge(base: &mut serde_json::Value, extra: &serde_json::Value) {
-    match (base, extra) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(e)) => {
-            for (k, v) in e {
-                merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (b, e) => *b = e.clone(),
-    }
-}
-
 /// Values for the bed: its zones, a pool in each site's node's shared
 /// directory, the per-node kubelet roots.
 pub fn bed_values(cluster: &Cluster) -> serde_json::Value {
-    let a = node(Site::A);
-    let kubelet = cluster.kubelet_dir(a).expect("kubelet dir");
-    let per_node = kubelet
-        .display()
-        .to_string()
-        .replace(&a.node_name(), "$(NODE_NAME)");
-    let sites: Vec<serde_json::Value> = Site::ALL
-        .iter()
-        .map(|site| {
-            let pool = cluster
-                .shared_dir(node(*site))
-                .expect("shared dir")
-                .join("pool");
-            serde_json::json!({
-                "name": site.zone(),
-                "nodeSelector": {layout::ZONE_LABEL: site.zone()},
-                "pool": pool.display().to_string(),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "image": {"tag": TAG, "pullPolicy": "Never"},
-        "sites": sites,
-        "kubeletDir": per_node,
-        // The node plugins' state (<stateDir>/<node name> on the host) in
-        // the cluster's directory: beds running at once have the same node
-        // names, and the sweep removes it with the rest.
-        "node": {"stateDir": cluster.root().join("csi-state").display().to_string()},
-        "operator": {"logFormat": "text"},
-        "sidecars": {"pullPolicy": "Never"},
-    })
+    bed::values(cluster, TAG).expect("the bed's values")
 }
 
 /// The cluster bed with the chart installed.
@@ -134,24 +79,12 @@ impl Bed {
     /// registered. None when this tree cannot build our binaries.
     pub async fn install(extra: serde_json::Value) -> Option<Bed> {
         let bin_dir = binaries()?;
-        let bins: Vec<PathBuf> = BINARIES.iter().map(|b| bin_dir.join(b)).collect();
-        for b in &bins {
-            assert!(b.is_file(), "{} missing", b.display());
-        }
+        bed::release_binaries(&bin_dir).expect("our release binaries");
         let mut cluster = Cluster::start(ClusterOptions::default())
             .await
             .expect("the cluster bed starts");
-        let cache = images::cache_dir();
-        let upstream = UpstreamBinaries::from_env();
-        let refs: Vec<&Path> = bins.iter().map(PathBuf::as_path).collect();
         let started = Instant::now();
-        cluster
-            .add_image(images::twinvol(&cache, TAG, &refs).expect("twinvol image"))
-            .expect("imported");
-        for (binary, version) in SIDECARS {
-            let image = images::sidecar(&cache, &upstream, binary, version).expect("sidecar image");
-            cluster.add_image(image).expect("imported");
-        }
+        bed::add_images(&mut cluster, &bin_dir, TAG).expect("images built and imported");
         eprintln!(
             "images built and imported in {:.1} s",
             started.elapsed().as_secs_f64()
@@ -194,9 +127,14 @@ impl Bed {
     /// needs: a changed image reference rolls every component).
     pub fn add_twinvol_image(&mut self, tag: &str) {
         let bin_dir = binaries().expect("our binaries");
-        let bins: Vec<PathBuf> = BINARIES.iter().map(|b| bin_dir.join(b)).collect();
-        let refs: Vec<&Path> = bins.iter().map(PathBuf::as_path).collect();
-        let image = images::twinvol(&images::cache_dir(), tag, &refs).expect("twinvol image");
+        let bins = bed::release_binaries(&bin_dir).expect("our release binaries");
+        let refs: Vec<&std::path::Path> = bins.iter().map(PathBuf::as_path).collect();
+        let image = twinvol_e2e::cluster::images::twinvol(
+            &twinvol_e2e::cluster::images::cache_dir(),
+            tag,
+            &refs,
+        )
+        .expect("twinvol image");
         self.cluster.add_image(image).expect("imported");
     }
 

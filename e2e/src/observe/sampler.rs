@@ -1,10 +1,10 @@
-//! A watcher in the test process that samples, every 200 ms, what a
-//! fail-over is made of — the workload's pods (node, phase, container
-//! started, Ready, being deleted), the Sites' health and fencing, the
-//! MirroredVolume (epoch, in-sync set, frontend, replicas and resync
-//! progress, conditions) and the VolumeAttachments — and keeps every
-//! sample, so that a test can find when each step first happened on one
-//! clock (the test's monotonic clock) with a 0.2 s resolution.
+//! A watcher (in a test process, or `twinvol-cluster follow`) that samples,
+//! every 200 ms, what a fail-over is made of — the workload's pods (node,
+//! phase, container started, Ready, being deleted), the Sites' health and
+//! fencing, the MirroredVolume (epoch, in-sync set, frontend, replicas and
+//! resync progress, conditions) and the VolumeAttachments — and keeps every
+//! changed sample, so that a test can find when each step first happened on
+//! one clock (the process's monotonic clock) with a 0.2 s resolution.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -139,6 +139,17 @@ impl Observer {
             .filter(|(t, _)| *t >= since)
             .find(|(_, s)| ok(s))
             .map(|(t, _)| *t)
+    }
+
+    /// The samples kept from the `index`-th on (0: all), with when.
+    pub fn samples_from(&self, index: usize) -> Vec<(Instant, Sample)> {
+        self.samples
+            .lock()
+            .expect("samples lock")
+            .iter()
+            .skip(index)
+            .cloned()
+            .collect()
     }
 
     /// How many changed samples were kept at or after `since`.

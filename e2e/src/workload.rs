@@ -1,6 +1,7 @@
-//! The scenario workload: a StatefulSet whose pod appends checksummed
-//! records to a file on its twinvol volume, fsyncs each one, and only then
-//! reports it over TCP to a collector in the test process (on the control
+//! The scenario workload of the bed's site-loss tests and of the demo: a
+//! StatefulSet whose pod appends checksummed records to a file on its
+//! twinvol volume, fsyncs each one, and only then reports it over TCP to a
+//! collector in the test process or the cluster supervisor (on the control
 //! plane's address, the third location, so it survives either site's
 //! power-off). What the collector received is what was acknowledged; the
 //! check reads the file back and finds every one of them, intact.
@@ -18,11 +19,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::io::AsyncBufReadExt;
+
+use crate::HarnessError;
 
 /// The writer's shell script (busybox sh of the workload image).
 const SCRIPT: &str = r#"
@@ -46,78 +49,125 @@ while true; do
 done | nc $COLLECTOR_IP $COLLECTOR_PORT
 "#;
 
-/// Every record the collector received, by arrival.
-#[derive(Clone, Default)]
+/// Every record the collector received, by arrival: kept in memory (a
+/// test's collector), or appended to a file (the cluster supervisor's, which
+/// may run for days under a kept demo).
+#[derive(Clone)]
 pub struct Collector {
     inner: Arc<Mutex<Received>>,
     pub addr: Option<SocketAddr>,
 }
 
-#[derive(Default)]
 struct Received {
-    lines: Vec<(Instant, String)>,
+    count: usize,
+    sink: Sink,
+}
+
+enum Sink {
+    Memory(Vec<(Instant, String)>),
+    File { path: PathBuf, file: std::fs::File },
 }
 
 impl Collector {
-    /// Listens on `ip` (any port) and collects lines from every connection.
+    /// Listens on `ip` (any port) and collects lines from every connection
+    /// in memory.
     pub async fn start(ip: Ipv4Addr) -> Collector {
+        Self::listen(ip, Sink::Memory(Vec::new()))
+            .await
+            .expect("collector binds")
+    }
+
+    /// Listens on `ip` (any port) and appends the lines of every connection
+    /// to `path` (created, or appended to).
+    pub async fn to_file(ip: Ipv4Addr, path: &Path) -> Result<Collector, HarnessError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| HarnessError::Io {
+                action: "opening",
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::listen(
+            ip,
+            Sink::File {
+                path: path.to_owned(),
+                file,
+            },
+        )
+        .await
+    }
+
+    async fn listen(ip: Ipv4Addr, sink: Sink) -> Result<Collector, HarnessError> {
         let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
-            .expect("collector binds");
-        let addr = listener.local_addr().expect("collector address");
-        let inner = Arc::new(Mutex::new(Received::default()));
-        let sink = inner.clone();
+            .map_err(|source| HarnessError::Io {
+                action: "binding the record collector on",
+                path: PathBuf::from(ip.to_string()),
+                source,
+            })?;
+        let addr = listener.local_addr().ok();
+        let inner = Arc::new(Mutex::new(Received { count: 0, sink }));
+        let received = inner.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let sink = sink.clone();
+                let received = received.clone();
                 tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stream).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        sink.lock()
-                            .expect("collector lock")
-                            .lines
-                            .push((Instant::now(), line));
+                        received.lock().expect("collector lock").push(line);
                     }
                 });
             }
         });
-        Collector {
-            inner,
-            addr: Some(addr),
-        }
+        Ok(Collector { inner, addr })
     }
 
     pub fn count(&self) -> usize {
-        self.inner.lock().expect("collector lock").lines.len()
+        self.inner.lock().expect("collector lock").count
     }
 
-    /// The records received, with when.
-    pub fn lines(&self) -> Vec<(Instant, String)> {
-        self.inner.lock().expect("collector lock").lines.clone()
+    /// The records received, in order of arrival.
+    pub fn lines(&self) -> Vec<String> {
+        let received = self.inner.lock().expect("collector lock");
+        match &received.sink {
+            Sink::Memory(lines) => lines.iter().map(|(_, l)| l.clone()).collect(),
+            Sink::File { path, .. } => std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect(),
+        }
     }
+}
 
-    /// Records received at or before `t`.
-    pub fn count_before(&self, t: Instant) -> usize {
-        self.inner
-            .lock()
-            .expect("collector lock")
-            .lines
-            .iter()
-            .filter(|(at, _)| *at <= t)
-            .count()
+impl Collector {
+    /// The records received with when, in order of arrival (a collector
+    /// to a file keeps no times: none).
+    pub fn arrivals(&self) -> Vec<(Instant, String)> {
+        match &self.inner.lock().expect("collector lock").sink {
+            Sink::Memory(lines) => lines.clone(),
+            Sink::File { .. } => Vec::new(),
+        }
     }
+}
 
-    /// The latest arrival, and from which incarnation.
-    pub fn last(&self) -> Option<(Instant, String)> {
-        self.inner
-            .lock()
-            .expect("collector lock")
-            .lines
-            .last()
-            .cloned()
+impl Received {
+    fn push(&mut self, line: String) {
+        use std::io::Write;
+        self.count += 1;
+        match &mut self.sink {
+            Sink::Memory(lines) => lines.push((Instant::now(), line)),
+            // A failed append loses the line from this log only: the nodes'
+            // acked.<app> logs hold it too.
+            Sink::File { file, .. } => {
+                let _ = writeln!(file, "{line}");
+            }
+        }
     }
 }
 
@@ -295,7 +345,7 @@ pub fn io_errors(nodes_dir: &Path, app: &str) -> Vec<String> {
 
 /// Every record `app` acknowledged: the collector's and the nodes' logs.
 pub fn all_acked(collector: &Collector, nodes_dir: &Path, app: &str) -> Vec<String> {
-    let mut all: BTreeSet<String> = collector.lines().into_iter().map(|(_, l)| l).collect();
+    let mut all: BTreeSet<String> = collector.lines().into_iter().collect();
     all.extend(acked_on_nodes(nodes_dir, app));
     all.into_iter().collect()
 }
