@@ -22,7 +22,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -249,11 +249,8 @@ async fn kubernetes_storage_suites_pass_against_the_driver() {
         summary += "not run: volumeMode's unused-volume checks (their hostexec pod enters PID 1's mount namespace, which this machine's PID 1 refuses even to root)\n";
     }
     eprintln!("{summary}");
-    let out = images::cache_dir()
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/twinvol"))
-        .join("conformance");
+    // beside the image cache: $TWINVOL_CACHE/conformance
+    let out = images::cache_dir().with_file_name("conformance");
     std::fs::create_dir_all(&out).expect("conformance result dir");
     let mode = if full { "full" } else { "subset" };
     std::fs::write(out.join(format!("{mode}.txt")), &summary).expect("summary written");
@@ -294,12 +291,13 @@ impl Spec {
         !matches!(self.state.as_str(), "passed" | "skipped" | "pending")
     }
 
-    /// The suite of the spec: the word after its `[Testpattern: …]`.
+    /// The suite of the spec: the first word after its `[Testpattern: …]`
+    /// that is no label (`[Slow]` may stand between them).
     fn suite(&self) -> String {
         self.name
             .split_once("[Testpattern: ")
             .and_then(|(_, rest)| rest.split_once("] "))
-            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|(_, rest)| rest.split_whitespace().find(|w| !w.starts_with('[')))
             .unwrap_or("")
             .to_owned()
     }

@@ -212,6 +212,16 @@ async fn mkfs(device: &Path, fs: FsType) -> CsiResult<()> {
 mod tests {
     use super::*;
 
+    /// A 64 MiB file of zeroes in a temporary directory (kept while the
+    /// returned guard lives), and its open handle.
+    fn blank_image() -> (tempfile::TempDir, std::path::PathBuf, std::fs::File) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("img");
+        let f = std::fs::File::create(&image).expect("create");
+        f.set_len(64 << 20).expect("size");
+        (dir, image, f)
+    }
+
     #[test]
     fn probe_output_is_classified() {
         assert_eq!(
@@ -227,11 +237,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_of_zeroes_is_empty_and_a_made_filesystem_is_found() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let image = dir.path().join("img");
-        let f = std::fs::File::create(&image).expect("create");
-        f.set_len(64 << 20).expect("size");
-        drop(f);
+        let (_dir, image, _) = blank_image();
         assert_eq!(probe(&image).await.expect("blkid"), Content::Empty);
         assert!(ensure(&image, FsType::Ext4, "v").await.expect("mkfs"));
         assert_eq!(
@@ -267,10 +273,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unmounted_ext4_grows_to_its_larger_device_with_its_files() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let image = dir.path().join("img");
-        let f = std::fs::File::create(&image).expect("create");
-        f.set_len(64 << 20).expect("size");
+        let (dir, image, f) = blank_image();
         assert!(ensure(&image, FsType::Ext4, "v").await.expect("mkfs"));
         assert_eq!(ext4_size(&image).expect("read"), Some(64 << 20));
         assert_eq!(
