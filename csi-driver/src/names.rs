@@ -22,6 +22,10 @@ pub const ANNOTATION_CSI_NAME: &str = "csi.twinvol.io/name";
 pub const ANNOTATION_PUBLISHED: &str = "csi.twinvol.io/published";
 /// The filesystem the StorageClass asked for (`fsType` parameter).
 pub const ANNOTATION_FS_TYPE: &str = "csi.twinvol.io/fs-type";
+/// The only Sites a volume may be used from, comma-separated, when its
+/// StorageClass's `allowedTopologies` admit one of its two Sites only (its
+/// PV's node affinity; no fail-over to the other Site). Absent: both.
+pub const ANNOTATION_ALLOWED_SITES: &str = "csi.twinvol.io/allowed-sites";
 /// Label on everything the driver creates.
 pub const LABEL_APP: (&str, &str) = ("app.kubernetes.io/name", "twinvol");
 /// Label of a node heartbeat Lease: the node.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use twinvol_crds::{MirroredVolume, SiteName};
 
 use crate::error::{CsiError, CsiResult};
-use crate::names::{ANNOTATION_PUBLISHED, TOPOLOGY_KEY};
+use crate::names::{ANNOTATION_ALLOWED_SITES, ANNOTATION_PUBLISHED, TOPOLOGY_KEY};
 use crate::proto::csi::Topology;
 
 /// The ControllerPublish record (annotation `csi.twinvol.io/published`).
@@ -66,11 +66,17 @@ pub fn site_topology(site: &str) -> Topology {
     }
 }
 
-/// Accessible from both of its sites.
+/// Accessible from both of its sites, or from those its StorageClass
+/// allowed (annotation `csi.twinvol.io/allowed-sites`, set at creation).
 pub fn topology(mv: &MirroredVolume) -> Vec<Topology> {
+    let allowed: Option<Vec<&str>> = mv
+        .annotations()
+        .get(ANNOTATION_ALLOWED_SITES)
+        .map(|a| a.split(',').map(str::trim).collect());
     mv.spec
         .sites
         .iter()
+        .filter(|s| allowed.as_ref().is_none_or(|a| a.contains(&s.as_str())))
         .map(|s| site_topology(s.as_str()))
         .collect()
 }
@@ -159,5 +165,14 @@ mod tests {
         );
         assert_eq!(size_bytes(&v).expect("size"), 1 << 30);
         assert_eq!(topology(&v).len(), 2);
+    }
+
+    #[test]
+    fn a_class_restricted_volume_is_accessible_from_its_allowed_site_only() {
+        let mut v = mv(&[], 0);
+        v.annotations_mut()
+            .insert(ANNOTATION_ALLOWED_SITES.into(), "room-b".into());
+        let topology = topology(&v);
+        assert_eq!(topology, vec![site_topology("room-b")]);
     }
 }

@@ -13,12 +13,16 @@
 //!   ([`frontend_lease_duration`]);
 //! - a PersistentVolume of the driver `csi.twinvol.io` carries the
 //!   MirroredVolume's name as its volume handle; a pod uses the volume
-//!   through a claim bound to that PV; a VolumeAttachment names the PV.
+//!   through a claim bound to that PV; a VolumeAttachment names the PV;
+//! - a leader-election Lease (the CSI sidecars') is held by the pod its
+//!   `holderIdentity` names: the pod's name (the sidecars' default, their
+//!   hostname), or that name and `_` and a suffix (client-go's habit).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::ResourceExt;
@@ -285,8 +289,107 @@ pub fn maintenance(site: &Site) -> Option<String> {
     site.annotations().get(annotations::MAINTENANCE).cloned()
 }
 
+/// The leader Leases of `leases` (the operator's namespace) held by one of
+/// the `pods` of that namespace whose node is one of `nodes`: the ones to
+/// take over when those nodes' site is lost. The driver's own Leases
+/// (heartbeats, labelled) are never among them.
+pub fn leases_held_on<'a>(
+    leases: &'a [Lease],
+    pods: &[Arc<Pod>],
+    namespace: &str,
+    nodes: &[String],
+) -> Vec<&'a Lease> {
+    let here: Vec<String> = pods
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .is_some_and(|n| nodes.iter().any(|x| x == n))
+        })
+        .map(|p| p.name_any())
+        .collect();
+    let (key, value) = annotations::HEARTBEAT_LABEL;
+    leases
+        .iter()
+        .filter(|l| l.labels().get(key).map(String::as_str) != Some(value))
+        .filter(|l| {
+            let Some(holder) = l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) else {
+                return false;
+            };
+            here.iter().any(|pod| {
+                holder == pod
+                    || holder
+                        .strip_prefix(pod.as_str())
+                        .is_some_and(|rest| rest.starts_with('_'))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_leader_leases_of_pods_on_the_lost_nodes_are_found() {
+        use k8s_openapi::api::coordination::v1::LeaseSpec;
+        use k8s_openapi::api::core::v1::PodSpec;
+        let lease = |name: &str, holder: Option<&str>, labelled: bool| {
+            let mut l = Lease {
+                spec: Some(LeaseSpec {
+                    holder_identity: holder.map(str::to_owned),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            l.metadata.name = Some(name.to_owned());
+            if labelled {
+                let (k, v) = annotations::HEARTBEAT_LABEL;
+                l.labels_mut().insert(k.to_owned(), v.to_owned());
+            }
+            l
+        };
+        let pod = |name: &str, ns: &str, node: &str| {
+            let mut p = Pod {
+                spec: Some(PodSpec {
+                    node_name: Some(node.to_owned()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            p.metadata.name = Some(name.to_owned());
+            p.metadata.namespace = Some(ns.to_owned());
+            Arc::new(p)
+        };
+        let leases = vec![
+            lease(
+                "external-attacher-leader-csi-twinvol-io",
+                Some("ctl-a"),
+                false,
+            ),
+            lease("csi-twinvol-io", Some("ctl-a_5f3e"), false),
+            lease("external-resizer-csi-twinvol-io", Some("ctl-b"), false),
+            lease("twinvol-node-node-a1", Some("node-a1"), true),
+            lease("unheld", None, false),
+            lease("other", Some("ctl-ab"), false),
+        ];
+        let pods = vec![
+            pod("ctl-a", "twinvol", "node-a1"),
+            pod("ctl-b", "twinvol", "node-b1"),
+            pod("node-a1", "twinvol", "node-a1"),
+            pod("ctl-ab", "elsewhere", "node-a1"),
+        ];
+        let found: Vec<String> = leases_held_on(&leases, &pods, "twinvol", &["node-a1".to_owned()])
+            .iter()
+            .map(|l| l.name_any())
+            .collect();
+        assert_eq!(
+            found,
+            ["external-attacher-leader-csi-twinvol-io", "csi-twinvol-io"],
+            "the site's pods' Leases; not the other site's, not a heartbeat, not another namespace's pod's"
+        );
+    }
 
     #[test]
     fn a_frontend_lives_while_its_lease_or_its_nodes_heartbeat_changes() {

@@ -8,9 +8,11 @@
 //! patches of fields only the operator writes. Every write names the
 //! field manager `twinvol-operator`.
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::ResourceExt;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, EvictParams, Patch, PatchParams, PostParams,
     Preconditions,
@@ -401,6 +403,59 @@ pub async fn delete_attachment(ctx: &Context, name: &str) -> Result<bool> {
             e,
         )),
     }
+}
+
+/// Deletes the leader Leases (the CSI sidecars') held by pods on `nodes`,
+/// the nodes of a site found lost and not fenced yet: a pod there cannot
+/// renew its Lease, and its standby on the other site would otherwise wait
+/// out the lease (8 s by default) before it attaches the volumes that move.
+/// Each delete is conditional on the resourceVersion read, so a Lease
+/// renewed or taken over meanwhile stays. A holder that is alive after all
+/// fails its next renewal and steps down (the sidecars exit), so two
+/// leaders overlap for at most its retry period, and the attach and detach
+/// calls they could both make are idempotent. Returns the names deleted.
+pub async fn release_leases_held_on(
+    ctx: &Context,
+    site: &SiteName,
+    nodes: &[String],
+) -> Result<Vec<String>> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let leases = api
+        .list(&kube::api::ListParams::default())
+        .await
+        .map_err(Error::kube(
+            "listing Leases in namespace",
+            ctx.config.namespace.clone(),
+        ))?;
+    let pods = ctx.stores.pods.state();
+    let mut released = Vec::new();
+    for lease in gather::leases_held_on(&leases.items, &pods, &ctx.config.namespace, nodes) {
+        let name = lease.name_any();
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default();
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: lease.metadata.uid.clone(),
+                resource_version: lease.metadata.resource_version.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&name, &params).await {
+            Ok(_) => {
+                tracing::warn!(lease = %name, holder = %holder, site = %site, "took over a leader Lease held on a lost site: its standby elsewhere leads now");
+                released.push(name);
+            }
+            // Renewed, taken over or gone meanwhile: leave it.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => {
+                return Err(Error::kube("deleting", format!("Lease {name}"))(e));
+            }
+        }
+    }
+    Ok(released)
 }
 
 /// Removes `volume` (a unique volume name, `kubernetes.io/csi/<driver>^<handle>`)

@@ -172,6 +172,13 @@ pub async fn reconcile(obj: Arc<Site>, ctx: Arc<Context>) -> Result<Action> {
         now: ctx.now(),
     };
     let decision = site::decide(&input, &ctx.config.timings);
+    if decision.release_leases {
+        // First, so that the standbys take over while the frontend leases
+        // run out; a failure here delays an attachment, not the fencing.
+        if let Err(e) = ops::release_leases_held_on(&ctx, &name, &node_names).await {
+            tracing::warn!(site = %name, error = %chain(&e), "could not take over the leader Leases held on the lost site");
+        }
+    }
     apply(&ctx, &obj, &name, &decision).await?;
     let fenced = sites
         .iter()

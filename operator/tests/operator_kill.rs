@@ -31,8 +31,21 @@ use twinvol_e2e::wait::Poll;
 
 use support::*;
 
+/// Fail-overs run: at least `ROUNDS`, more (up to `MAX_ROUNDS`) until three
+/// kills have landed inside a fencing pass. Whether a kill lands there is a
+/// race with a pass of milliseconds: on a loaded machine the pass can finish
+/// before the signal (seen: 2 of 12 rounds on a cold test-command run).
 const ROUNDS: usize = 12;
+const MAX_ROUNDS: usize = 24;
 const VOLUMES: usize = 4;
+
+/// Kills that landed after the fencing pass began.
+fn inside_pass(kills: &[(usize, Duration, Phase)]) -> usize {
+    kills
+        .iter()
+        .filter(|(_, _, p)| p.bumped > 0 || p.fenced)
+        .count()
+}
 
 /// How far a round's fail-over got, as the API server shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +165,12 @@ async fn a_killed_leader_never_bumps_twice_and_the_next_one_finishes() {
     let sites: Api<Site> = Api::all(bed.client.clone());
     let mut kills = Vec::new();
 
-    for round in 0..ROUNDS {
+    let mut rounds = 0;
+    for round in 0..MAX_ROUNDS {
+        if round >= ROUNDS && inside_pass(&kills) >= 3 {
+            break;
+        }
+        rounds += 1;
         let (a, b) = (format!("r{round}-a"), format!("r{round}-b"));
         let (na, nb) = (format!("{a}-1"), format!("{b}-1"));
         bed.site(&a, &format!("zone-{a}")).await;
@@ -319,12 +337,9 @@ async fn a_killed_leader_never_bumps_twice_and_the_next_one_finishes() {
         }
     }
     println!("timeline:\n{}", bed.timeline());
-    let mid = kills
-        .iter()
-        .filter(|(_, _, p)| p.bumped > 0 || p.fenced)
-        .count();
+    let mid = inside_pass(&kills);
     println!(
-        "{} leader kills during {ROUNDS} fail-overs, {mid} of them after the fencing pass began (seed {seed})",
+        "{} leader kills during {rounds} fail-overs, {mid} of them after the fencing pass began (seed {seed})",
         kills.len()
     );
     assert!(kills.len() >= 20, "only {} kill points", kills.len());

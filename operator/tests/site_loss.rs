@@ -1,13 +1,17 @@
 //! The operator against a real control plane: placement and what a
 //! kubectl user sees; a site going dark (its node plugins and frontends
-//! killed with SIGKILL) and the fail-over with its timeline; the site
+//! killed with SIGKILL) and the fail-over with its timeline (the CSI
+//! sidecars' leader Lease held there taken over first); the site
 //! coming back and the automatic fail-back home.
 
 mod support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
+use serde_json::json;
 use twinvol_crds::Site;
 use twinvol_e2e::wait::Poll;
 
@@ -35,6 +39,31 @@ async fn placement_site_loss_and_automatic_failback() {
         ("west-1", "zone-west"),
     ] {
         bed.node(node, zone).await;
+    }
+    // The CSI controller's two replicas, one per site (no kubelet: pods
+    // bound to nodes, as the scheduler leaves them), and the sidecars'
+    // leader Leases: the attacher's held on east, the provisioner's on west.
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), NS);
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), NS);
+    for (pod, node) in [("controller-east", "east-1"), ("controller-west", "west-1")] {
+        bed.create(
+            &pods,
+            json!({"metadata": {"name": pod},
+                   "spec": {"nodeName": node, "automountServiceAccountToken": false,
+                            "containers": [{"name": "csi-attacher", "image": "busybox", "imagePullPolicy": "Never"}]}}),
+        )
+        .await;
+    }
+    for (lease, holder) in [
+        ("external-attacher-leader-csi-twinvol-io", "controller-east"),
+        ("csi-twinvol-io", "controller-west"),
+    ] {
+        bed.create(
+            &leases,
+            json!({"metadata": {"name": lease},
+                   "spec": {"holderIdentity": holder, "leaseDurationSeconds": 3600}}),
+        )
+        .await;
     }
     let mut east = bed.heartbeats("heartbeats-east", &["east-1", "east-2"]);
     let _west = bed.heartbeats("heartbeats-west", &["west-1"]);
@@ -160,8 +189,48 @@ async fn placement_site_loss_and_automatic_failback() {
         "too slow: {unhealthy:?}"
     );
 
+    // The sidecar Lease held on east is taken over (its holder cannot renew
+    // it; its standby would wait out the hour), before the epoch bump.
+    bed.until(
+        "the attacher's Lease held on east deleted",
+        "operator",
+        || async {
+            ready(
+                leases
+                    .get_opt("external-attacher-leader-csi-twinvol-io")
+                    .await
+                    .expect("lease")
+                    .is_none(),
+            )
+        },
+    )
+    .await;
+    bed.mark(format!(
+        "the attacher's leader Lease (held by controller-east) deleted after {:.2}s",
+        dark.elapsed().as_secs_f64()
+    ));
+
     let bumped = bed.epoch_bumped("vol-1", "operator").await;
     let bump_wall = wall_ms();
+    assert!(
+        leases
+            .get_opt("csi-twinvol-io")
+            .await
+            .expect("lease")
+            .is_some(),
+        "the Lease held on west was deleted"
+    );
+    let log = bed.operator_log("operator");
+    let took_over = log
+        .find("took over a leader Lease held on a lost site")
+        .expect("the take-over logged");
+    let fenced_at = log
+        .find("fenced the frontend of a lost site: epoch bumped")
+        .expect("the bump logged");
+    assert!(
+        took_over < fenced_at,
+        "the Lease was taken over only after the epoch bump"
+    );
     bed.mark(format!(
         "vol-1 epoch 1 -> {} after {:.2}s; in sync: {:?}; frontend: {:?}",
         epoch(&bumped),

@@ -9,6 +9,17 @@
 //! again with the same name it returns the same volume (idempotent), or
 //! `AlreadyExists` when the existing one does not fit the request.
 //!
+//! **Topology.** A volume is accessible from both of its Sites (its PV's
+//! node affinity admits the nodes of either: that is what fail-over needs),
+//! unless its StorageClass's `allowedTopologies` admit only one of them on
+//! the Site key: then from that one only, recorded on the MirroredVolume
+//! (`csi.twinvol.io/allowed-sites`), and its pods cannot move to the other
+//! Site. The class is read through the PVC the provisioner names
+//! (`--extra-create-metadata`): the requisite topology cannot tell a class's
+//! restriction from the first pod's placement (`--strict-topology` narrows
+//! it to the pod's node). A caller naming no PVC (csi-sanity, a CO other
+//! than Kubernetes) is held to its requisite topology.
+//!
 //! **Delete** refuses a volume still published to a node, removes the
 //! finalizers of Sites where no replica was ever placed (nobody else
 //! would), and deletes the object; the node plugins hosting its replicas
@@ -19,14 +30,17 @@
 
 use std::collections::BTreeMap;
 
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, TopologySelectorTerm};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Resource, ResourceExt};
 use twinvol_crds::{MirroredVolume, MirroredVolumeSpec, SiteName, VolumeSize};
 
 use crate::capability;
 use crate::error::{CsiError, CsiResult};
 use crate::names::{
-    self, ANNOTATION_CSI_NAME, ANNOTATION_FS_TYPE, LABEL_APP, TOPOLOGY_KEY, replica_finalizer,
+    self, ANNOTATION_ALLOWED_SITES, ANNOTATION_CSI_NAME, ANNOTATION_FS_TYPE, LABEL_APP,
+    TOPOLOGY_KEY, replica_finalizer,
 };
 use crate::params::{self, KEY_SITES, VolumeParams};
 use crate::proto::csi::{
@@ -39,19 +53,82 @@ use super::ControllerService;
 /// How long DeleteVolume waits for the node plugins to remove the data.
 const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The PVC the provisioner creates the volume for (`--extra-create-metadata`).
+const PARAM_PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+const PARAM_PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+/// The class of a PVC from before `storageClassName`.
+const ANNOTATION_PVC_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
+
 /// The Sites named by a topology requirement, preferred first, each once.
 fn topology_sites(requirement: Option<&TopologyRequirement>) -> Vec<String> {
+    let Some(req) = requirement else {
+        return vec![];
+    };
+    sites_of(req.preferred.iter().chain(&req.requisite))
+}
+
+/// The Sites named by topologies, in order, each once.
+fn sites_of<'a>(
+    topologies: impl IntoIterator<Item = &'a crate::proto::csi::Topology>,
+) -> Vec<String> {
     let mut out: Vec<String> = vec![];
-    if let Some(req) = requirement {
-        for topology in req.preferred.iter().chain(&req.requisite) {
-            if let Some(site) = topology.segments.get(TOPOLOGY_KEY)
-                && !out.contains(site)
-            {
-                out.push(site.clone());
-            }
+    for topology in topologies {
+        if let Some(site) = topology.segments.get(TOPOLOGY_KEY)
+            && !out.contains(site)
+        {
+            out.push(site.clone());
         }
     }
     out
+}
+
+/// The Sites a StorageClass's `allowedTopologies` admit on the Site key,
+/// or `None` when they do not restrict it (none given, or a term that does
+/// not name the key: it admits every Site).
+pub fn class_sites(allowed: &[TopologySelectorTerm]) -> Option<Vec<String>> {
+    if allowed.is_empty() {
+        return None;
+    }
+    let mut out: Vec<String> = vec![];
+    for term in allowed {
+        let expressions = term.match_label_expressions.as_deref().unwrap_or_default();
+        let site = expressions.iter().find(|e| e.key == TOPOLOGY_KEY)?;
+        for value in &site.values {
+            if !out.contains(value) {
+                out.push(value.clone());
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The annotation recording which of the volume's `sites` it may be used
+/// from, when `allowed` admits only some of them; `NoCapacity` when it
+/// admits none.
+pub fn allowed_annotation(
+    sites: &[SiteName; 2],
+    allowed: Option<&[String]>,
+) -> CsiResult<Option<String>> {
+    let Some(allowed) = allowed else {
+        return Ok(None);
+    };
+    let usable: Vec<&str> = sites
+        .iter()
+        .map(SiteName::as_str)
+        .filter(|s| allowed.iter().any(|a| a == s))
+        .collect();
+    match usable.len() {
+        0 => Err(CsiError::NoCapacity {
+            detail: format!(
+                "the volume's Sites are {} and {}, but its StorageClass allows only {}",
+                sites[0],
+                sites[1],
+                allowed.join(", ")
+            ),
+        }),
+        1 => Ok(Some(usable[0].to_owned())),
+        _ => Ok(None),
+    }
 }
 
 /// The two Sites of a new volume: the parameter's, or the topology's
@@ -212,6 +289,8 @@ impl ControllerService {
 
         let known = self.site_names().await?;
         let sites = choose_sites(&params, request.accessibility_requirements.as_ref(), &known)?;
+        let allowed = self.allowed_sites(&request).await?;
+        let restricted = allowed_annotation(&sites, allowed.as_deref())?;
         if let Some(existing) = volume::get(&self.volumes, &name).await? {
             check_existing(&existing, &request.name, &sites, &request)?;
             return response(&existing, fs_type.map(|f| f.as_str()));
@@ -225,7 +304,12 @@ impl ControllerService {
             }
             self.check_room(site, size)?;
         }
-        let mv = self.new_volume(&name, &request.name, size, sites, params, fs_type)?;
+        let mut mv = self.new_volume(&name, &request.name, size, sites, params, fs_type)?;
+        if let Some(only) = restricted {
+            tracing::info!(volume = %name, site = %only, "its StorageClass allows one of its Sites only: no fail-over to the other");
+            mv.annotations_mut()
+                .insert(ANNOTATION_ALLOWED_SITES.to_owned(), only);
+        }
         let created = match self.volumes.create(&PostParams::default(), &mv).await {
             Ok(created) => created,
             // A concurrent create of the same name by another controller
@@ -239,6 +323,45 @@ impl ControllerService {
         };
         tracing::info!(volume = %name, csi_name = %request.name, size, "created");
         response(&created, fs_type.map(|f| f.as_str()))
+    }
+
+    /// The Sites the volume may be used from, when restricted: its
+    /// StorageClass's `allowedTopologies` (through the PVC the provisioner
+    /// names), or for a caller naming no PVC its requisite topology.
+    async fn allowed_sites(&self, request: &CreateVolumeRequest) -> CsiResult<Option<Vec<String>>> {
+        let (Some(pvc), Some(namespace)) = (
+            request.parameters.get(PARAM_PVC_NAME),
+            request.parameters.get(PARAM_PVC_NAMESPACE),
+        ) else {
+            let requisite = request
+                .accessibility_requirements
+                .as_ref()
+                .map(|r| sites_of(&r.requisite))
+                .unwrap_or_default();
+            return Ok((!requisite.is_empty()).then_some(requisite));
+        };
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
+        let claim = claims
+            .get(pvc)
+            .await
+            .map_err(|e| CsiError::kube(format!("reading PVC {namespace}/{pvc}"), e))?;
+        let class = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.storage_class_name.clone())
+            .or_else(|| claim.annotations().get(ANNOTATION_PVC_CLASS).cloned())
+            .filter(|c| !c.is_empty());
+        let Some(class) = class else {
+            return Ok(None);
+        };
+        let classes: Api<StorageClass> = Api::all(self.client.clone());
+        let class = classes
+            .get(&class)
+            .await
+            .map_err(|e| CsiError::kube(format!("reading StorageClass {class}"), e))?;
+        Ok(class_sites(
+            class.allowed_topologies.as_deref().unwrap_or_default(),
+        ))
     }
 
     fn new_volume(
@@ -425,5 +548,63 @@ mod tests {
             Err(CsiError::BadParameter { key, .. }) => assert_eq!(key, "sites"),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn term(key: &str, values: &[&str]) -> TopologySelectorTerm {
+        use k8s_openapi::api::core::v1::TopologySelectorLabelRequirement;
+        TopologySelectorTerm {
+            match_label_expressions: Some(vec![TopologySelectorLabelRequirement {
+                key: key.to_owned(),
+                values: values.iter().map(|v| (*v).to_owned()).collect(),
+            }]),
+        }
+    }
+
+    #[test]
+    fn a_class_restricts_the_sites_only_through_the_site_key() {
+        assert_eq!(class_sites(&[]), None, "no allowedTopologies");
+        assert_eq!(
+            class_sites(&[term(TOPOLOGY_KEY, &["room-a"])]),
+            Some(vec!["room-a".to_owned()])
+        );
+        assert_eq!(
+            class_sites(&[
+                term(TOPOLOGY_KEY, &["room-a"]),
+                term(TOPOLOGY_KEY, &["room-b", "room-a"])
+            ]),
+            Some(vec!["room-a".to_owned(), "room-b".to_owned()])
+        );
+        // A term on another key admits every Site: no restriction.
+        assert_eq!(
+            class_sites(&[
+                term(TOPOLOGY_KEY, &["room-a"]),
+                term("topology.kubernetes.io/zone", &["z1"])
+            ]),
+            None
+        );
+    }
+
+    #[test]
+    fn a_volume_is_restricted_to_the_allowed_one_of_its_sites() {
+        let sites = [
+            SiteName::new("room-a").expect("valid"),
+            SiteName::new("room-b").expect("valid"),
+        ];
+        let allowed = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(allowed_annotation(&sites, None).expect("ok"), None);
+        assert_eq!(
+            allowed_annotation(&sites, Some(&allowed(&["room-b", "room-a", "room-c"])))
+                .expect("ok"),
+            None,
+            "both allowed"
+        );
+        assert_eq!(
+            allowed_annotation(&sites, Some(&allowed(&["room-b"]))).expect("ok"),
+            Some("room-b".to_owned())
+        );
+        assert!(matches!(
+            allowed_annotation(&sites, Some(&allowed(&["room-c"]))),
+            Err(CsiError::NoCapacity { .. })
+        ));
     }
 }

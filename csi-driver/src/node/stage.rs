@@ -116,10 +116,12 @@ impl NodeService {
                 return Ok(());
             }
         }
-        let deadline = Instant::now() + self.config.stage_timeout;
+        let started = Instant::now();
+        let deadline = started + self.config.stage_timeout;
         vdir.create()?;
         let size = volume::size_bytes(&mv)?;
         let device = self.start_frontend(&vdir, &name, size, deadline).await?;
+        let device_at = started.elapsed();
         if let Exposure::Mount { fs_type } = &exposure {
             let fs = FsType::parse(fs_type).unwrap_or(FsType::Ext4);
             if mounts::mounted_at(&staging)?.is_none() {
@@ -144,7 +146,14 @@ impl NodeService {
             targets: previous.map(|r| r.targets).unwrap_or_default(),
             single_writer: cap.single_writer(),
         })?;
-        tracing::info!(volume = %name, "staged");
+        // Where a fail-over's staging time goes (the frontend: its lease
+        // and replicas; the filesystem: its check and journal replay).
+        tracing::info!(
+            volume = %name,
+            device_ms = u64::try_from(device_at.as_millis()).unwrap_or(u64::MAX),
+            filesystem_ms = u64::try_from((started.elapsed() - device_at).as_millis()).unwrap_or(u64::MAX),
+            "staged"
+        );
         Ok(())
     }
 

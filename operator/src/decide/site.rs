@@ -222,6 +222,11 @@ pub struct SiteDecision {
     /// Volumes served here that do not fail over by themselves: their
     /// other replica is not in sync. Sorted.
     pub blocked: Vec<VolumeName>,
+    /// Take over the leader Leases that pods on this site hold (the CSI
+    /// sidecars'): the site is lost and not fenced yet, so its pods cannot
+    /// renew them, and their standbys on the other site should not wait
+    /// out the lease before attaching the volumes that move.
+    pub release_leases: bool,
     /// Taints to add or remove, sorted.
     pub taints: Vec<TaintChange>,
     pub conditions: Vec<CondPlan>,
@@ -300,6 +305,7 @@ pub fn decide(input: &SiteInput, timings: &Timings) -> SiteDecision {
         fenced,
         fence_volumes,
         blocked,
+        release_leases: lost && !input.fenced,
         taints,
         conditions,
         requeue_after,
@@ -565,15 +571,30 @@ mod tests {
         let fe = frontend("vol-1", "a1", 2_000, true);
         let d = decide(&site(nodes.clone(), vec![fe.clone()], 9_000), &t);
         assert_eq!(d.health.health, Health::Healthy, "8 s is not stale yet");
+        assert!(!d.release_leases, "a healthy site keeps its leader Leases");
         let d = decide(&site(nodes.clone(), vec![fe.clone()], 9_001), &t);
         assert_eq!(d.health.health, Health::Lost);
         assert!(matches!(d.fencing, Fencing::WaitingForLeases(_)));
         assert!(!d.fenced && d.fence_volumes.is_empty());
+        assert!(
+            d.release_leases,
+            "lost: its pods' leader Leases are taken over at once"
+        );
         let d = decide(&site(nodes.clone(), vec![fe.clone()], 13_999), &t);
         assert!(d.fence_volumes.is_empty(), "the lease has 1 ms left");
-        let d = decide(&site(nodes, vec![fe], 14_000), &t);
+        let d = decide(&site(nodes.clone(), vec![fe.clone()], 14_000), &t);
         assert_eq!(d.fencing, Fencing::Fence);
         assert!(d.fenced);
+        assert!(
+            d.release_leases,
+            "the fencing pass itself still takes them over"
+        );
+        let mut fenced = site(nodes, vec![fe], 20_000);
+        fenced.fenced = true;
+        assert!(
+            !decide(&fenced, &t).release_leases,
+            "once fenced the Leases are not listed again every poll"
+        );
         assert_eq!(d.fence_volumes, vec![volume_name("vol-1")]);
         assert!(
             d.taints

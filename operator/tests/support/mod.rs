@@ -64,13 +64,16 @@ impl Bed {
             .create(&PostParams::default(), &ns)
             .await
             .expect("namespace created");
-        // No controller-manager here: the ServiceAccount it would make.
+        // No controller-manager here: the ServiceAccounts it would make (pods
+        // stand in for workloads in APPS and for the CSI controller in NS).
         let sa: k8s_openapi::api::core::v1::ServiceAccount =
             serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), APPS)
-            .create(&PostParams::default(), &sa)
-            .await
-            .expect("service account created");
+        for ns in [APPS, NS] {
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &sa)
+                .await
+                .expect("service account created");
+        }
         let logs = plane.dir().join("logs");
         Self {
             plane,
