@@ -32,7 +32,8 @@ bash "$here/tools/build-upstream.sh"
 cargo build --release --bin twinvol-csi --bin twinvol-operator
 t0=$(date +%s)
 rc=0
-cargo test -p twinvol-e2e --test storage_conformance -- --nocapture || rc=$?
+exe=$(bash "$here/tools/test-exe.sh" e2e storage_conformance)
+(cd "$here" && CARGO_MANIFEST_DIR=$PWD "$exe" --nocapture) || rc=$?
 echo
 echo "conformance ($mode, $TWINVOL_CONFORMANCE_PROCS processes): exit $rc after $(( $(date +%s) - t0 )) s"
 echo "summary: $TWINVOL_CACHE/conformance/$mode.txt, report: $TWINVOL_CACHE/conformance/$mode.json"

@@ -84,17 +84,25 @@ if [ -s "$cli_state" ] && kill -0 "$(jq -r '.pid // 0' "$cli_state")" 2>/dev/nul
   echo "      with: bash e2e/demo.sh --down" >&2
   exit 2
 fi
-say "upstream components (Go builds, cached in $TWINVOL_CACHE/upstream; on a fresh machine 15-35 min)"
+# The Rust builds run beside the Go builds (they share nothing, and each
+# leaves a core idle while it links or downloads).
+say "cargo build --release: twinvol-csi, twinvol-operator, and cargo build: twinvol-cluster (the bed's supervisor and this demo's helper), in the background (in $CARGO_TARGET_DIR; log $TWINVOL_CACHE/demo-cargo.log)"
+mkdir -p "$TWINVOL_CACHE"
+(cd "$top" && cargo build --release --bin twinvol-csi --bin twinvol-operator &&
+  cargo build -p twinvol-e2e --bin twinvol-cluster) >"$TWINVOL_CACHE/demo-cargo.log" 2>&1 &
+cargo_pid=$!
+say "upstream components (Go builds, cached in $TWINVOL_CACHE/upstream; on a fresh machine about 25 min)"
 # Its progress lines only (stderr); a component already built says nothing.
 bash "$here/tools/build-upstream.sh" etcd kube-apiserver kubectl kube-controller-manager \
   kube-scheduler kubelet kube-proxy containerd external-provisioner external-attacher \
   external-resizer helm 2>&1 >/dev/null \
   | { grep --line-buffered -E 'go build|: built in|FAILED|cannot|missing|waiting' || true; } | indent
 [ -x "$helm" ] && [ -x "$kubectl" ] || fail "the upstream build left no helm/kubectl in $TWINVOL_UPSTREAM_BIN"
-say "cargo build --release: twinvol-csi, twinvol-operator (in $CARGO_TARGET_DIR; on a fresh machine ~30 min)"
-(cd "$top" && cargo build --release -q --bin twinvol-csi --bin twinvol-operator)
-say "cargo build: twinvol-cluster (the bed's supervisor and this demo's helper)"
-(cd "$top" && cargo build -q -p twinvol-e2e --bin twinvol-cluster)
+say "waiting for the Rust builds"
+if ! wait "$cargo_pid"; then
+  tail -n 40 "$TWINVOL_CACHE/demo-cargo.log" | indent
+  fail "the Rust build failed (log: $TWINVOL_CACHE/demo-cargo.log)"
+fi
 t_built=$(since "$t_start")
 
 cluster_started=0

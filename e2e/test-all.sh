@@ -2,9 +2,11 @@
 # Runs every test of twinvol on this machine, from a fresh clone.
 #
 # Stages: Debian packages the tests need, the pinned upstream Kubernetes
-# components (built from their Go modules, cached outside the repo), format and
-# lint checks, then every Rust test (unit, property, and the integration tests
-# that start real processes: replicas, frontends, a real API server).
+# components (built from their Go modules, cached outside the repo) beside the
+# format and lint checks and the Rust builds (they share nothing; each leaves
+# cores idle while it links or waits for downloads), then every Rust test
+# (unit, property, and the integration tests that start real processes:
+# replicas, frontends, a real API server, the cluster bed).
 # Ends with a timing summary. Needs root (namespaces, FUSE, loop devices).
 set -euo pipefail
 
@@ -24,6 +26,7 @@ peak=()
 run_stage() {
   local name=$1; shift
   echo "=== stage: $name"
+  bg_progress
   local t0 rc=0
   t0=$(date +%s.%N)
   /usr/bin/time -f '%M' -o "$TWINVOL_CACHE/.stage-rss" "$@" || rc=$?
@@ -42,14 +45,56 @@ summary() {
   echo
   echo "=== timing summary"
   printf '%-28s %10s %14s\n' stage seconds "peak RSS MiB"
-  local total=0 i
+  local i
   for i in "${!stages[@]}"; do
     printf '%-28s %10s %14s\n' "${stages[$i]}" "${times[$i]}" "${peak[$i]}"
-    case ${stages[$i]} in "  lane "*) continue ;; esac
-    total=$(echo "$total + ${times[$i]}" | bc)
   done
-  printf '%-28s %10s\n' total "$total"
+  printf '%-28s %10s\n' "total (wall clock)" "$(printf '%.1f' "$(echo "$(date +%s.%N) - $started" | bc)")"
+  echo "(the upstream components are built beside the stages after them up to the"
+  echo " Rust builds; the lanes run at once: neither adds up)"
 }
+started=$(date +%s.%N)
+
+# A stage in the background: its output goes to a log (printed, prefixed,
+# when it ends), its exit code and seconds to $TWINVOL_CACHE/.bg-result.
+bg_pid=
+bg_name=
+bg_log=
+bg_start() {
+  local name=$1; shift
+  bg_log=$TWINVOL_CACHE/${name// /-}.log
+  echo "=== stage (in the background): $name, log $bg_log"
+  rm -f "$TWINVOL_CACHE/.bg-result"
+  # In a process group of its own, so that a failure elsewhere stops all of it.
+  setsid -w bash -c 't0=$(date +%s.%N); rc=0
+    /usr/bin/time -f "%M" -o "$0/.bg-rss" "${@:2}" >"$1" 2>&1 || rc=$?
+    echo "$rc $(printf "%.1f" "$(echo "$(date +%s.%N) - $t0" | bc)")" >"$0/.bg-result"' \
+    "$TWINVOL_CACHE" "$bg_log" "$@" &
+  bg_pid=$!
+  bg_name=$name
+}
+bg_progress() {
+  [ -n "$bg_pid" ] || return 0
+  echo "    ($bg_name, in the background: $(grep -E '^\[build-upstream\] [a-z]' "$bg_log" 2>/dev/null | tail -n1))"
+}
+bg_wait() {
+  local name=$1 rc secs
+  echo "=== waiting for the background stage: $name"
+  wait "$bg_pid" || true
+  bg_pid=
+  sed "s/^/[$name] /" "$bg_log"
+  read -r rc secs <"$TWINVOL_CACHE/.bg-result" || { rc=1; secs=0; }
+  stages+=("$name")
+  times+=("$secs")
+  peak+=("$(( $(tail -n1 "$TWINVOL_CACHE/.bg-rss" 2>/dev/null | grep -E "^[0-9]+$" || echo 0) / 1024 ))")
+  if [ "$rc" -ne 0 ]; then
+    summary
+    echo "FAILED at stage: $name (exit $rc)"
+    exit "$rc"
+  fi
+}
+# A failed foreground stage exits: stop the background one with it.
+trap '[ -n "$bg_pid" ] && kill -- -"$bg_pid" 2>/dev/null; true' EXIT
 
 mkdir -p "$TWINVOL_CACHE"
 # `time` and `bc` are needed by this script itself.
@@ -58,7 +103,7 @@ if ! command -v bc >/dev/null || [ ! -x /usr/bin/time ]; then
 fi
 
 run_stage "debian packages" bash "$here/tools/install-deps.sh"
-run_stage "upstream components" bash "$here/tools/build-upstream.sh"
+bg_start "upstream components" bash "$here/tools/build-upstream.sh"
 run_stage "cargo fmt --check" cargo fmt --all -- --check
 run_stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 # Test targets build the engine with its fault hooks (the `failpoints`
@@ -71,8 +116,9 @@ run_stage "cargo build" cargo build --workspace --all-targets
 # inside a test, so that this cost shows as its own stage).
 run_stage "cargo build --release" cargo build --release --bin twinvol-csi --bin twinvol-operator --bin twinvol-engine
 export TWINVOL_BIN_DIR=${TWINVOL_BIN_DIR:-$CARGO_TARGET_DIR/release}
-run_stage "cargo test (three lanes)" bash "$here/tools/test-lanes.sh"
-for lane in engine others quiet; do
+bg_wait "upstream components"
+run_stage "cargo test (five lanes)" bash "$here/tools/test-lanes.sh"
+for lane in engine harness platform bed quiet; do
   if read -r _ secs <"$TWINVOL_CACHE/test-lanes/$lane.result"; then
     stages+=("  lane $lane"); times+=("$secs"); peak+=("-")
   fi

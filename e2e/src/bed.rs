@@ -17,6 +17,9 @@ use crate::{
 pub const NAMESPACE: &str = "twinvol-system";
 /// The Helm release's name.
 pub const RELEASE: &str = "twinvol";
+/// The external-attacher's leader Lease (its name for the driver
+/// `csi.twinvol.io`), in [`NAMESPACE`].
+pub const ATTACHER_LEASE: &str = "external-attacher-leader-csi-twinvol-io";
 /// The sidecars' versions: the chart's defaults, as in e2e/tools/versions.env.
 pub const SIDECARS: [(&str, &str); 3] = [
     ("csi-provisioner", "v6.4.0"),

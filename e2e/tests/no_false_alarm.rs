@@ -8,7 +8,7 @@
 //! checked at the end) and Debian's fio (random 16 KiB writes with fsync,
 //! each batch read back and verified: `--verify_backlog`). Then, for
 //! `TWINVOL_QUIET_MINUTES` (10), nothing is done but watching: the test
-//! command runs this beside its two other lanes (e2e/tools/test-lanes.sh),
+//! command runs this beside its other lanes (e2e/tools/test-lanes.sh),
 //! so the machine is as busy as the suite makes it.
 //!
 //! Every 200 ms the observer samples what a fail-over would change. The

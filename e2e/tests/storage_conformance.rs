@@ -32,7 +32,7 @@ use twinvol_e2e::cluster::images;
 
 /// One test of each suite that applies, by the end of its full name (the
 /// suite's `--ginkgo.focus` is their alternation).
-const SUBSET: [&str; 10] = [
+const SUBSET: [&str; 12] = [
     r"\[Testpattern: Dynamic PV \(default fs\)\] read-write-once-pod should block a second pod from using an in-use ReadWriteOncePod volume on the same node",
     r"\[Testpattern: Dynamic PV \(default fs\)\] volumes should store data",
     r"\[Testpattern: Dynamic PV \(block volmode\)\] volumes should store data",
@@ -43,6 +43,8 @@ const SUBSET: [&str; 10] = [
     r"\[Testpattern: Dynamic PV \(block volmode\)\(allowExpansion\)\] volume-expand should resize volume when PVC is edited while pod is using it",
     r"\[Testpattern: Dynamic PV \(default fs\)\(allowExpansion\)\] volume-expand should resize volume when PVC is edited and the pod is re-created on the same node after controller resize is finished",
     r"\[Testpattern: Dynamic PV \(delayed binding\)\] topology should provision a volume and schedule a pod with AllowedTopologies",
+    r"\[Testpattern: Dynamic PV \(immediate binding\)\] topology should provision a volume and schedule a pod with AllowedTopologies",
+    r"\[Testpattern: Dynamic PV \(immediate binding\)\] topology should fail to schedule a pod which has topologies that conflict with AllowedTopologies",
 ];
 
 /// Never run, in either mode:
