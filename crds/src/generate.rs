@@ -67,12 +67,17 @@ pub struct GeneratedFile {
 
 /// The chart's CRD directory in this source tree.
 pub fn chart_crd_dir() -> PathBuf {
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // The crate sits one level below the workspace root.
-    crate_dir
+    // The crate sits one level below the workspace root. The run-time
+    // variable first (cargo test and run set it; e2e/src/lib.rs,
+    // source_root, says why), else the compile-time one.
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let root = crate_dir
         .parent()
-        .unwrap_or(crate_dir)
-        .join("charts/twinvol/crds")
+        .map(Path::to_path_buf)
+        .unwrap_or(crate_dir);
+    root.join("charts/twinvol/crds")
 }
 
 /// Every CRD manifest, rendered.

@@ -27,7 +27,7 @@ const MONITORING: [&str; 2] = [
 ];
 
 fn repo() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    twinvol_e2e::source_root()
 }
 
 fn chart() -> String {

@@ -448,7 +448,7 @@ pub const E2E_SUITE_REGISTRY: &str = "twinvol.local/e2e-test-images";
 /// name and tag it asks for (`twinvol.local/e2e-test-images/<name>:<tag>`):
 /// `agnhost` is the release's agnhost binary (`agnhost`, Go-built from the
 /// same k8s.io/kubernetes module) as `/agnhost`, its entrypoint, beside a
-/// shell; `glibc-dns-testing` busybox with GNU dd; `busybox` and `nginx`
+/// shell; `glibc-dns-testing` busybox with GNU dd and dash as /bin/sh; `busybox` and `nginx`
 /// busybox alone, which is what the storage suites run in them (shell
 /// commands: dd, md5sum, mount, ls, sleep).
 /// Returns None for an image the storage suites do not run.
@@ -467,9 +467,13 @@ pub fn e2e_suite_image(
         "busybox" | "nginx" => busybox(&path, tag)?.cmd(&["/bin/sh"]),
         // A glibc image upstream, whose dd is GNU's: the suites' block
         // tests write through it with `oflag=nocache`, which busybox's dd
-        // lacks. The host's GNU dd (with glibc) takes /bin/dd's place.
+        // lacks. The host's GNU dd (with glibc) takes /bin/dd's place, and
+        // the host's dash /bin/sh's: busybox's own shell runs its dd
+        // applet for `dd` whatever /bin/dd is (Debian builds it to prefer
+        // its applets), which the full run of 2026-12-04 found.
         "glibc-dns-testing" => busybox(&path, tag)?
             .executable(Path::new("/usr/bin/dd"), "/bin/dd")?
+            .executable(Path::new("/usr/bin/dash"), "/bin/sh")?
             .cmd(&["/bin/sh"]),
         _ => return Ok(None),
     };

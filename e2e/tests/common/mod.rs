@@ -20,7 +20,7 @@ use twinvol_e2e::{Cluster, ClusterOptions, UpstreamBinaries, bed, cluster::Site}
 pub const TAG: &str = "chart-test";
 
 pub fn repo() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    twinvol_e2e::source_root()
 }
 
 /// The directory with our binaries, building them when needed; None when

@@ -380,6 +380,44 @@ impl Stack {
         }
     }
 
+    /// While `on`, drops every packet from the host (the frontend) into
+    /// site `i`'s namespace (nftables, input hook, matched on the host
+    /// side's address), and only those: the other site's packets (its
+    /// resync copies and their answers) pass. The frontend's requests sent
+    /// meanwhile come in when it is lifted, as TCP retransmissions, after
+    /// the other replica has had them for a while (with `netns`).
+    pub fn drop_host_packets_into(&self, i: usize, on: bool) {
+        let site = self.sites.get(i).expect("stack started with netns");
+        let host_ip = match site.ns_ip.rsplit_once('.') {
+            Some((net, _)) => format!("{net}.1"),
+            None => panic!("address {}", site.ns_ip),
+        };
+        let netns = format!("--net=/run/netns/{}", site.ns);
+        let rules: Vec<String> = if on {
+            vec![
+                "add table inet twinvol_late".into(),
+                "add chain inet twinvol_late input { type filter hook input priority 0 ; policy accept ; }".into(),
+                format!("add rule inet twinvol_late input ip saddr {host_ip} drop"),
+            ]
+        } else {
+            vec!["delete table inet twinvol_late".into()]
+        };
+        for rule in &rules {
+            let mut args = vec![netns.as_str(), "nft"];
+            args.extend(rule.split(' '));
+            let out = Command::new("nsenter")
+                .args(&args)
+                .output()
+                .expect("nsenter nft");
+            assert!(
+                out.status.success(),
+                "nft {rule} in {}: {}",
+                site.ns,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Limits what the host sends into site `i` (the frontend's requests to
     /// its replica, the other site's resync) to `rate` (`tc` syntax, e.g.
     /// `40mbit`) with a token bucket on the host side of its veth (with
