@@ -13,9 +13,10 @@
 #     ran on (a leader on the lost site adds its leader Lease to the wait)
 #     and by the site the external-attacher's leader ran on (taken over by
 #     the operator when its site is lost);
-#   - the resync after the return: MiB dirty at its start, MiB copied and
-#     their ratio (the writer goes on meanwhile: what it dirties is copied
-#     too);
+#   - the resync after the return: MiB dirty when its first attempt began
+#     copying, MiB copied over its attempts and their ratio (the writer goes
+#     on meanwhile: a region it writes while its copy runs is copied again),
+#     regions recopied, attempts;
 #   - acknowledged records and records missing (must be 0 in every run).
 # Output: a table on stdout; each run's log in $OUT (default
 # /tmp/twinvol-site-loss-bench).
@@ -75,5 +76,7 @@ figure 's/^STEP 3: site A powered on.*in sync ([0-9.]+) s.*/\1/p' | stats "power
 figure 's/^STEP 3: resync of .* ([0-9.]+) MiB dirty at its start.*/\1/p' | stats "resync: dirty at its start" MiB 2
 figure 's/^STEP 3: resync of .* ([0-9.]+) MiB copied \(.*/\1/p' | stats "resync: copied" MiB 2
 figure 's/^STEP 3: resync of .* MiB copied \(([0-9.]+) of dirty\).*/\1/p' | stats "resync: copied / dirty at its start" "x" 3
+figure 's/^STEP 3: resync of .* ([0-9]+) regions recopied.*/\1/p' | stats "resync: regions recopied (a write overlapped)" "" 0
+figure 's/^STEP 3: resync of .* ([0-9]+) attempt\(s\).*/\1/p' | stats "resync: attempts" "" 0
 echo "records missing per run (must be 0):" \
 	"$(figure 's/^STEP 2: .* ([0-9]+) missing;.*/\1/p' | tr '\n' ' ')"

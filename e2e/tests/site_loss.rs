@@ -307,7 +307,7 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
     );
     // What the resync copied, against what was dirty for A when it
     // started: B's replica server (the source) publishes both in its pool
-    // (`copied_bytes` counts every attempt).
+    // (engine/src/resync.rs, `ResyncStatus`).
     let kubectl = |args: &[&str]| {
         bed.cluster
             .kubectl_ok(args)
@@ -343,13 +343,20 @@ async fn site_a_power_cut_the_pod_moves_to_b_with_every_acked_record_and_returns
             .as_u64()
             .unwrap_or_else(|| panic!("{key} in {raw}"))
     };
-    let (dirty, copied) = (number("dirty_bytes_at_start"), number("copied_bytes"));
+    // This resync's own figures: dirty when its first attempt began
+    // copying, copied over all its attempts (a failed attempt's copies
+    // count; it also leaves the next attempt less dirty).
+    let (dirty, copied) = (
+        number("resync_dirty_bytes_at_start"),
+        number("resync_copied_bytes"),
+    );
     eprintln!(
-        "STEP 3: resync of {volume} to site A: {:.2} MiB dirty at its start, {:.2} MiB copied ({:.3} of dirty), {} regions recopied, full copy: {}; volume 256 MiB",
+        "STEP 3: resync of {volume} to site A: {:.2} MiB dirty at its start, {:.2} MiB copied ({:.3} of dirty), {} regions recopied, {} attempt(s), full copy: {}; volume 256 MiB",
         dirty as f64 / 1048576.0,
         copied as f64 / 1048576.0,
         copied as f64 / dirty.max(1) as f64,
-        number("recopied_regions"),
+        number("resync_recopied_regions"),
+        number("resync_attempts"),
         resync["full_copy"].as_str().unwrap_or("no"),
     );
     // The writer goes on during the resync: what it dirties meanwhile is

@@ -249,6 +249,22 @@ pub struct ResyncStatus {
     pub remaining_bytes: u64,
     /// Regions copied again because a write overlapped their copy.
     pub recopied_regions: u64,
+    /// The current resync — its attempts since the last that completed,
+    /// the one that completed included: bytes dirty when its first
+    /// attempt started copying (a failed attempt's copies clear bits, so
+    /// the next attempt's `dirty_bytes_at_start` is smaller).
+    #[serde(default)]
+    pub resync_dirty_bytes_at_start: u64,
+    /// Bytes it wrote to the peer, over its attempts, recopies included:
+    /// against `resync_dirty_bytes_at_start`, what it cost.
+    #[serde(default)]
+    pub resync_copied_bytes: u64,
+    /// Its attempts that got to copying.
+    #[serde(default)]
+    pub resync_attempts: u64,
+    /// Its regions copied again because a write overlapped their copy.
+    #[serde(default)]
+    pub resync_recopied_regions: u64,
     pub elapsed_ms: u64,
     pub eta_ms: Option<u64>,
     /// Attempts completed with nothing dirty left.
@@ -311,6 +327,15 @@ impl ResyncStatus {
             self.completed,
             self.full_copy.as_deref().unwrap_or("no"),
         ));
+        if self.resync_attempts > 0 {
+            out.push_str(&format!(
+                "this resync: {} attempt(s), {} dirty at its start, {} copied, {} region(s) recopied\n",
+                self.resync_attempts,
+                mib(self.resync_dirty_bytes_at_start),
+                mib(self.resync_copied_bytes),
+                self.resync_recopied_regions,
+            ));
+        }
         out
     }
 
@@ -384,6 +409,9 @@ struct Supervisor {
     generations: Arc<SessionCounter>,
     /// Why it last was no source (logged when it changes).
     not_source: Option<String>,
+    /// A resync is under way (an attempt got to copying, none completed
+    /// since): the `resync_*` figures of the status go on adding up.
+    resync_open: bool,
 }
 
 impl Supervisor {
@@ -402,6 +430,10 @@ impl Supervisor {
             attempt_copied_bytes: 0,
             remaining_bytes: volume.logs().bitmap().dirty_bytes(),
             recopied_regions: 0,
+            resync_dirty_bytes_at_start: 0,
+            resync_copied_bytes: 0,
+            resync_attempts: 0,
+            resync_recopied_regions: 0,
             elapsed_ms: 0,
             eta_ms: None,
             completed: 0,
@@ -414,6 +446,7 @@ impl Supervisor {
             status_path,
             generations: SessionCounter::new(),
             not_source: None,
+            resync_open: false,
         }
     }
 
@@ -502,6 +535,7 @@ impl Supervisor {
             match self.attempt(&peer).await {
                 Ok(()) => {
                     retry = Duration::from_millis(250);
+                    self.resync_open = false;
                     self.status.completed += 1;
                     self.status.eta_ms = Some(0);
                     self.set_state(ResyncState::Done);
@@ -510,6 +544,9 @@ impl Supervisor {
                         dirty_bytes_at_start = self.status.dirty_bytes_at_start,
                         recopied_regions = self.status.recopied_regions,
                         elapsed_ms = self.status.elapsed_ms,
+                        resync_attempts = self.status.resync_attempts,
+                        resync_dirty_bytes_at_start = self.status.resync_dirty_bytes_at_start,
+                        resync_copied_bytes = self.status.resync_copied_bytes,
                         "{}; resync done: the peer may rejoin the in-sync set",
                         self.status.line()
                     );
@@ -643,6 +680,14 @@ impl Supervisor {
         }
         let bitmap = self.volume.logs().bitmap().clone();
         self.status.dirty_bytes_at_start = bitmap.dirty_bytes();
+        if !self.resync_open {
+            self.resync_open = true;
+            self.status.resync_dirty_bytes_at_start = self.status.dirty_bytes_at_start;
+            self.status.resync_copied_bytes = 0;
+            self.status.resync_attempts = 0;
+            self.status.resync_recopied_regions = 0;
+        }
+        self.status.resync_attempts += 1;
         self.status.attempt_copied_bytes = 0;
         self.status.remaining_bytes = self.status.dirty_bytes_at_start;
         tracing::info!(
@@ -822,6 +867,7 @@ impl Supervisor {
                 last_flush = Instant::now();
             }
             self.status.copied_bytes += bytes;
+            self.status.resync_copied_bytes += bytes;
             self.status.attempt_copied_bytes += bytes;
             self.volume.note_resync_copied(bytes);
             if last_persist.elapsed() >= PERSIST_EVERY {
@@ -867,6 +913,7 @@ impl Supervisor {
         for g in pending.drain(..) {
             if !g.finish() {
                 self.status.recopied_regions += 1;
+                self.status.resync_recopied_regions += 1;
             }
         }
         Ok(())
@@ -1019,6 +1066,10 @@ mod tests {
             attempt_copied_bytes: 25 << 19,
             remaining_bytes: (40 << 20) - (25 << 19),
             recopied_regions: 0,
+            resync_dirty_bytes_at_start: 0,
+            resync_copied_bytes: 0,
+            resync_attempts: 0,
+            resync_recopied_regions: 0,
             elapsed_ms: 1000,
             eta_ms: Some(2200),
             completed: 0,
@@ -1051,6 +1102,10 @@ mod tests {
             attempt_copied_bytes: 1 << 20,
             remaining_bytes: 3 << 20,
             recopied_regions: 2,
+            resync_dirty_bytes_at_start: 0,
+            resync_copied_bytes: 0,
+            resync_attempts: 0,
+            resync_recopied_regions: 0,
             elapsed_ms: 500,
             eta_ms: Some(1500),
             completed: 0,
@@ -1109,6 +1164,10 @@ mod tests {
             attempt_copied_bytes: 0,
             remaining_bytes: 0,
             recopied_regions: 0,
+            resync_dirty_bytes_at_start: 0,
+            resync_copied_bytes: 0,
+            resync_attempts: 0,
+            resync_recopied_regions: 0,
             elapsed_ms: 0,
             eta_ms: None,
             completed: 0,

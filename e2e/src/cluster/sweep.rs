@@ -491,7 +491,12 @@ pub fn sweep(slot: Slot, root: &Path, keep: KeepFiles) -> Result<Leftovers, Harn
             {
                 errors.push(e.to_string());
             }
-        } else if let Err(e) = fs::remove_file(path) {
+        } else if let Err(e) = fs::remove_file(path)
+            // Gone meanwhile (listed, then removed by its kubelet or by
+            // another sweep, as a cold test command's run saw): what the
+            // sweep wants.
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
             errors.push(format!("removing {file}: {e}"));
         }
     }
